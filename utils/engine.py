@@ -164,4 +164,4 @@ def _means(totals: dict[str, float]) -> dict[str, float]:
 
 
 def _fmt(losses: dict[str, torch.Tensor]) -> str:
-    return ", ".join(f"{k}={float(v):.4g}" for k, v in losses.items())
+    return ", ".join(f"{k}={float(v.detach()):.4g}" for k, v in losses.items())
