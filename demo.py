@@ -1,0 +1,133 @@
+"""The main job on phantom data: generate, train briefly, evaluate, analyse, and link it all.
+
+Canonical command (what ``make demo`` runs)::
+
+    python demo.py --data_dir data/phantom --out runs/demo
+
+Each step runs one of the project's scripts exactly as a user would, logs its command and output to
+``<out>/logs/<step>.log``, and the page ``<out>/index.html`` links every table and picture. Numbers
+on the page are read from the files the scripts wrote; nothing is fixed in advance.
+"""
+from __future__ import annotations
+
+import argparse
+import html
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+@dataclass
+class Step:
+    """One script run of the demo.
+
+    Attributes:
+        name: short name, also the log file's stem.
+        title: heading on the page.
+        argv: the script and its arguments (run with this Python).
+        outputs: files or globs (relative to the repo root) the page links or shows.
+    """
+
+    name: str
+    title: str
+    argv: list[str]
+    outputs: list[str] = field(default_factory=list)
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data_dir", default="data/phantom", help="where the phantom data set is written (default: data/phantom)")
+    p.add_argument("--out", default="runs/demo", help="where runs, reports and index.html go (default: runs/demo)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the phantom data and the training runs (default: 0)")
+    p.add_argument("--device", default="cpu", help="device for training and inference (default: cpu)")
+    p.add_argument("--only", nargs="*", default=None, help="run only these steps, by name (default: all)")
+    return p
+
+
+def demo_steps(data: Path, out: Path, seed: int, device: str) -> list[Step]:
+    """The demo's steps, in order."""
+    return [
+        Step("data", "Phantom data set",
+             ["make_synthetic_data.py", "--out", str(data), "--seed", str(seed)],
+             [f"{data}/montage*.png"]),
+    ]
+
+
+def run_step(step: Step, logs: Path) -> dict:
+    """Run one step, tee its output to its log, and return a record for the page.
+
+    Raises:
+        RuntimeError: naming the step and its log when the script fails.
+    """
+    cmd = [sys.executable, *step.argv]
+    log = logs / f"{step.name}.log"
+    print(f"\n== {step.title}\n$ {shlex.join(['python', *step.argv])}", flush=True)
+    start = time.time()
+    with log.open("w") as handle:
+        handle.write(f"$ {shlex.join(['python', *step.argv])}\n")
+        handle.flush()
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
+        for line in proc.stdout:
+            sys.stdout.write(line)
+            handle.write(line)
+        code = proc.wait()
+    seconds = time.time() - start
+    if code != 0:
+        raise RuntimeError(f"demo step '{step.name}' failed with exit code {code}; see {log}")
+    return {"step": step, "seconds": seconds, "log": log}
+
+
+def write_index(records: list[dict], out: Path, total_s: float) -> Path:
+    """``<out>/index.html`` linking each step's log, files and pictures."""
+    parts = [f"<h1>COVID-CT demo on phantom data</h1><p>Total time {total_s / 60:.1f} min.</p>"]
+    for rec in records:
+        parts.append(_section(rec, out))
+    page = out / "index.html"
+    page.write_text("<!doctype html><meta charset=utf-8><title>COVID-CT demo</title>"
+                    "<style>body{font-family:sans-serif;max-width:1100px;margin:auto}img{max-width:100%}"
+                    "pre{background:#f4f4f4;padding:6px;overflow:auto}</style>" + "\n".join(parts))
+    return page
+
+
+def _section(rec: dict, out: Path) -> str:
+    step: Step = rec["step"]
+    rel = lambda p: html.escape(os.path.relpath(Path(p).resolve(), out.resolve()))  # noqa: E731
+    body = [f"<h2>{html.escape(step.title)}</h2>",
+            f"<pre>$ {html.escape(shlex.join(['python', *step.argv]))}</pre>",
+            f"<p>{rec['seconds']:.0f} s &middot; <a href='{rel(rec['log'])}'>log</a></p>"]
+    for pattern in step.outputs:
+        for path in sorted(Path().glob(pattern))[:6]:
+            body.append(_embed(path, rel(path)))
+    return "\n".join(body)
+
+
+def _embed(path: Path, href: str) -> str:
+    if path.suffix == ".png":
+        return f"<p><a href='{href}'><img src='{href}' alt='{href}'></a></p>"
+    if path.suffix == ".json" and path.stat().st_size < 20000:
+        text = json.dumps(json.loads(path.read_text()), indent=1)
+        return f"<p><a href='{href}'>{href}</a></p><pre>{html.escape(text)}</pre>"
+    return f"<p><a href='{href}'>{href}</a></p>"
+
+
+def main(args: argparse.Namespace) -> Path:
+    out, data = Path(args.out), Path(args.data_dir)
+    (out / "logs").mkdir(parents=True, exist_ok=True)
+    steps = [s for s in demo_steps(data, out, args.seed, args.device) if not args.only or s.name in args.only]
+    start, records = time.time(), []
+    for i, step in enumerate(steps, 1):
+        print(f"\n[{i}/{len(steps)}] {step.name} ({(time.time() - start) / 60:.1f} min so far)", flush=True)
+        records.append(run_step(step, out / "logs"))
+        write_index(records, out, time.time() - start)
+    page = write_index(records, out, time.time() - start)
+    print(f"\nDemo finished in {(time.time() - start) / 60:.1f} min. Open {page}")
+    return page
+
+
+if __name__ == "__main__":
+    main(get_args_parser().parse_args())
