@@ -1,0 +1,288 @@
+"""Parts shared by the volumetric tasks: the Task record, the segmentation config, volume loading.
+
+A task module (``lung_seg.py``, ``lesion_seg.py``, ...) defines one :class:`Task`: its network
+builder, pre-processing and augmentation (MONAI dictionary transforms), loss, inferer and
+post-processing. The scripts look it up with :func:`models.volumetric.get_task` and never branch on
+the task's name.
+
+Volumes flow as MONAI dictionaries ``{"image": path, "label": path}``; after pre-processing,
+``image`` is a MetaTensor Float[1, X, Y, Z] scaled to [0, 1] on the task's grid (orientation and
+spacing) and ``label`` a MetaTensor Float[1, X, Y, Z] with values {0, 1}.
+"""
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+from monai.inferers import SlidingWindowInferer
+from monai.transforms import (
+    AsDiscreted,
+    EnsureChannelFirstd,
+    LoadImaged,
+    MapTransform,
+    Orientationd,
+    ScaleIntensityRanged,
+    Spacingd,
+)
+
+IMAGE_KEY, LABEL_KEY = "image", "label"
+# Any label value above zero is foreground (lung: 1 left / 2 right; lesion: 1 GGO / 2 consolidation).
+FOREGROUND_THRESHOLD = 0.5
+# Messages of optional MONAI DICOM back ends that are not installed; harmless, so kept quiet.
+_QUIET_READER_WARNINGS = ("NvImgCodecPydicomReader.*",)
+
+
+@dataclass(frozen=True)
+class SegConfig:
+    """Pre-processing and inference settings of a segmentation task (stored in checkpoints).
+
+    Attributes:
+        spacing: target voxel size (x, y, z) in mm after orientation.
+        roi_size: training crop and sliding-window size (x, y, z) in voxels.
+        hu_window: (min, max) HU; intensities are clipped to it and scaled to [0, 1].
+        orientation: axis codes of the working grid, e.g. ``"RAS"``.
+        overlap: sliding-window overlap, one value or one per axis.
+        sw_batch_size: windows per network call.
+        body_crop: run the windows only inside the body's bounding box (outside is background).
+        body_threshold_hu: HU above which a voxel counts as body for ``body_crop``.
+        body_margin: voxels added around the body box on each side.
+        strict_hu: refuse (instead of warn about) volumes that do not look like HU.
+    """
+
+    spacing: tuple[float, float, float]
+    roi_size: tuple[int, int, int]
+    hu_window: tuple[float, float]
+    orientation: str = "RAS"
+    overlap: float | tuple[float, float, float] = 0.25
+    sw_batch_size: int = 4
+    body_crop: bool = True
+    body_threshold_hu: float = -500.0
+    body_margin: int = 8
+    strict_hu: bool = False
+
+    def __post_init__(self) -> None:
+        _check_triple("spacing", self.spacing, float, positive=True)
+        _check_triple("roi_size", self.roi_size, int, positive=True)
+        low, high = self.hu_window
+        if not low < high:
+            raise ValueError(f"hu_window must be (min, max) with min < max, got {tuple(self.hu_window)}")
+        overlaps = self.overlap if isinstance(self.overlap, (tuple, list)) else (self.overlap,)
+        if not all(0.0 <= o < 1.0 for o in overlaps):
+            raise ValueError(f"overlap must lie in [0, 1), got {self.overlap}")
+        if self.sw_batch_size < 1:
+            raise ValueError(f"sw_batch_size must be >= 1, got {self.sw_batch_size}")
+
+    def replace(self, **changes: Any) -> "SegConfig":
+        """A copy with ``changes`` applied (None values are ignored), validated again."""
+        changes = {k: _as_tuple(v) for k, v in changes.items() if v is not None}
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        """Plain dict for checkpoints (tuples become lists)."""
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "SegConfig":
+        """Inverse of :meth:`to_dict`; unknown keys are an error naming them."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - names)
+        if unknown:
+            raise ValueError(f"unknown {cls.__name__} keys {unknown}; expected some of {sorted(names)}")
+        return cls(**{k: _as_tuple(v) for k, v in values.items()})
+
+
+@dataclass(frozen=True)
+class Task:
+    """One volumetric task, defined once.
+
+    Attributes:
+        name: registry name, e.g. ``"lung_seg"``.
+        kind: ``"segmentation"`` (scripts choose their loops by kind; classification and
+            self-supervised tasks add their own kinds).
+        builder: dotted path of the keyword-only network builder (stored in checkpoints).
+        network_kwargs: default builder keyword arguments.
+        default_config: default :class:`SegConfig`.
+        roi_multiple: every ROI side must be a multiple of this (network down-sampling).
+        preprocessing: ``f(config, *, keys) -> list`` of deterministic dictionary transforms.
+        augmentation: ``f(config) -> list`` of training transforms (crops and random ones).
+        loss: ``f() -> nn.Module`` taking logits Float[B, C, X, Y, Z] and labels Float[B, 1, X, Y, Z].
+        postprocessing: ``f(config) -> callable`` on a label map Int[1, X, Y, Z] (working grid).
+        default_lr: default Adam learning rate.
+        class_names: output class names, background first.
+    """
+
+    name: str
+    kind: str
+    builder: str
+    network_kwargs: dict
+    default_config: SegConfig
+    roi_multiple: int
+    preprocessing: Callable[..., list]
+    augmentation: Callable[[SegConfig], list]
+    loss: Callable[[], torch.nn.Module]
+    postprocessing: Callable[[SegConfig], Callable]
+    default_lr: float = 1e-3
+    class_names: tuple[str, ...] = field(default=("background", "foreground"))
+
+    def make_config(self, **overrides: Any) -> SegConfig:
+        """The default config with ``overrides`` (None values ignored), checked against the network.
+
+        Raises:
+            ValueError: when an ROI side is not a multiple of ``roi_multiple``.
+        """
+        config = self.default_config.replace(**overrides)
+        bad = [s for s in config.roi_size if s % self.roi_multiple]
+        if bad:
+            raise ValueError(f"{self.name}: every roi_size side must be a multiple of {self.roi_multiple} "
+                             f"for this network, got {list(config.roi_size)}")
+        return config
+
+    def build_network(self, **overrides: Any) -> tuple[torch.nn.Module, dict]:
+        """Build the network with the default kwargs updated by ``overrides``; returns (model, kwargs)."""
+        from utils.checkpoint import resolve_builder
+
+        kwargs = {**self.network_kwargs, **overrides}
+        return resolve_builder(self.builder)(**kwargs), kwargs
+
+
+class LoadVolumed(MapTransform):
+    """MONAI ``LoadImaged`` + ``EnsureChannelFirstd`` with the project's checks on each case.
+
+    Checks: the file is readable, the image is a 3D volume (not a 2D slice), its intensities look
+    like HU (``datasets.io.check_hu``), and image and label have the same shape. Every message
+    names the case. Output: MetaTensor[1, X, Y, Z] per key, on the file's own grid.
+    """
+
+    def __init__(self, keys: Sequence[str], *, strict_hu: bool = False, allow_missing_keys: bool = True):
+        super().__init__(keys, allow_missing_keys)
+        with warnings.catch_warnings():
+            for message in _QUIET_READER_WARNINGS:
+                warnings.filterwarnings("ignore", message=message)
+            self.loader = LoadImaged(keys, image_only=True, allow_missing_keys=allow_missing_keys)
+        self.channel_first = EnsureChannelFirstd(keys, channel_dim="no_channel", allow_missing_keys=allow_missing_keys)
+        self.strict_hu = strict_hu
+
+    def __call__(self, data: dict) -> dict:
+        name = case_name(data)
+        try:
+            out = self.channel_first(self.loader(data))
+        except Exception as err:  # MONAI readers raise several types; the cause is kept
+            files = ", ".join(str(data[k]) for k in self.key_iterator(data))
+            raise ValueError(f"case {name}: cannot read {files} as a volume ({_root_message(err)})") from err
+        for key in self.key_iterator(out):
+            _check_3d(out[key], name, key, data[key])
+        _check_same_shape(out, name, data)
+        if IMAGE_KEY in out:
+            _check_hu(np.asarray(out[IMAGE_KEY][0]), f"case {name} ({data[IMAGE_KEY]})", strict=self.strict_hu)
+        return out
+
+
+def seg_preprocessing(config: SegConfig, *, keys: Sequence[str] = (IMAGE_KEY, LABEL_KEY)) -> list:
+    """Deterministic pre-processing: load, orient, resample, window the image, binarise the label.
+
+    Args:
+        config: the task's settings.
+        keys: ``("image",)`` at inference, ``("image", "label")`` with ground truth.
+
+    Returns:
+        Dictionary transforms; ``image`` ends as Float[1, X, Y, Z] in [0, 1], ``label`` in {0, 1}.
+    """
+    keys = tuple(keys)
+    modes = tuple("bilinear" if k == IMAGE_KEY else "nearest" for k in keys)
+    low, high = config.hu_window
+    transforms = [
+        LoadVolumed(keys, strict_hu=config.strict_hu),
+        Orientationd(keys, axcodes=config.orientation, labels=None),
+        Spacingd(keys, pixdim=config.spacing, mode=modes),
+        ScaleIntensityRanged(IMAGE_KEY, a_min=low, a_max=high, b_min=0.0, b_max=1.0, clip=True),
+    ]
+    if LABEL_KEY in keys:
+        transforms.append(AsDiscreted(LABEL_KEY, threshold=FOREGROUND_THRESHOLD))
+    return transforms
+
+
+def sliding_window_inferer(config: SegConfig) -> SlidingWindowInferer:
+    """MONAI sliding-window inferer with Gaussian blending and the task's ROI and overlap."""
+    return SlidingWindowInferer(roi_size=config.roi_size, sw_batch_size=config.sw_batch_size,
+                                overlap=config.overlap, mode="gaussian")
+
+
+def hu_to_unit(config: SegConfig, hu: float) -> float:
+    """The value that ``hu`` takes after windowing and scaling to [0, 1]."""
+    low, high = config.hu_window
+    return float(min(max((hu - low) / (high - low), 0.0), 1.0))
+
+
+def case_name(data: dict) -> str:
+    """A readable case identifier: the ``case`` field, else the image file's name."""
+    if data.get("case"):
+        return str(data["case"])
+    image = data.get(IMAGE_KEY)
+    return Path(str(image)).name if isinstance(image, (str, Path)) else "<in-memory>"
+
+
+def _check_3d(volume: torch.Tensor, name: str, key: str, source: Any) -> None:
+    spatial = tuple(volume.shape[1:])
+    if len(spatial) != 3 or min(spatial) < 2:
+        raise ValueError(f"case {name}: {key} {source} has spatial shape {spatial}, a 2D image; "
+                         "volumetric tasks need a 3D volume [X, Y, Z] with at least 2 slices")
+
+
+def _check_same_shape(out: dict, name: str, data: dict) -> None:
+    if IMAGE_KEY in out and LABEL_KEY in out:
+        image, label = tuple(out[IMAGE_KEY].shape[1:]), tuple(out[LABEL_KEY].shape[1:])
+        if image != label:
+            raise ValueError(f"case {name}: image {data[IMAGE_KEY]} has shape {image} but label "
+                             f"{data[LABEL_KEY]} has shape {label}; they must be on the same grid")
+
+
+def _check_hu(array: np.ndarray, name: str, *, strict: bool) -> None:
+    try:
+        from datasets.io import check_hu
+    except ImportError:  # datasets.io not available yet: the same rule, kept private
+        check_hu = _fallback_check_hu
+    check_hu(array, name, strict=strict)
+
+
+def _fallback_check_hu(array: np.ndarray, name: str, *, strict: bool = False) -> None:
+    low, high = float(array.min()), float(array.max())
+    if low >= 0.0 and high <= 4095.0:
+        message = (f"{name}: intensities span [{low:g}, {high:g}], no value below 0, so they do not look "
+                   "like Hounsfield units (air is about -1000 HU); convert the scan to HU first")
+        if strict:
+            raise ValueError(message)
+        warnings.warn(message, UserWarning, stacklevel=3)
+
+
+def _root_message(err: BaseException) -> str:
+    while err.__cause__ is not None:
+        err = err.__cause__
+    return f"{type(err).__name__}: {err}"
+
+
+def _check_triple(name: str, values: Sequence, kind: type, *, positive: bool) -> None:
+    if len(values) != 3 or not all(isinstance(v, (int, float)) for v in values):
+        raise ValueError(f"{name} must be three numbers (x, y, z), got {values}")
+    if kind is int and not all(float(v).is_integer() for v in values):
+        raise ValueError(f"{name} must be integers, got {values}")
+    if positive and not all(v > 0 for v in values):
+        raise ValueError(f"{name} must be positive, got {values}")
+
+
+def _as_tuple(value: Any) -> Any:
+    return tuple(value) if isinstance(value, list) else value
+
+
+def unwrap_transform_error(err: BaseException) -> BaseException:
+    """The first project error (ValueError/FileNotFoundError) under MONAI's "applying transform" wrappers."""
+    current: BaseException | None = err
+    while current is not None:
+        if isinstance(current, (ValueError, FileNotFoundError)):
+            return current
+        current = current.__cause__
+    return err

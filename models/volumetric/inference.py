@@ -1,0 +1,196 @@
+"""Inference for the volumetric segmentation tasks: checkpoint -> model, case -> mask on the input grid.
+
+A case is pre-processed with its task's transforms (orientation, spacing, window), segmented with the
+task's sliding-window inferer (windows restricted to the body's bounding box when the config says
+so), post-processed, and mapped back to the input's own grid with MONAI's ``Invertd``: the mask has
+exactly the input's shape and affine.
+"""
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import torch
+from monai.data import MetaTensor
+from monai.transforms import Compose, Invertd
+
+from models.volumetric import get_task
+from models.volumetric.common import IMAGE_KEY, LABEL_KEY, SegConfig, Task, case_name, hu_to_unit
+from models.volumetric.common import sliding_window_inferer, unwrap_transform_error
+from utils.checkpoint import build_model_from_checkpoint, load_checkpoint
+
+PRED_KEY = "pred"
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+
+
+def load_task_model(path: str | Path, *, device: torch.device, task_name: str | None = None
+                    ) -> tuple[torch.nn.Module, Task, SegConfig, dict]:
+    """Rebuild a volumetric model and its pre-processing settings from a checkpoint.
+
+    Args:
+        path: checkpoint written by ``train_volumetric.py``.
+        device: target device; the model is returned in eval mode.
+        task_name: the task the caller expects (None: take the checkpoint's).
+
+    Raises:
+        ValueError: when the checkpoint is not a volumetric one or belongs to another task.
+    """
+    ckpt = load_checkpoint(path)
+    stored = ckpt.get("task")
+    if stored is None or "task_config" not in ckpt:
+        raise ValueError(f"{path}: not a volumetric checkpoint (no 'task'/'task_config' entries)")
+    if task_name is not None and task_name != stored:
+        raise ValueError(f"{path}: checkpoint is for task {stored!r}, not {task_name!r}")
+    task = get_task(stored)
+    config = SegConfig.from_dict(ckpt["task_config"])
+    model = build_model_from_checkpoint(ckpt).to(device).eval()
+    return model, task, config, ckpt
+
+
+def body_box(image: torch.Tensor, *, threshold: float, margin: int) -> tuple[slice, slice, slice] | None:
+    """Bounding box of the voxels above ``threshold``, grown by ``margin`` voxels per side.
+
+    Args:
+        image: Float[1, X, Y, Z] pre-processed image.
+        threshold: value (on the image's scale) above which a voxel is body.
+        margin: voxels added on each side, clipped to the volume.
+
+    Returns:
+        One slice per spatial axis, or None when no voxel passes the threshold.
+    """
+    body = image[0] > threshold
+    if not bool(body.any()):
+        return None
+    box = []
+    for axis in range(3):
+        other = tuple(a for a in range(3) if a != axis)
+        hits = torch.nonzero(body.any(dim=other)).flatten()
+        start, stop = int(hits[0]) - margin, int(hits[-1]) + 1 + margin
+        box.append(slice(max(start, 0), min(stop, body.shape[axis])))
+    return tuple(box)
+
+
+def segment(model: torch.nn.Module, image: torch.Tensor, *, config: SegConfig, device: torch.device,
+            amp: bool = False) -> torch.Tensor:
+    """Sliding-window segmentation of one pre-processed volume (argmax of the logits).
+
+    Args:
+        model: network in eval mode on ``device``, logits Float[B, C, x, y, z].
+        image: Float[1, X, Y, Z] in [0, 1] on the task's working grid.
+        config: ROI, overlap, batch of windows and body restriction.
+        device: where the windows run.
+        amp: autocast to float16/bfloat16 (CUDA/CPU) inside the network.
+
+    Returns:
+        UInt8[1, X, Y, Z] label map on ``image``'s grid (background outside the body box).
+    """
+    box = body_box(image, threshold=hu_to_unit(config, config.body_threshold_hu),
+                   margin=config.body_margin) if config.body_crop else None
+    box = box or (slice(None),) * 3
+    region = image.as_tensor() if hasattr(image, "as_tensor") else image
+    region = region[(slice(None), *box)][None].to(device)  # [1, 1, x, y, z]
+    inferer = sliding_window_inferer(config)
+    with torch.inference_mode(), _autocast(device, amp):
+        logits = inferer(region, model)  # [1, C, x, y, z]
+    labels = torch.zeros((1, *image.shape[1:]), dtype=torch.uint8)
+    labels[(slice(None), *box)] = logits[0].argmax(dim=0).to("cpu", torch.uint8)
+    return labels
+
+
+def predict_case(case: dict, *, model: torch.nn.Module, task: Task, config: SegConfig, device: torch.device,
+                 amp: bool = False) -> dict:
+    """Segment one case and map the mask back onto the input's grid.
+
+    Args:
+        case: ``{"image": path}`` (a NIfTI file or a DICOM folder/file), optionally ``"label"`` and
+            ``"case"``.
+        model, task, config, device, amp: see :func:`segment`.
+
+    Returns:
+        dict with ``case`` (name), ``mask`` UInt8[X, Y, Z] on the input grid, ``affine`` Float64[4, 4]
+        (the input's), ``image`` Float32[X, Y, Z] input HU, and ``label`` UInt8[X, Y, Z] binary
+        ground truth when the case has one.
+
+    Raises:
+        ValueError: naming the case for unreadable or invalid input.
+    """
+    keys = (IMAGE_KEY, LABEL_KEY) if case.get(LABEL_KEY) else (IMAGE_KEY,)
+    transforms = task.preprocessing(config, keys=keys)
+    loaded = _apply(transforms[0], case)
+    rest = Compose(transforms[1:])
+    data = _apply(rest, dict(loaded))
+    labels = segment(model, data[IMAGE_KEY], config=config, device=device, amp=amp)
+    data[PRED_KEY] = MetaTensor(task.postprocessing(config)(labels))
+    inverted = Invertd(PRED_KEY, transform=rest, orig_keys=IMAGE_KEY, nearest_interp=True)(data)[PRED_KEY]
+    mask = _check_geometry(inverted, loaded[IMAGE_KEY], case_name(case))
+    out = {"case": case_name(case), "mask": mask, "affine": _affine(loaded[IMAGE_KEY]),
+           "image": np.asarray(loaded[IMAGE_KEY][0], dtype=np.float32)}
+    if LABEL_KEY in loaded:
+        out["label"] = (np.asarray(loaded[LABEL_KEY][0]) > 0).astype(np.uint8)
+    return out
+
+
+def save_mask(mask: np.ndarray, affine: np.ndarray, path: str | Path) -> Path:
+    """Write a label map as NIfTI (uint8) with ``affine`` as both sform and qform (scanner space)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image = nib.Nifti1Image(np.asarray(mask, dtype=np.uint8), affine)
+    image.set_sform(affine, code=1)
+    image.set_qform(affine, code=1)
+    nib.save(image, path)
+    return path
+
+
+def input_cases(path: str | Path, *, data_root: str | Path | None = None, section: str = "testing") -> list[dict]:
+    """Cases from a NIfTI file, a DICOM folder or file, or a ``dataset.json`` datalist.
+
+    Raises:
+        FileNotFoundError: when ``path`` does not exist.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"input not found: {path}")
+    if path.suffix == ".json":
+        from datasets.volumes import load_datalist
+
+        cases = load_datalist(path, data_root=data_root, section=section, check_files=True)
+        return [{**c, "case": c.get("case") or case_stem(c[IMAGE_KEY])} for c in cases]
+    return [{IMAGE_KEY: str(path), "case": case_stem(path)}]
+
+
+def case_stem(path: str | Path) -> str:
+    """File name without ``.nii``/``.nii.gz``/``.dcm`` (a folder keeps its name)."""
+    name = Path(path).name
+    for suffix in (".nii.gz", ".nii", ".dcm"):
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def _apply(transform, data: dict) -> dict:
+    try:
+        return transform(data)
+    except RuntimeError as err:  # MONAI wraps errors in "applying transform ..."
+        raise unwrap_transform_error(err) from err
+
+
+def _check_geometry(inverted: torch.Tensor, original: torch.Tensor, name: str) -> np.ndarray:
+    if tuple(inverted.shape) != tuple(original.shape):
+        raise RuntimeError(f"case {name}: inverted mask shape {tuple(inverted.shape)} differs from the "
+                           f"input's {tuple(original.shape)}")
+    if hasattr(inverted, "affine") and not np.allclose(_affine(inverted), _affine(original), atol=1e-4):
+        raise RuntimeError(f"case {name}: inverted mask affine differs from the input's")
+    return np.asarray(inverted[0].detach().cpu().numpy()).round().astype(np.uint8)
+
+
+def _affine(volume: torch.Tensor) -> np.ndarray:
+    return np.asarray(volume.affine.detach().cpu().numpy(), dtype=np.float64)
+
+
+def _autocast(device: torch.device, amp: bool):
+    if not amp:
+        return contextlib.nullcontext()
+    dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
+    return torch.autocast(device_type=device.type, dtype=dtype)

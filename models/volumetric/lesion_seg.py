@@ -1,0 +1,97 @@
+"""Task ``lesion_seg``: COVID-19 lesion segmentation of chest CT with MONAI's SegResNet.
+
+Pre-processing: orientation RAS, resample to 0.8 x 0.8 x 5 mm, clip to [-1000, 500] HU and scale to
+[0, 1]. Augmentation: random 224 x 224 x 32 crops (short scans padded; half of them centred on a
+lesion), random flips, a small in-plane rotation and an intensity shift. Training: Adam 1e-3,
+DiceCE loss. GGO and consolidation (label values 1 and 2) are one lesion class.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from monai.losses import DiceCELoss
+from monai.networks.nets import SegResNet
+from monai.transforms import (
+    Identity,
+    RandCropByPosNegLabeld,
+    RandFlipd,
+    RandRotated,
+    RandShiftIntensityd,
+    SpatialPadd,
+)
+
+from models.volumetric.common import IMAGE_KEY, LABEL_KEY, SegConfig, Task, seg_preprocessing
+
+ROTATION_DEGREES = 15.0
+INTENSITY_SHIFT = 0.1  # on the [0, 1] scale, i.e. 150 HU for the default window
+
+
+def build_network(*, in_channels: int = 1, out_channels: int = 2, init_filters: int = 8,
+                  blocks_down: tuple[int, ...] = (1, 2, 2, 4), blocks_up: tuple[int, ...] = (1, 1, 1),
+                  dropout_prob: float | None = None) -> SegResNet:
+    """MONAI 3D SegResNet.
+
+    Args:
+        in_channels: image channels (1 for CT).
+        out_channels: classes including background (logits Float[B, out_channels, X, Y, Z]).
+        init_filters: channels of the first stage; later stages double it.
+        blocks_down: residual blocks per encoder stage; ROI sides must be multiples of
+            ``2 ** (len(blocks_down) - 1)``.
+        blocks_up: residual blocks per decoder stage, ``len(blocks_down) - 1`` of them.
+        dropout_prob: dropout after the first convolution, or None.
+
+    Raises:
+        ValueError: for inconsistent values, naming them.
+    """
+    if in_channels < 1 or out_channels < 2 or init_filters < 1:
+        raise ValueError(f"need in_channels >= 1, out_channels >= 2, init_filters >= 1, got "
+                         f"{in_channels}, {out_channels}, {init_filters}")
+    if len(blocks_up) != len(blocks_down) - 1:
+        raise ValueError(f"blocks_up needs len(blocks_down) - 1 = {len(blocks_down) - 1} entries, "
+                         f"got {tuple(blocks_up)}")
+    return SegResNet(spatial_dims=3, in_channels=in_channels, out_channels=out_channels,
+                     init_filters=init_filters, blocks_down=tuple(blocks_down), blocks_up=tuple(blocks_up),
+                     dropout_prob=dropout_prob)
+
+
+def augmentation(config: SegConfig) -> list:
+    """Pad to the ROI, crop (lesion-centred or not, 1:1), flip on every axis, rotate, shift intensity."""
+    keys = (IMAGE_KEY, LABEL_KEY)
+    angle = math.radians(ROTATION_DEGREES)
+    return [
+        SpatialPadd(keys, spatial_size=config.roi_size),
+        RandCropByPosNegLabeld(keys, label_key=LABEL_KEY, spatial_size=config.roi_size, pos=1, neg=1,
+                               num_samples=1, image_key=IMAGE_KEY, image_threshold=0.0),
+        RandFlipd(keys, prob=0.5, spatial_axis=0),
+        RandFlipd(keys, prob=0.5, spatial_axis=1),
+        RandFlipd(keys, prob=0.5, spatial_axis=2),
+        RandRotated(keys, range_z=angle, prob=0.3, mode=("bilinear", "nearest"), padding_mode="zeros"),
+        RandShiftIntensityd(IMAGE_KEY, offsets=INTENSITY_SHIFT, prob=0.5),
+    ]
+
+
+def loss() -> torch.nn.Module:
+    """Dice + cross-entropy on softmax probabilities against one-hot labels."""
+    return DiceCELoss(to_onehot_y=True, softmax=True)
+
+
+def postprocessing(config: SegConfig) -> Identity:
+    """Lesions are kept as predicted."""
+    return Identity()
+
+
+TASK = Task(
+    name="lesion_seg",
+    kind="segmentation",
+    builder="models.volumetric.lesion_seg.build_network",
+    network_kwargs={"in_channels": 1, "out_channels": 2, "init_filters": 8},
+    default_config=SegConfig(spacing=(0.8, 0.8, 5.0), roi_size=(224, 224, 32), hu_window=(-1000.0, 500.0)),
+    roi_multiple=8,
+    preprocessing=seg_preprocessing,
+    augmentation=augmentation,
+    loss=loss,
+    postprocessing=postprocessing,
+    default_lr=1e-3,
+    class_names=("background", "lesion"),
+)
