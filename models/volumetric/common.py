@@ -241,6 +241,51 @@ def _check_same_shape(out: dict, name: str, data: dict) -> None:
                              f"{data[LABEL_KEY]} has shape {label}; they must be on the same grid")
 
 
+def load_cases(path: str | Path, *, data_root: str | Path | None = None, section: str = "training") -> list[dict]:
+    """Cases of one section of a ``dataset.json`` with absolute paths and a ``case`` name each.
+
+    Raises:
+        FileNotFoundError, ValueError: from the datalist reader, naming the file or case.
+    """
+    try:
+        from datasets.volumes import load_datalist
+    except ImportError:  # datasets.volumes not available yet: a minimal reader, kept private
+        load_datalist = _fallback_load_datalist
+    cases = load_datalist(path, data_root=data_root, section=section, check_files=True)
+    return [{**c, "case": c.get("case") or case_stem(c[IMAGE_KEY])} for c in cases]
+
+
+def _fallback_load_datalist(path, *, data_root=None, section="training", check_files=True) -> list[dict]:
+    import json
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"datalist not found: {path}")
+    entries = json.loads(path.read_text()).get(section)
+    if entries is None:
+        raise ValueError(f"{path}: no section {section!r}")
+    root = Path(data_root) if data_root else path.parent
+    cases = []
+    for entry in entries:
+        entry = {IMAGE_KEY: entry} if isinstance(entry, str) else dict(entry)
+        for key in (IMAGE_KEY, LABEL_KEY, "label_image"):
+            if isinstance(entry.get(key), str):
+                entry[key] = str(root / entry[key])
+                if check_files and not Path(entry[key]).exists():
+                    raise FileNotFoundError(f"{path}: {key} file of a {section} case not found: {entry[key]}")
+        cases.append(entry)
+    return cases
+
+
+def case_stem(path: str | Path) -> str:
+    """File name without ``.nii``/``.nii.gz``/``.dcm`` (a DICOM folder keeps its name)."""
+    name = Path(path).name
+    for suffix in (".nii.gz", ".nii", ".dcm"):
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
 def _check_hu(array: np.ndarray, name: str, *, strict: bool) -> None:
     try:
         from datasets.io import check_hu

@@ -19,7 +19,6 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 from monai.data import MetaTensor
-from monai.metrics import compute_roc_auc
 from monai.networks.nets import DenseNet121
 from monai.transforms import (
     Compose,
@@ -36,6 +35,7 @@ from monai.transforms import (
 
 from models.volumetric.common import IMAGE_KEY, LABEL_KEY, LoadVolumed, Task, case_name, unwrap_transform_error
 from models.volumetric.saliency import TARGET_LAYER, SaliencyExplainer
+from utils.classification_metrics import confusion_matrix, per_class_rates, roc_auc
 
 MASK_KEY = "label_image"  # the lung mask of a classification case (dataset.json convention)
 SALIENCY_KEY = "saliency"
@@ -188,14 +188,14 @@ def preprocessing(config: ClsConfig, *, keys: Sequence[str] = (IMAGE_KEY, MASK_K
 
     Args:
         config: the task's settings.
-        keys: volume keys to load; the lung mask ``label_image`` is required (``image`` alone is
-            refused with a message naming the case).
+        keys: volume keys to load; the lung mask ``label_image`` is always loaded (a case without
+            one is refused, naming it) and ``label`` is the numeric class, never a file.
 
     Returns:
         Dictionary transforms; ``image`` ends as Float[1, *roi_size] in [0, 1] and ``label_image``
         as Float[1, *roi_size] in {0, 1, ...}; a numeric ``label`` passes through as float.
     """
-    keys = tuple(dict.fromkeys((*keys, MASK_KEY)))
+    keys = tuple(k for k in dict.fromkeys((*keys, MASK_KEY)) if k != LABEL_KEY)
     return [
         LoadLungCased(keys, strict_hu=config.strict_hu),
         *lung_region_transforms(config),
@@ -214,19 +214,21 @@ def augmentation(config: ClsConfig) -> list:
     ]
 
 
+class BinaryLoss(torch.nn.BCEWithLogitsLoss):
+    """BCE-with-logits on logits Float[B, 1] against labels Float[B] or Float[B, 1] in {0, 1}."""
+
+    def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return super().forward(logits, labels.to(logits.dtype).view_as(logits))
+
+
 def loss() -> torch.nn.Module:
-    """BCE-with-logits on logits Float[B, 1] against labels Float[B, 1] in {0, 1}."""
-    return torch.nn.BCEWithLogitsLoss()
+    """BCE-with-logits (:class:`BinaryLoss`)."""
+    return BinaryLoss()
 
 
 def postprocessing(config: ClsConfig):
     """Logits Float[B, 1] -> COVID-19 probabilities Float[B]."""
     return lambda logits: torch.sigmoid(logits.float()).flatten()
-
-
-def batch_targets(batch: dict, device: torch.device) -> torch.Tensor:
-    """The ``label`` entries of a collated batch as Float[B, 1] on ``device``."""
-    return torch.as_tensor(batch[LABEL_KEY], dtype=torch.float32, device=device).view(-1, 1)
 
 
 def classification_metrics(labels: Sequence[int], probabilities: Sequence[float], *,
@@ -247,11 +249,11 @@ def classification_metrics(labels: Sequence[int], probabilities: Sequence[float]
     p = np.asarray(probabilities, dtype=np.float64).ravel()
     if y.shape != p.shape or y.size == 0:
         raise ValueError(f"need one probability per label and at least one case, got {y.size} and {p.size}")
-    pred = p >= threshold
-    tp, fn = int((pred & (y == 1)).sum()), int((~pred & (y == 1)).sum())
-    tn, fp = int((~pred & (y == 0)).sum()), int((pred & (y == 0)).sum())
-    return {"accuracy": (tp + tn) / y.size, "sensitivity": _ratio(tp, tp + fn),
-            "specificity": _ratio(tn, tn + fp), "auc": _auc(y, p),
+    matrix = confusion_matrix(y, (p >= threshold).astype(np.int64), num_classes=2)  # rows true, cols predicted
+    rates = per_class_rates(matrix)
+    (tn, fp), (fn, tp) = matrix.tolist()
+    return {"accuracy": float(np.trace(matrix) / y.size), "sensitivity": float(rates["sensitivity"][1]),
+            "specificity": float(rates["specificity"][1]), "auc": _auc(y, p),
             "tp": tp, "fp": fp, "tn": tn, "fn": fn, "n": int(y.size)}
 
 
@@ -322,11 +324,7 @@ def _auc(y: np.ndarray, p: np.ndarray) -> float:
     if len(set(y.tolist())) < 2:
         warnings.warn("ROC AUC is undefined with one class present; reported as NaN", stacklevel=3)
         return float("nan")
-    return float(compute_roc_auc(torch.as_tensor(p), torch.as_tensor(y)))
-
-
-def _ratio(num: int, den: int) -> float:
-    return num / den if den else float("nan")
+    return roc_auc(y, p)
 
 
 def _class_label(value: Any, name: str) -> float:

@@ -18,7 +18,7 @@ from monai.transforms import Compose, Invertd
 
 from models.volumetric import get_task
 from models.volumetric.common import IMAGE_KEY, LABEL_KEY, SegConfig, Task, case_name, hu_to_unit
-from models.volumetric.common import sliding_window_inferer, unwrap_transform_error
+from models.volumetric.common import case_stem, load_cases, sliding_window_inferer, unwrap_transform_error
 from utils.checkpoint import build_model_from_checkpoint, load_checkpoint
 
 PRED_KEY = "pred"
@@ -153,20 +153,8 @@ def input_cases(path: str | Path, *, data_root: str | Path | None = None, sectio
     if not path.exists():
         raise FileNotFoundError(f"input not found: {path}")
     if path.suffix == ".json":
-        from datasets.volumes import load_datalist
-
-        cases = load_datalist(path, data_root=data_root, section=section, check_files=True)
-        return [{**c, "case": c.get("case") or case_stem(c[IMAGE_KEY])} for c in cases]
+        return load_cases(path, data_root=data_root, section=section)
     return [{IMAGE_KEY: str(path), "case": case_stem(path)}]
-
-
-def case_stem(path: str | Path) -> str:
-    """File name without ``.nii``/``.nii.gz``/``.dcm`` (a folder keeps its name)."""
-    name = Path(path).name
-    for suffix in (".nii.gz", ".nii", ".dcm"):
-        if name.endswith(suffix):
-            return name[: -len(suffix)]
-    return name
 
 
 def _apply(transform, data: dict) -> dict:
@@ -194,3 +182,37 @@ def _autocast(device: torch.device, amp: bool):
         return contextlib.nullcontext()
     dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
     return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def validate_cases(cases: list[dict], *, model: torch.nn.Module, task: Task, config: SegConfig,
+                   device: torch.device, amp: bool = False, ignore_empty: bool = False,
+                   mask_dir: str | Path | None = None, progress: bool = True) -> tuple[list[dict], dict]:
+    """Dice of every case on the input's own grid, and the summary.
+
+    Args:
+        cases: dicts with ``image`` and ``label`` paths (and ``case``).
+        model, task, config, device, amp: see :func:`predict_case`.
+        ignore_empty: exclude cases with empty ground truth instead of the 1.0/0.0 convention.
+        mask_dir: also write each predicted mask there as ``<case>_<task>.nii.gz``.
+        progress: show a progress bar.
+
+    Returns:
+        (rows for predictions.csv, summary for metrics.csv/metrics.json).
+    """
+    from tqdm import tqdm
+
+    from utils.dice import dice_per_class, mean_ignoring_nan
+
+    rows = []
+    for case in tqdm(cases, desc="validate", disable=not progress):
+        if not case.get(LABEL_KEY):
+            raise ValueError(f"case {case_name(case)}: validation needs a 'label' file")
+        out = predict_case(case, model=model, task=task, config=config, device=device, amp=amp)
+        dice = dice_per_class(out["mask"] > 0, out["label"] > 0, num_classes=2, ignore_empty=ignore_empty)[0]
+        mask_path = save_mask(out["mask"], out["affine"], Path(mask_dir) / f"{out['case']}_{task.name}.nii.gz") if mask_dir else ""
+        rows.append({"case": out["case"], "image": case[IMAGE_KEY], "label": case[LABEL_KEY], "prediction": str(mask_path),
+                     "dice": dice, "label_voxels": int(out["label"].sum()), "predicted_voxels": int((out["mask"] > 0).sum())})
+    scores = [r["dice"] for r in rows]
+    summary = {"task": task.name, "cases": len(rows), "empty_ground_truth_cases": sum(r["label_voxels"] == 0 for r in rows),
+               "mean_dice": mean_ignoring_nan(scores), "ignore_empty": ignore_empty}
+    return rows, summary

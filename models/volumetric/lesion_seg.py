@@ -23,6 +23,7 @@ from monai.transforms import (
 
 from models.volumetric.common import IMAGE_KEY, LABEL_KEY, SegConfig, Task, seg_preprocessing
 
+NORM_GROUPS = 8  # SegResNet's default group norm
 ROTATION_DEGREES = 15.0
 INTENSITY_SHIFT = 0.1  # on the [0, 1] scale, i.e. 150 HU for the default window
 
@@ -35,7 +36,7 @@ def build_network(*, in_channels: int = 1, out_channels: int = 2, init_filters: 
     Args:
         in_channels: image channels (1 for CT).
         out_channels: classes including background (logits Float[B, out_channels, X, Y, Z]).
-        init_filters: channels of the first stage; later stages double it.
+        init_filters: channels of the first stage, a multiple of 8; later stages double it.
         blocks_down: residual blocks per encoder stage; ROI sides must be multiples of
             ``2 ** (len(blocks_down) - 1)``.
         blocks_up: residual blocks per decoder stage, ``len(blocks_down) - 1`` of them.
@@ -47,6 +48,8 @@ def build_network(*, in_channels: int = 1, out_channels: int = 2, init_filters: 
     if in_channels < 1 or out_channels < 2 or init_filters < 1:
         raise ValueError(f"need in_channels >= 1, out_channels >= 2, init_filters >= 1, got "
                          f"{in_channels}, {out_channels}, {init_filters}")
+    if init_filters % NORM_GROUPS:
+        raise ValueError(f"init_filters must be a multiple of {NORM_GROUPS} (SegResNet's group norm), got {init_filters}")
     if len(blocks_up) != len(blocks_down) - 1:
         raise ValueError(f"blocks_up needs len(blocks_down) - 1 = {len(blocks_down) - 1} entries, "
                          f"got {tuple(blocks_up)}")

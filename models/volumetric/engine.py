@@ -1,0 +1,160 @@
+"""Training loops of the volumetric segmentation tasks, single-process or DistributedDataParallel.
+
+Under ``torchrun`` (``WORLD_SIZE`` > 1) every process trains on its DistributedSampler share; only
+rank 0 validates, logs and writes checkpoints, the others wait at a barrier.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from monai.data import CacheDataset, DataLoader, Dataset
+from monai.transforms import Compose
+from tqdm import tqdm
+
+from models.volumetric.common import IMAGE_KEY, LABEL_KEY, SegConfig, Task, unwrap_transform_error
+from models.volumetric.inference import _autocast, segment
+from utils.dice import dice_per_class, mean_ignoring_nan
+
+
+@dataclass(frozen=True)
+class DistContext:
+    """Where this process stands: ``rank`` of ``world_size`` processes, on ``device``."""
+
+    rank: int
+    world_size: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def setup_distributed(device: torch.device) -> DistContext:
+    """Join the process group that ``torchrun`` describes (gloo on CPU, nccl on CUDA), if any.
+
+    Args:
+        device: the requested device; under torchrun ``cuda`` becomes ``cuda:LOCAL_RANK``.
+    """
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size <= 1:
+        return DistContext(0, 1, device)
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return DistContext(dist.get_rank(), dist.get_world_size(), device)
+
+
+def cleanup_distributed(ctx: DistContext) -> None:
+    """Leave the process group (no-op for a single process)."""
+    if ctx.distributed and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def make_datasets(task: Task, config: SegConfig, *, train_cases: list[dict], val_cases: list[dict],
+                  cache_rate: float) -> tuple[Dataset, Dataset]:
+    """CacheDatasets for training (pre-processing cached, augmentation per sample) and validation.
+
+    Raises:
+        ValueError: naming the case when one cannot be loaded (unreadable, 2D, shapes differ).
+    """
+    if not 0.0 <= cache_rate <= 1.0:
+        raise ValueError(f"cache_rate must lie in [0, 1], got {cache_rate}")
+    pre = task.preprocessing(config, keys=(IMAGE_KEY, LABEL_KEY))
+    train_tf = Compose(pre + task.augmentation(config))
+    val_tf = Compose(task.preprocessing(config, keys=(IMAGE_KEY, LABEL_KEY)))
+    try:
+        train = CacheDataset(train_cases, train_tf, cache_rate=cache_rate, num_workers=0, progress=False)
+        val = CacheDataset(val_cases, val_tf, cache_rate=cache_rate, num_workers=0, progress=False)
+    except RuntimeError as err:
+        raise unwrap_transform_error(err) from err
+    return train, val
+
+
+def make_train_loader(dataset: Dataset, *, batch_size: int, ctx: DistContext, seed: int,
+                      num_workers: int = 0) -> DataLoader:
+    """Shuffled loader; a DistributedSampler splits the cases between processes under DDP."""
+    sampler = (torch.utils.data.DistributedSampler(dataset, num_replicas=ctx.world_size, rank=ctx.rank,
+                                                   shuffle=True, seed=seed) if ctx.distributed else None)
+    return DataLoader(dataset, batch_size=batch_size, shuffle=sampler is None, sampler=sampler,
+                      num_workers=num_workers, pin_memory=ctx.device.type == "cuda")
+
+
+def train_one_epoch(model: torch.nn.Module, loader: DataLoader, *, optimizer: torch.optim.Optimizer,
+                    loss_fn: torch.nn.Module, device: torch.device, scaler: torch.amp.GradScaler | None,
+                    amp: bool, progress: bool, desc: str = "train") -> float:
+    """One pass over ``loader``; returns the mean loss of this process.
+
+    Batches are dicts with ``image`` Float[B, 1, x, y, z] and ``label`` Float[B, 1, x, y, z].
+
+    Raises:
+        FloatingPointError: when the loss is not finite.
+    """
+    model.train()
+    total, steps = 0.0, 0
+    for batch in tqdm(_batches(loader), desc=desc, disable=not progress, leave=False):
+        images, labels = batch[IMAGE_KEY].to(device), batch[LABEL_KEY].to(device)
+        optimizer.zero_grad(set_to_none=True)
+        with _autocast(device, amp):
+            loss = loss_fn(model(images), labels)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"{desc}: loss is {loss.item()} at step {steps}")
+        _backward_step(loss, optimizer, scaler)
+        total, steps = total + loss.item(), steps + 1
+    return total / max(steps, 1)
+
+
+def evaluate_dice(model: torch.nn.Module, dataset: Dataset, *, task: Task, config: SegConfig,
+                  device: torch.device, amp: bool = False, progress: bool = False) -> dict:
+    """Sliding-window Dice of every validation case on the task's working grid.
+
+    Returns:
+        ``{"dice": mean over cases, "per_case": list of floats}`` (empty-GT convention of utils.dice).
+    """
+    model.eval()
+    post = task.postprocessing(config)
+    scores = []
+    for index in tqdm(range(len(dataset)), desc="validate", disable=not progress, leave=False):
+        item = _item(dataset, index)
+        pred = post(segment(model, item[IMAGE_KEY], config=config, device=device, amp=amp))
+        truth = (item[LABEL_KEY] > 0).to(torch.uint8)
+        scores.append(dice_per_class(pred, truth, num_classes=2)[0])
+    return {"dice": mean_ignoring_nan(scores), "per_case": scores}
+
+
+def _item(dataset: Dataset, index: int) -> dict:
+    try:
+        return dataset[index]
+    except RuntimeError as err:
+        raise unwrap_transform_error(err) from err
+
+
+def _batches(loader: DataLoader):
+    iterator = iter(loader)
+    while True:
+        try:
+            yield next(iterator)
+        except StopIteration:
+            return
+        except RuntimeError as err:
+            raise unwrap_transform_error(err) from err
+
+
+def _backward_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer,
+                   scaler: torch.amp.GradScaler | None) -> None:
+    if scaler is None:
+        loss.backward()
+        optimizer.step()
+        return
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update()

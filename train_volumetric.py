@@ -1,0 +1,183 @@
+"""Train a volumetric (3D, MONAI) task: lung_seg (AH-Net) or lesion_seg (SegResNet).
+
+Canonical command::
+
+    python train_volumetric.py --task lesion_seg --datalist data/phantom/dataset.json \\
+        --data_root data/phantom --epochs 100 --save_dir runs/lesion_seg
+
+Several processes (GPUs or CPU processes, one or more nodes) with DistributedDataParallel::
+
+    torchrun --nproc_per_node 2 train_volumetric.py --task lung_seg --datalist dataset.json ...
+
+The datalist's ``training`` section is trained on and its ``validation`` section selects
+``checkpoint_best.pth`` by mean sliding-window Dice. The run directory holds args.json, env.txt,
+metrics.jsonl and the checkpoints; a checkpoint also stores the task's pre-processing settings, so
+validate_volumetric.py and infer_volumetric.py need no pre-processing flags.
+"""
+from __future__ import annotations
+
+import argparse
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+
+from models.volumetric import get_task, task_names
+from models.volumetric.common import load_cases
+from models.volumetric.engine import (
+    cleanup_distributed,
+    evaluate_dice,
+    make_datasets,
+    make_train_loader,
+    setup_distributed,
+    train_one_epoch,
+)
+from utils.checkpoint import load_checkpoint, make_checkpoint, save_checkpoint
+from utils.cli import add_device_args, add_run_args, add_seed_args, args_to_dict, resolve_device
+from utils.reproducibility import seed_everything
+from utils.run_dir import RunDir
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--task", required=True, choices=task_names(), help="volumetric task (required)")
+    parser.add_argument("--datalist", required=True, help="dataset.json with 'training' and 'validation' sections (required)")
+    parser.add_argument("--data_root", default=None, help="folder the datalist paths are relative to (default: the datalist's folder)")
+    parser.add_argument("--epochs", type=int, default=100, help="training epochs (default: 100)")
+    parser.add_argument("--lr", type=float, default=None, help="Adam learning rate (default: the task's, 1e-4 lung_seg, 1e-3 lesion_seg)")
+    parser.add_argument("--batch_size", type=int, default=2, help="crops per step and process (default: 2)")
+    parser.add_argument("--cache_rate", type=float, default=1.0, help="fraction of pre-processed cases kept in memory (default: 1.0)")
+    parser.add_argument("--workers", type=int, default=0, help="DataLoader worker processes (default: 0)")
+    parser.add_argument("--val_every", type=int, default=1, help="validate every N epochs and at the last one (default: 1)")
+    parser.add_argument("--amp", action="store_true", help="mixed precision: float16 on CUDA, bfloat16 on CPU (default: off)")
+    parser.add_argument("--pretrained_2d", default=None, help="lung_seg only: local torchvision ResNet50 state dict for AH-Net's encoder (default: none)")
+    add_config_args(parser)
+    add_device_args(parser)
+    add_seed_args(parser)
+    add_run_args(parser, default_save_dir="runs/volumetric")
+    return parser
+
+
+def add_config_args(parser: argparse.ArgumentParser) -> None:
+    """Pre-processing and sliding-window flags; None keeps the task's default."""
+    group = parser.add_argument_group("pre-processing and sliding window (default: the task's)")
+    group.add_argument("--roi_size", type=int, nargs=3, default=None, help="crop / window size x y z in voxels (default: 224 224 32)")
+    group.add_argument("--spacing", type=float, nargs=3, default=None, help="voxel size x y z in mm (default: 0.8 0.8 5)")
+    group.add_argument("--hu_window", type=float, nargs=2, default=None, help="HU clip range (default: -1500 500 lung_seg, -1000 500 lesion_seg)")
+    group.add_argument("--overlap", type=float, nargs="+", default=None, help="window overlap, one value or x y z (default: 0.25)")
+    group.add_argument("--sw_batch_size", type=int, default=None, help="windows per network call (default: 4)")
+    group.add_argument("--no_body_crop", action="store_true", help="slide windows over the whole volume, not just the body box (default: body box)")
+    group.add_argument("--strict_hu", action="store_true", help="refuse volumes that do not look like HU instead of warning (default: warn)")
+
+
+def config_overrides(args: argparse.Namespace) -> dict:
+    """The config flags that were given, as :meth:`Task.make_config` keywords."""
+    overlap = args.overlap[0] if args.overlap and len(args.overlap) == 1 else args.overlap
+    return {"roi_size": args.roi_size, "spacing": args.spacing, "hu_window": args.hu_window, "overlap": overlap,
+            "sw_batch_size": args.sw_batch_size, "body_crop": False if args.no_body_crop else None,
+            "strict_hu": True if args.strict_hu else None}
+
+
+def build_model(task, args: argparse.Namespace) -> tuple[torch.nn.Module, dict]:
+    """The task's network, optionally with AH-Net's encoder from a 2D ResNet50."""
+    model, kwargs = task.build_network()
+    if args.pretrained_2d:
+        if task.name != "lung_seg":
+            raise ValueError(f"--pretrained_2d applies to lung_seg (AH-Net) only, not {task.name}")
+        from models.volumetric.lung_seg import transfer_from_resnet50
+
+        transfer_from_resnet50(model, args.pretrained_2d)
+    return model, kwargs
+
+
+def resume(path: str | None, model: torch.nn.Module, optimizer: torch.optim.Optimizer, task_name: str) -> tuple[int, float | None]:
+    """Restore model and optimizer; returns (first epoch to run, best validation Dice so far)."""
+    if not path:
+        return 0, None
+    ckpt = load_checkpoint(path)
+    if ckpt.get("task") != task_name:
+        raise ValueError(f"--resume {path}: checkpoint is for task {ckpt.get('task')!r}, not {task_name!r}")
+    model.load_state_dict(ckpt["model"])
+    if ckpt["optimizer"] is not None:
+        optimizer.load_state_dict(ckpt["optimizer"])
+    return ckpt["epoch"] + 1, ckpt.get("best_dice")
+
+
+def main(args: argparse.Namespace) -> dict:
+    """Train; returns the last epoch's metrics record (on every rank)."""
+    ctx = setup_distributed(resolve_device(args.device))
+    try:
+        return train(args, ctx)
+    finally:
+        cleanup_distributed(ctx)
+
+
+def train(args: argparse.Namespace, ctx) -> dict:
+    seed_everything(args.seed + ctx.rank)
+    task = get_task(args.task)
+    config = task.make_config(**config_overrides(args))
+    train_cases = load_cases(args.datalist, data_root=args.data_root, section="training")
+    val_cases = load_cases(args.datalist, data_root=args.data_root, section="validation")
+    if not train_cases or not val_cases:
+        raise ValueError(f"{args.datalist}: needs cases in both 'training' and 'validation' sections, "
+                         f"got {len(train_cases)} and {len(val_cases)}")
+    train_set, val_set = make_datasets(task, config, train_cases=train_cases, val_cases=val_cases,
+                                       cache_rate=args.cache_rate)
+    loader = make_train_loader(train_set, batch_size=args.batch_size, ctx=ctx, seed=args.seed, num_workers=args.workers)
+    model, kwargs = build_model(task, args)
+    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr or task.default_lr)
+    start, best = resume(args.resume, model, optimizer, task.name)
+    model.to(ctx.device)
+    net = DistributedDataParallel(model) if ctx.distributed else model
+    run_dir = RunDir(args.save_dir, args=args_to_dict(args), seed=args.seed) if ctx.is_main else None
+    if run_dir is not None:
+        run_dir.best_value = best
+    scaler = torch.amp.GradScaler("cuda") if args.amp and ctx.device.type == "cuda" else None
+    record: dict = {}
+    for epoch in range(start, args.epochs):
+        if ctx.distributed:
+            loader.sampler.set_epoch(epoch)
+        loss = train_one_epoch(net, loader, optimizer=optimizer, loss_fn=task.loss(), device=ctx.device, scaler=scaler,
+                               amp=args.amp, progress=ctx.is_main, desc=f"epoch {epoch}")
+        record = {"epoch": epoch, "train_loss": _mean_over_ranks(loss, ctx)}
+        if run_dir is not None:
+            record = _end_epoch(args, record, model, optimizer, task, config, kwargs, val_set, run_dir, ctx)
+        if ctx.distributed:
+            dist.barrier()
+    return record
+
+
+def _end_epoch(args, record: dict, model, optimizer, task, config, kwargs, val_set, run_dir: RunDir, ctx) -> dict:
+    """Rank 0: validate when due, log, save last (and best when validation Dice improved)."""
+    epoch = record["epoch"]
+    if (epoch + 1) % args.val_every == 0 or epoch + 1 == args.epochs:
+        record["val_dice"] = evaluate_dice(model, val_set, task=task, config=config, device=ctx.device,
+                                           amp=args.amp)["dice"]
+    best = run_dir.best_value if "val_dice" not in record else _better(record["val_dice"], run_dir.best_value)
+    ckpt = make_checkpoint(model=model, builder=task.builder, builder_kwargs=kwargs, epoch=epoch,
+                           args=args_to_dict(args), optimizer=optimizer, task=task.name,
+                           task_config=config.to_dict(), best_dice=best, metrics=dict(record))
+    if "val_dice" in record:
+        record["best"] = run_dir.save(ckpt, value=record["val_dice"])
+    else:
+        save_checkpoint(ckpt, run_dir.last)
+    run_dir.log_metrics(record)
+    print(f"epoch {epoch}: " + ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
+                                         for k, v in record.items() if k != "epoch"), flush=True)
+    return record
+
+
+def _better(value: float, best: float | None) -> float:
+    return value if best is None or value > best else best
+
+
+def _mean_over_ranks(value: float, ctx) -> float:
+    if not ctx.distributed:
+        return value
+    tensor = torch.tensor([value], dtype=torch.float64, device=ctx.device)
+    dist.all_reduce(tensor)
+    return float(tensor.item()) / ctx.world_size
+
+
+if __name__ == "__main__":
+    main(get_args_parser().parse_args())

@@ -1,0 +1,78 @@
+"""Montages of CT volumes: evenly spaced axial slices with a mask overlaid, written as PNG.
+
+Volumes are first reoriented to RAS with nibabel (the file itself is not changed), so every montage
+shows slices the same way whatever the input's orientation: patient's right on the image's left,
+anterior up (radiological convention).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import nibabel as nib  # noqa: E402
+import numpy as np  # noqa: E402
+
+MASK_COLOURS = ((0.0, 0.0, 0.0, 0.0), (1.0, 0.2, 0.2, 1.0), (0.2, 0.6, 1.0, 1.0), (1.0, 0.85, 0.1, 1.0))
+
+
+def axial_montage(image: np.ndarray, mask: np.ndarray | None, path: str | Path, *, affine: np.ndarray,
+                  window: tuple[float, float] = (-1500.0, 500.0), n_slices: int = 12, columns: int = 4,
+                  title: str | None = None, alpha: float = 0.4) -> Path:
+    """Write a grid of axial slices with ``mask`` (labels > 0) coloured on top.
+
+    Args:
+        image: Float[X, Y, Z] intensities in HU on the grid of ``affine``.
+        mask: Int[X, Y, Z] labels (0 background), same shape, or None.
+        path: output PNG.
+        affine: 4x4 voxel-to-world (RAS) matrix of ``image``.
+        window: HU range mapped to black..white.
+        n_slices: slices shown, evenly spaced over the volume.
+        columns: slices per row.
+        title: figure title.
+        alpha: mask opacity.
+
+    Raises:
+        ValueError: when ``image`` is not 3D or ``mask`` has another shape.
+    """
+    if image.ndim != 3 or (mask is not None and mask.shape != image.shape):
+        raise ValueError(f"need a 3D image and a mask of the same shape, got {image.shape} and "
+                         f"{None if mask is None else mask.shape}")
+    image, mask = _to_ras(image, affine), None if mask is None else _to_ras(mask, affine)
+    picks = np.unique(np.linspace(0, image.shape[2] - 1, min(n_slices, image.shape[2])).round().astype(int))
+    rows = int(np.ceil(len(picks) / columns))
+    fig, axes = plt.subplots(rows, columns, figsize=(3 * columns, 3 * rows), dpi=80, squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, z in zip(axes.flat, picks):
+        _draw_slice(ax, image[:, :, z], None if mask is None else mask[:, :, z], window, alpha)
+        ax.set_title(f"z={z}", fontsize=8)
+    if title:
+        fig.suptitle(title)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def _to_ras(volume: np.ndarray, affine: np.ndarray) -> np.ndarray:
+    ornt = nib.orientations.io_orientation(affine)
+    return nib.orientations.apply_orientation(volume, ornt)
+
+
+def _display(plane: np.ndarray) -> np.ndarray:
+    """RAS slice [x, y] -> picture rows: x grows to the patient's right, y to anterior; transpose so
+    y runs down the rows, then flip both axes: anterior up, patient's right on the picture's left."""
+    return np.flip(plane.T, axis=(0, 1))
+
+
+def _draw_slice(ax, image: np.ndarray, mask: np.ndarray | None, window: tuple[float, float], alpha: float) -> None:
+    ax.imshow(_display(image), cmap="gray", vmin=window[0], vmax=window[1], interpolation="nearest")
+    if mask is not None and mask.any():
+        labels = np.clip(mask.astype(int), 0, len(MASK_COLOURS) - 1)
+        rgba = np.asarray(MASK_COLOURS)[_display(labels)]
+        rgba[..., 3] *= alpha
+        ax.imshow(rgba, interpolation="nearest")
