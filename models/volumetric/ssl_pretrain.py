@@ -68,7 +68,7 @@ def build_network(*, img_size: Sequence[int] = (96, 96, 96), in_channels: int = 
     Raises:
         ValueError: for sizes the ViT cannot take, naming them.
     """
-    img_size = _check_vit_sizes(img_size, hidden_size=hidden_size, num_heads=num_heads, mlp_dim=mlp_dim,
+    img_size = check_vit_sizes(img_size, hidden_size=hidden_size, num_heads=num_heads, mlp_dim=mlp_dim,
                                 dropout_rate=dropout_rate)
     if num_layers < 1:
         raise ValueError(f"num_layers must be >= 1, got {num_layers}")
@@ -77,7 +77,7 @@ def build_network(*, img_size: Sequence[int] = (96, 96, 96), in_channels: int = 
                       proj_type="conv", dropout_rate=dropout_rate, spatial_dims=3)
 
 
-def _check_vit_sizes(img_size: Sequence[int], *, hidden_size: int, num_heads: int, mlp_dim: int,
+def check_vit_sizes(img_size: Sequence[int], *, hidden_size: int, num_heads: int, mlp_dim: int,
                      dropout_rate: float) -> tuple[int, int, int]:
     """Shared checks of the ViT's sizes (also used by ``organ_seg``); returns img_size as a tuple."""
     img_size = tuple(int(s) for s in img_size)
