@@ -139,7 +139,7 @@ def train(args: argparse.Namespace, ctx) -> dict:
             loader.sampler.set_epoch(epoch)
         loss = train_one_epoch(net, loader, optimizer=optimizer, loss_fn=task.loss(), device=ctx.device, scaler=scaler,
                                amp=args.amp, progress=ctx.is_main, desc=f"epoch {epoch}")
-        record = {"epoch": epoch, "train_loss": _mean_over_ranks(loss, ctx)}
+        record = {"epoch": epoch, "train_loss": _mean_over_ranks(loss, ctx), "world_size": ctx.world_size}
         if run_dir is not None:
             record = _end_epoch(args, record, model, optimizer, task, config, kwargs, val_set, run_dir, ctx)
         if ctx.distributed:

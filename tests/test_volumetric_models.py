@@ -1,0 +1,87 @@
+"""Task registry, builders, configs and one training step per volumetric task."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torchvision
+from monai.data import DataLoader
+
+from models.volumetric import get_task, task_names
+from models.volumetric.common import SegConfig
+from models.volumetric.engine import make_datasets, train_one_epoch
+from models.volumetric.lesion_seg import build_network as build_segresnet
+from models.volumetric.lung_seg import build_network as build_ahnet
+from models.volumetric.lung_seg import transfer_from_resnet50
+from tests.test_volumetric_data import TINY_CONFIG, write_case
+
+
+def test_registry_knows_both_tasks_and_refuses_others():
+    assert set(task_names()) >= {"lung_seg", "lesion_seg"}
+    assert get_task("lung_seg").builder == "models.volumetric.lung_seg.build_network"
+    with pytest.raises(ValueError, match="unknown volumetric task 'organ'"):
+        get_task("organ")
+
+
+def test_issue_defaults():
+    lung, lesion = get_task("lung_seg").default_config, get_task("lesion_seg").default_config
+    assert lung.spacing == lesion.spacing == (0.8, 0.8, 5.0)
+    assert lung.roi_size == lesion.roi_size == (224, 224, 32)
+    assert lung.hu_window == (-1500.0, 500.0) and lesion.hu_window == (-1000.0, 500.0)
+    assert lung.orientation == "RAS" and lung.overlap == 0.25
+
+
+def test_segresnet_output_shape():
+    model = build_segresnet()
+    with torch.no_grad():
+        out = model(torch.randn(1, 1, 32, 32, 16))
+    assert out.shape == (1, 2, 32, 32, 16)
+
+
+def test_ahnet_output_shape_and_validation():
+    model = build_ahnet(psp_block_num=2).eval()
+    with torch.no_grad():
+        out = model(torch.randn(1, 1, 32, 32, 32))
+    assert out.shape == (1, 2, 32, 32, 32)
+    with pytest.raises(ValueError, match="psp_block_num must be 0..2"):
+        build_ahnet(psp_block_num=3)
+
+
+def test_config_checks_roi_against_network_and_round_trips():
+    with pytest.raises(ValueError, match="multiple of 32"):
+        get_task("lung_seg").make_config(roi_size=(48, 48, 32))
+    with pytest.raises(ValueError, match="hu_window"):
+        SegConfig(spacing=(1, 1, 1), roi_size=(8, 8, 8), hu_window=(500, -1000))
+    config = get_task("lesion_seg").make_config(roi_size=(32, 32, 16), overlap=(0.25, 0.25, 0.0))
+    assert SegConfig.from_dict(config.to_dict()) == config
+
+
+def test_resnet50_transfer_copies_2d_weights_into_ahnet(tmp_path):
+    resnet = torchvision.models.resnet50(weights=None)
+    torch.save(resnet.state_dict(), tmp_path / "resnet50.pth")
+    model = transfer_from_resnet50(build_ahnet(), tmp_path / "resnet50.pth")
+    # conv1 7x7 over 3 RGB channels becomes 7x7x3 over the slice axis.
+    expected = resnet.conv1.weight.unsqueeze(4).permute(0, 4, 2, 3, 1)
+    assert torch.equal(model.conv1.weight, expected)
+    conv2d = resnet.layer1[0].conv1.weight
+    assert torch.equal(model.layer1[0].conv1.weight[..., 0], conv2d)
+    with pytest.raises(ValueError, match="not a torchvision ResNet50"):
+        torch.save({"x": torch.zeros(1)}, tmp_path / "other.pth")
+        transfer_from_resnet50(build_ahnet(), tmp_path / "other.pth")
+
+
+@pytest.mark.parametrize("name,label", [("lesion_seg", "lesion"), ("lung_seg", "lung")])
+def test_one_training_step_per_task(tmp_path, name, label):
+    task = get_task(name)
+    config = task.make_config(**TINY_CONFIG[name])
+    case = write_case(tmp_path, "c0", seed=0, label=label)
+    train_set, _ = make_datasets(task, config, train_cases=[case], val_cases=[case], cache_rate=1.0)
+    batch = next(iter(DataLoader(train_set, batch_size=1)))
+    assert batch["image"].shape == (1, 1, *config.roi_size)
+    assert set(torch.unique(batch["label"]).tolist()) <= {0.0, 1.0}
+    model, _ = task.build_network()
+    before = [p.detach().clone() for p in model.parameters()]
+    loader = DataLoader(train_set, batch_size=1)
+    loss = train_one_epoch(model, loader, optimizer=torch.optim.Adam(model.parameters(), lr=task.default_lr),
+                           loss_fn=task.loss(), device=torch.device("cpu"), scaler=None, amp=False, progress=False)
+    assert 0.0 < loss < 10.0
+    assert any(not torch.equal(b, p) for b, p in zip(before, model.parameters()))

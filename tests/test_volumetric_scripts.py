@@ -1,0 +1,113 @@
+"""End to end on tiny phantoms: train -> validate -> infer, and masks on the input's own grid."""
+from __future__ import annotations
+
+import csv
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from monai.metrics import DiceMetric
+
+import infer_volumetric
+import train_volumetric
+import validate_volumetric
+from models.volumetric import get_task
+from models.volumetric.inference import predict_case
+from tests.test_volumetric_data import TINY_CONFIG, write_case, write_datalist
+from utils.checkpoint import load_checkpoint
+
+LESION_FLAGS = ["--roi_size", "32", "32", "16", "--spacing", "2", "2", "4"]
+
+
+class ThresholdNet(torch.nn.Module):
+    """Logits [t - x, x - t]: foreground where the scaled intensity exceeds ``t``."""
+
+    def __init__(self, t: float):
+        super().__init__()
+        self.t = t
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.t - x, x - self.t], dim=1)
+
+
+def _lps_cube_volume(tmp_path):
+    """LPS, anisotropic, oblique-free volume with a bright cube off-centre (so flips would show)."""
+    shape = (50, 40, 13)
+    image = np.full(shape, -1000, np.int16)
+    image[5:20, 22:36, 2:7] = 100
+    affine = np.diag([-0.7, -1.1, 3.3, 1.0])
+    affine[:3, 3] = [12.5, -40.0, 7.0]
+    path = tmp_path / "lps.nii.gz"
+    nib.save(nib.Nifti1Image(image, affine), path)
+    return path, image, nib.load(path).affine
+
+
+@pytest.mark.parametrize("body_crop", [True, False])
+def test_mask_has_the_input_grid_and_lands_where_the_structure_is(tmp_path, body_crop):
+    path, image, affine = _lps_cube_volume(tmp_path)
+    task = get_task("lesion_seg")
+    config = task.make_config(**TINY_CONFIG["lesion_seg"], body_crop=body_crop)
+    out = predict_case({"image": str(path)}, model=ThresholdNet(0.5), task=task, config=config,
+                       device=torch.device("cpu"))
+    assert out["mask"].shape == image.shape
+    np.testing.assert_allclose(out["affine"], affine, atol=1e-6)
+    truth = torch.as_tensor(image > -250)[None, None].float()
+    dice = DiceMetric()(torch.as_tensor(out["mask"])[None, None].float(), truth).item()
+    assert dice > 0.9
+
+
+def test_train_validate_infer_end_to_end(tmp_path):
+    datalist = write_datalist(tmp_path / "data", label="lesion", n_train=2, n_val=1)
+    run = tmp_path / "run"
+    train_volumetric.main(train_volumetric.get_args_parser().parse_args(
+        ["--task", "lesion_seg", "--datalist", str(datalist), "--epochs", "2", "--batch_size", "2",
+         "--save_dir", str(run), "--val_every", "1", *LESION_FLAGS]))
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [0, 1] and all("val_dice" in r for r in records)
+    ckpt = load_checkpoint(run / "checkpoint_best.pth")
+    assert ckpt["task"] == "lesion_seg" and ckpt["builder"] == "models.volumetric.lesion_seg.build_network"
+    assert ckpt["task_config"]["roi_size"] == [32, 32, 16] and ckpt["best_dice"] == max(r["val_dice"] for r in records)
+    _check_validate(run, datalist, tmp_path / "val")
+    _check_infer(run, tmp_path)
+
+
+def _check_validate(run, datalist, out):
+    summary = validate_volumetric.main(validate_volumetric.get_args_parser().parse_args(
+        ["--task", "lesion_seg", "--ckpt", str(run / "checkpoint_best.pth"), "--datalist", str(datalist),
+         "--output", str(out), "--save_masks"]))
+    rows = list(csv.DictReader((out / "predictions.csv").open()))
+    assert len(rows) == 1 and summary["cases"] == 1
+    mask, label = nib.load(rows[0]["prediction"]).get_fdata(), nib.load(rows[0]["label"]).get_fdata() > 0
+    expected = DiceMetric(ignore_empty=False)(torch.as_tensor(mask)[None, None], torch.as_tensor(label)[None, None].float())
+    assert float(rows[0]["dice"]) == pytest.approx(expected.item(), abs=1e-6)
+    metrics = dict(csv.reader((out / "metrics.csv").open()))
+    assert float(metrics["mean_dice"]) == pytest.approx(float(rows[0]["dice"]))
+
+
+def _check_infer(run, tmp_path):
+    case = write_case(tmp_path / "lps", "lps_case", seed=5, label="lesion", orientation="LPS", spacing=(0.9, 1.3, 3.5))
+    out = tmp_path / "infer"
+    rows = infer_volumetric.main(infer_volumetric.get_args_parser().parse_args(
+        ["--task", "lesion_seg", "--ckpt", str(run / "checkpoint_last.pth"), "--input", case["image"],
+         "--output", str(out)]))
+    source, mask = nib.load(case["image"]), nib.load(out / "lps_case_lesion_seg.nii.gz")
+    assert mask.shape == source.shape
+    np.testing.assert_allclose(mask.affine, source.affine, atol=1e-6)
+    assert nib.aff2axcodes(mask.affine) == ("L", "P", "S")
+    assert (out / "lps_case_lesion_seg.png").stat().st_size > 0 and rows[0]["case"] == "lps_case"
+
+
+def test_resume_continues_after_the_stored_epoch(tmp_path):
+    datalist = write_datalist(tmp_path / "data", label="lesion", n_train=1, n_val=1)
+    common = ["--task", "lesion_seg", "--datalist", str(datalist), "--batch_size", "1", *LESION_FLAGS]
+    train_volumetric.main(train_volumetric.get_args_parser().parse_args(
+        [*common, "--epochs", "1", "--save_dir", str(tmp_path / "a")]))
+    train_volumetric.main(train_volumetric.get_args_parser().parse_args(
+        [*common, "--epochs", "2", "--save_dir", str(tmp_path / "b"), "--resume", str(tmp_path / "a" / "checkpoint_last.pth")]))
+    records = [json.loads(line) for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [1]
+    with pytest.raises(ValueError, match="checkpoint is for task 'lesion_seg', not 'lung_seg'"):
+        validate_volumetric.main(validate_volumetric.get_args_parser().parse_args(
+            ["--task", "lung_seg", "--ckpt", str(tmp_path / "b" / "checkpoint_last.pth"), "--datalist", str(datalist)]))
