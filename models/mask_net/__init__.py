@@ -1,0 +1,8 @@
+"""COVID-CT-Mask-Net's detection stack, one file per stage.
+
+transform -> backbone (+FPN) -> anchors / RPN -> RoI heads (box head, mask head) -> postprocess,
+wired by :class:`MaskRCNN` and built by :func:`maskrcnn_resnet_fpn`.
+"""
+from .mask_rcnn import COVID_DEFAULTS, TORCHVISION_DEFAULTS, MaskRCNN, maskrcnn_resnet_fpn
+
+__all__ = ["COVID_DEFAULTS", "TORCHVISION_DEFAULTS", "MaskRCNN", "maskrcnn_resnet_fpn"]
