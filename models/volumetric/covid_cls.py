@@ -173,7 +173,7 @@ def lung_region_transforms(config: ClsConfig) -> list:
     low, high = config.hu_window
     transforms = [
         CheckLungMaskd(MASK_KEY),
-        Orientationd(keys, axcodes=config.orientation),
+        Orientationd(keys, axcodes=config.orientation, labels=None),
         ScaleIntensityRanged(IMAGE_KEY, a_min=low, a_max=high, b_min=0.0, b_max=1.0, clip=True),
     ]
     if config.mask_intensity:
@@ -293,6 +293,52 @@ def predict_case(case: dict, *, model: torch.nn.Module, config: ClsConfig, devic
     return out
 
 
+def evaluate(model: torch.nn.Module, dataset, *, config: ClsConfig, device: torch.device, amp: bool = False,
+             progress: bool = False, **_: Any) -> dict:
+    """Metrics of pre-processed validation cases (``image`` Float[1, *roi_size], ``label``).
+
+    Returns:
+        :func:`classification_metrics` at ``config.threshold`` plus ``probabilities`` (per case).
+    """
+    from tqdm import tqdm
+
+    model.eval()
+    labels, probabilities = [], []
+    for index in tqdm(range(len(dataset)), desc="validate", disable=not progress, leave=False):
+        item = _apply(dataset.__getitem__, index)
+        image = item[IMAGE_KEY].as_tensor()[None].to(device)  # [1, 1, *roi_size]
+        with torch.inference_mode(), _autocast(device, amp):
+            probabilities.append(float(postprocessing(config)(model(image))[0]))
+        labels.append(int(item[LABEL_KEY]))
+    return {**classification_metrics(labels, probabilities, threshold=config.threshold),
+            "probabilities": probabilities}
+
+
+def validate_cases(cases: list[dict], *, model: torch.nn.Module, config: ClsConfig, device: torch.device,
+                   progress: bool = True, **_: Any) -> tuple[list[dict], dict]:
+    """Classify labelled cases from their files; rows for predictions.csv and the summary.
+
+    Returns:
+        (rows with ``case``, ``image``, ``label``, ``probability``, ``prediction``; summary with
+        ``task``, ``cases``, ``threshold`` and :func:`classification_metrics`).
+
+    Raises:
+        ValueError: naming a case without a numeric ``label``.
+    """
+    from tqdm import tqdm
+
+    rows = []
+    for case in tqdm(cases, desc="validate", disable=not progress):
+        if case.get(LABEL_KEY) is None:
+            raise ValueError(f"case {case_name(case)}: validation needs a numeric 'label' (0 or 1)")
+        out = predict_case(case, model=model, config=config, device=device)
+        rows.append({"case": out["case"], "image": case[IMAGE_KEY], "label": out[LABEL_KEY],
+                     "probability": round(out["probability"], 6), "prediction": out["prediction"]})
+    metrics = classification_metrics([r["label"] for r in rows], [r["probability"] for r in rows],
+                                     threshold=config.threshold)
+    return rows, {"task": TASK.name, "cases": len(rows), "threshold": config.threshold, **metrics}
+
+
 def _saliency_on_input_grid(data: dict, transform: Compose, original: torch.Tensor, *, model, image, method,
                             target_layer) -> dict:
     """GradCAM on the network grid, inverted through ``transform`` onto ``original``'s grid."""
@@ -318,6 +364,12 @@ def _apply(transform, data: dict) -> dict:
         return transform(data)
     except RuntimeError as err:  # MONAI wraps errors in "applying transform ..."
         raise unwrap_transform_error(err) from err
+
+
+def _autocast(device: torch.device, amp: bool):
+    from models.volumetric.ssl_pretrain import autocast
+
+    return autocast(device, amp)
 
 
 def _auc(y: np.ndarray, p: np.ndarray) -> float:

@@ -102,7 +102,7 @@ def preprocessing(config: SegConfig, *, keys: Sequence[str] = (IMAGE_KEY, LABEL_
     return [
         LoadVolumed(keys, strict_hu=config.strict_hu),
         CheckLabelRanged(LABEL_KEY),
-        Orientationd(keys, axcodes=config.orientation),
+        Orientationd(keys, axcodes=config.orientation, labels=None),
         Spacingd(keys, pixdim=config.spacing, mode=modes),
         ScaleIntensityRanged(IMAGE_KEY, a_min=low, a_max=high, b_min=0.0, b_max=1.0, clip=True),
     ]
@@ -188,6 +188,42 @@ def evaluate(model: torch.nn.Module, dataset, *, task: Task, config: SegConfig, 
     per_organ = {name: mean_ignoring_nan(case[i] for case in per_case)
                  for i, name in enumerate(task.class_names[1:])}
     return {"dice": mean_ignoring_nan(per_organ.values()), "per_organ": per_organ, "per_case": per_case}
+
+
+def validate_cases(cases: list[dict], *, model: torch.nn.Module, task: Task, config: SegConfig,
+                   device: torch.device, amp: bool = False, ignore_empty: bool = False,
+                   progress: bool = True, **_: object) -> tuple[list[dict], dict]:
+    """Per-organ Dice of every case on the input's own grid (mask mapped back, label read as is).
+
+    Returns:
+        (rows for predictions.csv: ``case``, ``image``, ``label``, ``dice`` (mean over organs) and
+        one ``dice_<organ>`` column per organ; summary with ``mean_dice`` and ``dice_<organ>``
+        means over cases).
+    """
+    from models.volumetric.inference import predict_case
+    from utils.dice import dice_per_class, mean_ignoring_nan
+
+    rows = []
+    for case in tqdm(cases, desc="validate", disable=not progress):
+        if not case.get(LABEL_KEY):
+            raise ValueError(f"case {case_name(case)}: validation needs a 'label' file")
+        out = predict_case({IMAGE_KEY: case[IMAGE_KEY], "case": case_name(case)}, model=model, task=task,
+                           config=config, device=device, amp=amp)
+        truth = LoadVolumed((LABEL_KEY,))({LABEL_KEY: case[LABEL_KEY], "case": case_name(case)})[LABEL_KEY]
+        scores = dice_per_class(out["mask"], truth[0].round().to(torch.uint8).numpy(),
+                                num_classes=len(task.class_names), ignore_empty=ignore_empty)
+        rows.append({"case": out["case"], "image": case[IMAGE_KEY], "label": case[LABEL_KEY],
+                     "dice": mean_ignoring_nan(scores),
+                     **{f"dice_{_column(n)}": d for n, d in zip(task.class_names[1:], scores)}})
+    organs = {f"dice_{_column(n)}": mean_ignoring_nan(r[f"dice_{_column(n)}"] for r in rows)
+              for n in task.class_names[1:]}
+    summary = {"task": task.name, "cases": len(rows), "mean_dice": mean_ignoring_nan(organs.values()),
+               "ignore_empty": ignore_empty, **organs}
+    return rows, summary
+
+
+def _column(name: str) -> str:
+    return name.replace(" ", "_")
 
 
 TASK = Task(

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import torch
 from monai.visualize import GradCAM, GradCAMpp
@@ -105,14 +106,18 @@ def scale_to_unit(saliency: torch.Tensor) -> torch.Tensor:
     return saliency / peak if peak > 0 else saliency
 
 
-def save_overlay(image_hu: np.ndarray, saliency: np.ndarray, path: str | Path, *, title: str = "",
-                 num_slices: int = 8, hu_window: tuple[float, float] = (-1000.0, 500.0)) -> Path:
-    """PNG montage of axial slices with the saliency map overlaid (jet colours, transparent at 0).
+def save_overlay(image_hu: np.ndarray, saliency: np.ndarray, path: str | Path, *, affine: np.ndarray,
+                 title: str = "", num_slices: int = 8, hu_window: tuple[float, float] = (-1000.0, 500.0)) -> Path:
+    """PNG montage of axial slices with the saliency map overlaid (jet colours, transparent near 0).
+
+    Slices are shown in RAS, radiological convention (patient's right on the picture's left,
+    anterior up), whatever the file's orientation, as in :mod:`utils.plots_volume`.
 
     Args:
         image_hu: Float[X, Y, Z] input intensities in HU.
         saliency: Float[X, Y, Z] in [0, 1] on the same grid.
         path: output PNG.
+        affine: 4x4 voxel-to-world matrix of the grid.
         title: figure title (case name, prediction).
         num_slices: axial slices shown, evenly spaced over the slices where the map is non-zero.
         hu_window: display window in HU.
@@ -124,11 +129,13 @@ def save_overlay(image_hu: np.ndarray, saliency: np.ndarray, path: str | Path, *
 
     if image_hu.shape != saliency.shape or image_hu.ndim != 3:
         raise ValueError(f"image {image_hu.shape} and saliency {saliency.shape} must be one 3D grid")
+    ornt = nib.orientations.io_orientation(affine)
+    image_hu, saliency = (nib.orientations.apply_orientation(v, ornt) for v in (image_hu, saliency))
     slices = _overlay_slices(saliency, num_slices)
     fig, axes = plt.subplots(1, len(slices), figsize=(2.2 * len(slices), 2.6), dpi=100, squeeze=False)
     for ax, z in zip(axes[0], slices):
-        ax.imshow(np.rot90(image_hu[:, :, z]), cmap="gray", vmin=hu_window[0], vmax=hu_window[1])
-        heat = np.ma.masked_less_equal(np.rot90(saliency[:, :, z]), 0.05)
+        ax.imshow(_display(image_hu[:, :, z]), cmap="gray", vmin=hu_window[0], vmax=hu_window[1])
+        heat = np.ma.masked_less_equal(_display(saliency[:, :, z]), 0.05)
         ax.imshow(heat, cmap="jet", vmin=0.0, vmax=1.0, alpha=0.45)
         ax.set_title(f"z={z}", fontsize=8)
         ax.axis("off")
@@ -140,8 +147,42 @@ def save_overlay(image_hu: np.ndarray, saliency: np.ndarray, path: str | Path, *
     return path
 
 
+def _display(plane: np.ndarray) -> np.ndarray:
+    """RAS slice [x, y] -> picture rows: anterior up, patient's right on the picture's left."""
+    return np.flip(plane.T, axis=(0, 1))
+
+
 def _overlay_slices(saliency: np.ndarray, num_slices: int) -> list[int]:
     hit = np.flatnonzero(saliency.reshape(-1, saliency.shape[2]).max(axis=0) > 0)
     first, last = (int(hit[0]), int(hit[-1])) if hit.size else (0, saliency.shape[2] - 1)
     count = max(1, min(num_slices, last - first + 1))
     return sorted({int(round(z)) for z in np.linspace(first, last, count)})
+
+
+def save_saliency_outputs(out: dict, folder: str | Path, *, png: bool = True,
+                          hu_window: tuple[float, float] = (-1000.0, 500.0)) -> dict[str, str]:
+    """Write ``<case>_saliency.nii.gz`` (float32, the input's affine) and ``<case>_saliency.png``.
+
+    Args:
+        out: a result of :func:`models.volumetric.covid_cls.predict_case` with a saliency map
+            (``case``, ``saliency``, ``affine``, ``image``, ``probability``).
+        folder: output folder.
+        png: also write the overlay montage.
+        hu_window: display window of the overlay.
+
+    Returns:
+        ``{"saliency": nifti path, "overlay": png path or ""}``.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    nifti = nib.Nifti1Image(np.asarray(out["saliency"], dtype=np.float32), out["affine"])
+    nifti.set_sform(out["affine"], code=1)
+    nifti.set_qform(out["affine"], code=1)
+    path = folder / f"{out['case']}_saliency.nii.gz"
+    nib.save(nifti, path)
+    overlay = ""
+    if png:
+        title = f"{out['case']}: p(COVID-19) = {out['probability']:.3f}"
+        overlay = str(save_overlay(out["image"], out["saliency"], folder / f"{out['case']}_saliency.png",
+                                   affine=out["affine"], title=title, hu_window=hu_window))
+    return {"saliency": str(path), "overlay": overlay}

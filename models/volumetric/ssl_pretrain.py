@@ -103,7 +103,7 @@ def preprocessing(config: SegConfig, *, keys: Sequence[str] = (IMAGE_KEY,)) -> l
     low, high = config.hu_window
     return [
         LoadVolumed((IMAGE_KEY,), strict_hu=config.strict_hu),
-        Orientationd(IMAGE_KEY, axcodes=config.orientation),
+        Orientationd(IMAGE_KEY, axcodes=config.orientation, labels=None),
         Spacingd(IMAGE_KEY, pixdim=config.spacing, mode="bilinear"),
         ScaleIntensityRanged(IMAGE_KEY, a_min=low, a_max=high, b_min=0.0, b_max=1.0, clip=True),
         CropForegroundd(IMAGE_KEY, source_key=IMAGE_KEY, allow_smaller=True),

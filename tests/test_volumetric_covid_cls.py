@@ -1,0 +1,209 @@
+"""covid_cls: lung-region crop, DenseNet121-3D classifier, metrics and GradCAM saliency on the input grid."""
+from __future__ import annotations
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from monai.data import DataLoader, Dataset
+from monai.transforms import Compose
+from monai.visualize import GradCAM
+
+from models.volumetric import covid_cls
+from models.volumetric.common import unwrap_transform_error
+from models.volumetric.covid_cls import ClsConfig, classification_metrics, lung_region_transforms, predict_case
+from models.volumetric.saliency import TARGET_LAYER, SaliencyExplainer, save_saliency_outputs
+
+HU_WINDOW = (-1000.0, 500.0)
+TINY_NET = {"init_features": 8, "growth_rate": 4}
+
+
+def chest_phantom(shape=(48, 40, 20), seed=0):
+    """Int16 HU body ellipse with two ellipsoid lungs (-850 HU); uint8 lung mask (1 left, 2 right)."""
+    rng = np.random.default_rng(seed)
+    x, y, z = np.meshgrid(*(np.arange(s) for s in shape), indexing="ij")
+    cx, cy, cz = (s / 2 for s in shape)
+    body = ((x - cx) / (0.45 * shape[0])) ** 2 + ((y - cy) / (0.45 * shape[1])) ** 2 <= 1
+    lung = np.zeros(shape, np.uint8)
+    for value, offset in ((1, -0.2), (2, 0.2)):
+        ellipsoid = (((x - cx - offset * shape[0]) / (0.15 * shape[0])) ** 2 + ((y - cy) / (0.25 * shape[1])) ** 2
+                     + ((z - cz) / (0.3 * shape[2])) ** 2) <= 1
+        lung[ellipsoid] = value
+    image = np.full(shape, -1000, np.int16)
+    image[body] = 40
+    image[lung > 0] = -850
+    return (image + rng.normal(0, 5, shape)).astype(np.int16), lung
+
+
+def write_case(folder, name, *, affine=None, shape=(48, 40, 20), label=1, seed=0, lung=None):
+    """NIfTI image + lung mask; returns the case dict and the arrays."""
+    image, mask = chest_phantom(shape, seed)
+    mask = mask if lung is None else lung
+    affine = np.diag([0.8, 0.8, 2.5, 1.0]) if affine is None else affine
+    paths = {}
+    for key, array in (("image", image), ("label_image", mask)):
+        paths[key] = str(folder / f"{name}_{key}.nii.gz")
+        nib.save(nib.Nifti1Image(array, affine), paths[key])
+    return {**paths, "label": label, "case": name}, image, mask
+
+
+def lps_affine():
+    """Anisotropic LPS grid with an offset: x to the left, y posterior."""
+    affine = np.diag([-0.7, -0.9, 2.5, 1.0])
+    affine[:3, 3] = [12.0, -8.0, 30.0]
+    return affine
+
+
+def preprocess(case, config):
+    """The task's pre-processing with MONAI's "applying transform" wrapper removed from errors."""
+    try:
+        return Compose(covid_cls.preprocessing(config))(case)
+    except RuntimeError as err:
+        raise unwrap_transform_error(err) from err
+
+
+def load_and_crop(case, config):
+    return Compose([covid_cls.LoadLungCased(), *lung_region_transforms(config)])(case)
+
+
+@pytest.mark.parametrize("mask_intensity", [False, True])
+def test_lung_crop_keeps_the_box_plus_margin_and_masks_on_request(tmp_path, mask_intensity):
+    case, image, lung = write_case(tmp_path, "c0")
+    config = ClsConfig(roi_size=(32, 32, 32), crop_margin=(3, 2, 1), mask_intensity=mask_intensity)
+    out = load_and_crop(case, config)
+    hits = np.nonzero(lung)
+    lo = [max(int(h.min()) - m, 0) for h, m in zip(hits, config.crop_margin)]
+    hi = [min(int(h.max()) + 1 + m, s) for h, m, s in zip(hits, config.crop_margin, lung.shape)]
+    box = tuple(slice(a, b) for a, b in zip(lo, hi))
+    assert tuple(out["image"].shape[1:]) == tuple(b - a for a, b in zip(lo, hi))
+    windowed = np.clip((image[box].astype(np.float32) - HU_WINDOW[0]) / (HU_WINDOW[1] - HU_WINDOW[0]), 0, 1)
+    inside = lung[box] > 0
+    crop = out["image"][0].numpy()
+    np.testing.assert_allclose(crop[inside], windowed[inside], atol=1e-5)
+    if mask_intensity:
+        assert np.all(crop[~inside] == 0)
+    else:
+        np.testing.assert_allclose(crop[~inside], windowed[~inside], atol=1e-5)
+        assert (crop[~inside] > 0.5).any()  # soft tissue around the lungs is kept
+
+
+def test_preprocessing_resizes_to_the_network_input(tmp_path):
+    case, _, _ = write_case(tmp_path, "c0", affine=lps_affine())
+    out = preprocess(case, ClsConfig(roi_size=(32, 32, 32)))
+    assert tuple(out["image"].shape) == (1, 32, 32, 32)
+    assert float(out["image"].min()) >= 0.0 and float(out["image"].max()) <= 1.0
+    assert out["label"] == 1.0
+
+
+def test_bad_cases_are_refused_by_name(tmp_path):
+    config = ClsConfig(roi_size=(32, 32, 32))
+    empty, _, _ = write_case(tmp_path, "empty_lung", lung=np.zeros((48, 40, 20), np.uint8))
+    with pytest.raises(ValueError, match="empty_lung.*empty"):
+        preprocess(empty, config)
+    other, _, _ = write_case(tmp_path, "other_grid", lung=np.ones((48, 40, 18), np.uint8))
+    with pytest.raises(ValueError, match="other_grid.*same grid"):
+        preprocess(other, config)
+    wrong, _, _ = write_case(tmp_path, "three", label=3)
+    with pytest.raises(ValueError, match="three.*label must be 0 or 1"):
+        preprocess(wrong, config)
+    with pytest.raises(ValueError, match="roi_size"):
+        ClsConfig(roi_size=(32, 32, 16))
+
+
+def test_classifier_output_shape_and_one_training_step(tmp_path):
+    torch.manual_seed(0)
+    cases = [write_case(tmp_path, f"c{i}", label=i % 2, seed=i)[0] for i in range(2)]
+    config = ClsConfig(roi_size=(32, 32, 32))
+    transform = Compose(covid_cls.preprocessing(config) + covid_cls.augmentation(config))
+    batch = next(iter(DataLoader(Dataset(cases, transform), batch_size=2)))
+    model = covid_cls.build_network(**TINY_NET)
+    optimizer = torch.optim.Adam(model.parameters(), lr=covid_cls.TASK.default_lr)
+    before = [p.detach().clone() for p in model.parameters()]
+    logits = model(batch["image"].as_tensor())
+    assert logits.shape == (2, 1)
+    loss = covid_cls.loss()(logits, batch["label"])
+    expected = torch.nn.functional.binary_cross_entropy_with_logits(logits, torch.tensor([[0.0], [1.0]]))
+    assert torch.isfinite(loss) and torch.allclose(loss, expected)
+    loss.backward()
+    optimizer.step()
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def test_builder_validates_its_arguments():
+    with pytest.raises(ValueError, match="growth_rate"):
+        covid_cls.build_network(growth_rate=0)
+    with pytest.raises(ValueError, match="dropout_prob"):
+        covid_cls.build_network(dropout_prob=1.0)
+
+
+def test_metrics_against_hand_counts_and_pairwise_auc():
+    labels = [1, 1, 1, 0, 0, 0, 0, 1]
+    probs = [0.9, 0.6, 0.4, 0.1, 0.55, 0.3, 0.2, 0.7]
+    m = classification_metrics(labels, probs, threshold=0.5)
+    assert (m["tp"], m["fn"], m["tn"], m["fp"]) == (3, 1, 3, 1)
+    assert m["accuracy"] == pytest.approx(6 / 8)
+    assert m["sensitivity"] == pytest.approx(3 / 4) and m["specificity"] == pytest.approx(3 / 4)
+    pos = [p for p, y in zip(probs, labels) if y]
+    neg = [p for p, y in zip(probs, labels) if not y]
+    pairs = [1.0 if a > b else 0.5 if a == b else 0.0 for a in pos for b in neg]
+    assert m["auc"] == pytest.approx(sum(pairs) / len(pairs))
+    with pytest.warns(UserWarning, match="one class"):
+        assert np.isnan(classification_metrics([1, 1], [0.2, 0.9])["auc"])
+
+
+def _model_with_head_sign(sign: float) -> torch.nn.Module:
+    """Tiny DenseNet whose head weights all have one sign and no bias: the logit's sign is ``sign``."""
+    torch.manual_seed(0)
+    model = covid_cls.build_network(**TINY_NET).eval()
+    with torch.no_grad():
+        head = model.class_layers.out
+        head.weight.copy_(sign * head.weight.abs())
+        head.bias.zero_()
+    return model
+
+
+@pytest.mark.parametrize("method", ["gradcam", "gradcampp"])
+def test_saliency_is_nonzero_for_positive_and_negative_predictions(method):
+    image = torch.rand(1, 1, 64, 64, 32)
+    positive, negative = _model_with_head_sign(1.0), _model_with_head_sign(-1.0)
+    with torch.no_grad():
+        assert float(positive(image)) > 0 > float(negative(image))
+    # The target layer's activations are >= 0 (after ReLU); with all head weights <= 0 the plain
+    # single-logit GradCAM map of the negative prediction is exactly zero.
+    plain = GradCAM(nn_module=_model_with_head_sign(-1.0), target_layers=TARGET_LAYER, postprocessing=lambda m: m)
+    assert float(plain(image).abs().max()) == 0.0
+    pos_map, pos_cls = SaliencyExplainer(positive, method=method)(image)
+    neg_map, neg_cls = SaliencyExplainer(negative, method=method)(image)
+    assert pos_cls.tolist() == [1] and neg_cls.tolist() == [0]
+    for saliency in (pos_map, neg_map):
+        assert saliency.shape == image.shape
+        assert float(saliency.max()) == pytest.approx(1.0) and float(saliency.min()) >= 0.0
+        assert float(saliency.std()) > 0  # a map, not a constant
+    # The negative model is the positive one with the logit negated: same evidence, same map.
+    torch.testing.assert_close(neg_map, pos_map, atol=1e-5, rtol=1e-4)
+
+
+def test_explainer_rejects_unknown_layer_and_method():
+    model = covid_cls.build_network(**TINY_NET)
+    with pytest.raises(ValueError, match="not found"):
+        SaliencyExplainer(model, target_layer="class_layers.nope")
+    with pytest.raises(ValueError, match="method"):
+        SaliencyExplainer(model, method="lime")
+
+
+def test_saliency_files_are_on_the_input_grid(tmp_path):
+    affine = lps_affine()
+    case, image, _ = write_case(tmp_path, "lps", affine=affine, shape=(70, 60, 20))
+    config = ClsConfig(roi_size=(64, 64, 32))
+    model = _model_with_head_sign(-1.0)
+    out = predict_case(case, model=model, config=config, device=torch.device("cpu"), saliency="gradcam")
+    assert out["prediction"] == 0 and out["probability"] < 0.5 and out["label"] == 1
+    files = save_saliency_outputs(out, tmp_path / "infer")
+    written = nib.load(files["saliency"])
+    assert written.shape == image.shape
+    np.testing.assert_allclose(written.affine, affine, atol=1e-5)
+    saliency = np.asarray(written.dataobj)
+    assert saliency.max() > 0 and saliency.min() >= 0 and saliency.max() <= 1
+    lung = nib.load(case["label_image"]).get_fdata() > 0
+    assert saliency[lung].max() > 0  # the map lies over the lung region the network saw
+    assert (tmp_path / "infer" / "lps_saliency.png").stat().st_size > 0
