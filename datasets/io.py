@@ -79,7 +79,7 @@ def read_image(path: str | Path) -> np.ndarray:
     image = _open_image(path)
     if image.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
         return _to_uint8(np.asarray(image), path)
-    return np.asarray(image.convert("L"), dtype=np.uint8)
+    return np.array(image.convert("L"), dtype=np.uint8)  # a writable copy
 
 
 def read_mask(path: str | Path) -> np.ndarray:
@@ -94,7 +94,7 @@ def read_mask(path: str | Path) -> np.ndarray:
     """
     image = _open_image(path)
     if image.mode in ("L", "P"):
-        return np.asarray(image, dtype=np.uint8)
+        return np.array(image, dtype=np.uint8)
     array = np.asarray(image)
     if array.ndim == 3:
         if not all(np.array_equal(array[..., 0], array[..., c]) for c in range(1, min(3, array.shape[2]))):
