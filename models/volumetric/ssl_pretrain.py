@@ -33,6 +33,7 @@ from monai.transforms import (
     RandCoarseShuffled,
     RandSpatialCropd,
     ScaleIntensityRanged,
+    SelectItemsd,
     Spacingd,
     SpatialPadd,
 )
@@ -102,6 +103,7 @@ def preprocessing(config: SegConfig, *, keys: Sequence[str] = (IMAGE_KEY,)) -> l
     """
     low, high = config.hu_window
     return [
+        SelectItemsd((IMAGE_KEY, "case"), allow_missing_keys=True),  # labels of a datalist are not read
         LoadVolumed((IMAGE_KEY,), strict_hu=config.strict_hu),
         Orientationd(IMAGE_KEY, axcodes=config.orientation, labels=None),
         Spacingd(IMAGE_KEY, pixdim=config.spacing, mode="bilinear"),
