@@ -30,7 +30,7 @@ class ChestAnatomy:
     lung_ay: float
     lung_cu: tuple[float, float]
     lung_cv: float
-    lung_p: float
+    lung_square: float  # squareness of the lungs (amplitude of the 4th boundary harmonic)
     lung_harmonics: np.ndarray  # [2 sides, 2 (base, apex), N_FOURIER, 2 (amplitude, phase)]
     dome_t: tuple[float, float]  # diaphragm dome height (left, right)
     heart: tuple[float, float, float, float, float]  # u, v, t, in-plane radius, half height in t
@@ -43,7 +43,8 @@ class ChestAnatomy:
 
 
 def sample_anatomy(rng: np.random.Generator) -> ChestAnatomy:
-    """Draw one patient's anatomy."""
+    """Draw one patient's anatomy (plain Python floats, so float32 grids stay float32)."""
+    rng = _FloatRng(rng)
     body_ax, body_ay = rng.uniform(0.80, 0.92), rng.uniform(0.58, 0.70)
     fat, muscle = rng.uniform(0.03, 0.09), rng.uniform(0.04, 0.06)
     cav_ax = body_ax - fat - muscle - 0.03
@@ -54,18 +55,32 @@ def sample_anatomy(rng: np.random.Generator) -> ChestAnatomy:
     harmonics = np.stack([rng.normal(0, 0.025, (2, 2, N_FOURIER)), rng.uniform(0, 2 * np.pi, (2, 2, N_FOURIER))], -1)
     return ChestAnatomy(
         body_ax=body_ax, body_ay=body_ay, body_cv=body_cv, fat=fat, muscle=muscle,
-        rotation=np.deg2rad(rng.uniform(-4, 4)),
+        rotation=float(np.deg2rad(rng.uniform(-4, 4))),
         lung_ax=lung_ax, lung_ay=(body_ay - fat - muscle - 0.03) * rng.uniform(0.86, 0.95),
         lung_cu=(med + lung_ax[0], -(med + lung_ax[1])), lung_cv=body_cv + rng.uniform(0.0, 0.05),
-        lung_p=rng.uniform(2.2, 2.9), lung_harmonics=harmonics,
+        lung_square=rng.uniform(0.03, 0.07), lung_harmonics=harmonics,
         dome_t=(rng.uniform(0.16, 0.26), rng.uniform(0.24, 0.34)),
-        heart=(rng.uniform(0.06, 0.14), body_cv + rng.uniform(-0.22, -0.12), rng.uniform(0.24, 0.32),
-               rng.uniform(0.25, 0.32), rng.uniform(0.22, 0.28)),
+        heart=(rng.uniform(0.08, 0.16), body_cv + rng.uniform(-0.26, -0.18), rng.uniform(0.24, 0.32),
+               rng.uniform(0.22, 0.27), rng.uniform(0.22, 0.28)),
         spine_v=body_cv + body_ay - fat - muscle - rng.uniform(0.17, 0.21),
         rib_phase=rng.uniform(0, 2 * np.pi),
         lung_hu=rng.uniform(-885, -855), fat_hu=rng.uniform(-115, -90),
         noise_sd=rng.uniform(10, 30), blur=rng.uniform(0.0020, 0.0040),
     )
+
+
+class _FloatRng:
+    """``uniform`` returning Python floats (NumPy scalars would promote float32 arrays)."""
+
+    def __init__(self, rng: np.random.Generator):
+        self.rng = rng
+
+    def uniform(self, low, high, size=None):
+        out = self.rng.uniform(low, high, size)
+        return float(out) if size is None else out.astype(np.float32)
+
+    def normal(self, loc, scale, size):
+        return self.rng.normal(loc, scale, size).astype(np.float32)
 
 
 def rotate(a: ChestAnatomy, u, v):
@@ -76,7 +91,10 @@ def rotate(a: ChestAnatomy, u, v):
 
 def ellipse_radius(du, dv, ax, ay, p: float = 2.0):
     """Normalised (super)elliptic radius: < 1 inside the ellipse of half-axes ``ax, ay``."""
-    return (np.abs(du / ax) ** p + np.abs(dv / ay) ** p) ** (1.0 / p)
+    x, y = du / ax, dv / ay
+    if p == 2.0:
+        return np.sqrt(x * x + y * y)
+    return (np.abs(x) ** p + np.abs(y) ** p) ** (1.0 / p)
 
 
 def lung_scale(t):
@@ -93,11 +111,11 @@ def lung_level(a: ChestAnatomy, side: int, u, v, t):
     theta = np.arctan2(dv, du if side == 0 else -du)
     h = a.lung_harmonics[side]
     tt = np.clip(t, 0, 1)
-    pert = 1.0
+    pert = 1.0 - a.lung_square * np.cos(4 * theta)
     for k in range(N_FOURIER):
         amp = h[0, k, 0] + (h[1, k, 0] - h[0, k, 0]) * tt
         pert = pert + amp * np.cos((k + 2) * theta + h[0, k, 1])
-    rho = ellipse_radius(du, dv, a.lung_ax[side] * s, a.lung_ay * s, a.lung_p) / pert
+    rho = ellipse_radius(du, dv, a.lung_ax[side] * s, a.lung_ay * s) / pert
     return 1.0 - rho
 
 
@@ -114,6 +132,22 @@ def heart_level(a: ChestAnatomy, u, v, t):
     hu, hv, ht, hr, hh = a.heart
     pu, pv = rotate(a, u, v)
     return 1.0 - ((pu - hu) / (hr * 1.15)) ** 2 - ((pv - hv) / (hr * 0.85)) ** 2 - ((t - ht) / hh) ** 2
+
+
+def window(u, v, box):
+    """Index slices (rows, cols) of the grid ``u`` [1, W], ``v`` [H, 1] inside ``box`` (u0, u1, v0, v1)."""
+    cols = np.nonzero((u[0] >= box[0]) & (u[0] <= box[1]))[0]
+    rows = np.nonzero((v[:, 0] >= box[2]) & (v[:, 0] <= box[3]))[0]
+    if len(cols) == 0 or len(rows) == 0:
+        return slice(0, 0), slice(0, 0)
+    return slice(rows[0], rows[-1] + 1), slice(cols[0], cols[-1] + 1)
+
+
+def lung_box(a: ChestAnatomy) -> tuple[float, float, float, float]:
+    """Box (u0, u1, v0, v1) that holds both lungs at any height."""
+    reach = 1.25 + 4 * float(np.abs(a.lung_harmonics[..., 0]).max())
+    return (a.lung_cu[1] - reach * a.lung_ax[1], a.lung_cu[0] + reach * a.lung_ax[0],
+            a.lung_cv - reach * a.lung_ay, a.lung_cv + reach * a.lung_ay)
 
 
 def lung_labels(a: ChestAnatomy, u, v, t):

@@ -8,7 +8,7 @@ from scipy import ndimage
 
 from datasets.conventions import MASK_BACKGROUND, MASK_LUNG
 
-from .anatomy import LUNG_HEIGHT, ChestAnatomy, lung_labels, sample_anatomy
+from .anatomy import LUNG_HEIGHT, ChestAnatomy, lung_box, lung_labels, sample_anatomy, window
 from .lesions import LESION_CONSOLIDATION, LESION_GGO, Lesion, lesion_fields, sample_lesions
 from .tissues import HU_BLOOD, TISSUE_LUNG, paint_tissues
 from .vessels import VesselTree, make_vessel_tree, vessel_fraction
@@ -67,7 +67,9 @@ def render_slice(p: Patient, t: float, u: np.ndarray, v: np.ndarray, rng: np.ran
     uu, vv = u[None, :].astype(np.float32), v[:, None].astype(np.float32)
     px = float(abs(u[1] - u[0])) if len(u) > 1 else 1.0
     hu, tissue, body, cavity = paint_tissues(a, uu, vv, t)
-    lung, _ = lung_labels(a, uu, vv, t)
+    lung = np.zeros(hu.shape, np.uint8)
+    rows, cols = window(uu, vv, lung_box(a))
+    lung[rows, cols] = lung_labels(a, uu[:, cols], vv[rows], t)[0]
     lung[~cavity] = 0
     lesion, lesion_hu, strength = lesion_fields(p.lesions, t, uu, vv)
     lesion[lung == 0] = 0

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .anatomy import ChestAnatomy, diaphragm_t, ellipse_radius, heart_level, rotate
+from .anatomy import ChestAnatomy, diaphragm_t, ellipse_radius, heart_level, rotate, window
 
 # Tissue codes of the ``tissue`` map returned with each slice.
 TISSUE_AIR, TISSUE_FAT, TISSUE_SOFT, TISSUE_BONE, TISSUE_LUNG, TISSUE_AIRWAY = range(6)
@@ -24,29 +24,26 @@ def paint(hu, tissue, mask, value, code) -> None:
 
 def paint_body(a: ChestAnatomy, hu, tissue, u, v, t):
     """Skin/fat, muscle and the mediastinal fat of the cavity; returns the body and cavity masks."""
-    pu, pv = rotate(a, u, v)
-    grow = 1.0 + 0.06 * np.clip(t - 0.7, 0, None)  # the chest widens toward the shoulders
-    r = ellipse_radius(pu, pv - a.body_cv, a.body_ax * grow, a.body_ay, 2.3)
+    r = body_radius(a, u, v, t)
     body = r < 1.0
     paint(hu, tissue, body, a.fat_hu, TISSUE_FAT)
     inner = 1.0 - a.fat / a.body_ax
     paint(hu, tissue, r < inner, HU_SOFT, TISSUE_SOFT)
     cavity = r < inner - a.muscle / a.body_ax
     paint(hu, tissue, cavity, a.fat_hu + 10.0, TISSUE_FAT)
-    return body, cavity
+    return body, cavity, r
 
 
-def cavity_radius(a: ChestAnatomy, u, v, t):
-    """Normalised radius of the body outline (1 = skin), for placing the rib ring."""
+def body_radius(a: ChestAnatomy, u, v, t):
+    """Normalised radius of the body outline (1 = skin); the chest widens toward the shoulders."""
     pu, pv = rotate(a, u, v)
-    grow = 1.0 + 0.06 * np.clip(t - 0.7, 0, None)
-    return ellipse_radius(pu, pv - a.body_cv, a.body_ax * grow, a.body_ay, 2.3)
+    grow = 1.0 + 0.06 * max(t - 0.7, 0.0)
+    return ellipse_radius(pu, pv - a.body_cv, a.body_ax * grow, a.body_ay)
 
 
-def paint_ribs(a: ChestAnatomy, hu, tissue, u, v, t) -> None:
-    """Rib cross-sections: a broken ring just outside the pleura, sternum in front."""
+def paint_ribs(a: ChestAnatomy, hu, tissue, u, v, t, r) -> None:
+    """Rib cross-sections: a broken ring just outside the pleura (``r``: body radius), sternum in front."""
     pu, pv = rotate(a, u, v)
-    r = cavity_radius(a, u, v, t)
     inner = 1.0 - (a.fat + a.muscle) / a.body_ax
     ring = (r > inner - 0.012) & (r < inner + 0.028)
     theta = np.arctan2(pv - a.body_cv, pu)
@@ -109,6 +106,8 @@ def paint_airways(a: ChestAnatomy, hu, tissue, pu, pv, t) -> None:
 
 def paint_abdomen(a: ChestAnatomy, hu, tissue, u, v, t, cavity) -> None:
     """Liver (right) and stomach/spleen (left) below the diaphragm domes, inside the cavity."""
+    if t >= max(a.dome_t):
+        return
     pu, _ = rotate(a, u, v)
     for side, value in ((1, HU_LIVER), (0, HU_SOFT + 5.0)):
         under = (t < diaphragm_t(a, side, u, v)) & cavity & ((pu < 0.05) if side == 1 else (pu >= 0.05))
@@ -124,11 +123,13 @@ def paint_tissues(a: ChestAnatomy, u, v, t: float):
     shape = np.broadcast_shapes(np.shape(u), np.shape(v))
     hu = np.full(shape, HU_AIR, np.float32)
     tissue = np.zeros(shape, np.uint8)
-    body, cavity = paint_body(a, hu, tissue, u, v, t)
+    body, cavity, r = paint_body(a, hu, tissue, u, v, t)
     paint_abdomen(a, hu, tissue, u, v, t, cavity)
-    paint_mediastinum(a, hu, tissue, u, v, t)
-    paint_spine(a, hu, tissue, u, v, t)
-    paint_ribs(a, hu, tissue, u, v, t)
+    rows, cols = window(u, v, (-0.4, 0.4, a.body_cv - a.body_ay, a.body_cv + a.body_ay))
+    sub = (hu[rows, cols], tissue[rows, cols], u[:, cols], v[rows], t)
+    paint_mediastinum(a, *sub)
+    paint_spine(a, *sub)
+    paint_ribs(a, hu, tissue, u, v, t, r)
     if t > 1.0 - 0.02:  # above the apices the cavity is neck/shoulder soft tissue
         paint(hu, tissue, cavity & (tissue == TISSUE_FAT), HU_SOFT, TISSUE_SOFT)
     return hu, tissue, body, cavity

@@ -15,8 +15,8 @@ from scipy import ndimage
 
 from .anatomy import LUNG_HEIGHT, ChestAnatomy, lung_labels
 
-ROOT_RADIUS = 0.032  # hilar vessel radius, in units of half the field of view
-MIN_RADIUS = 0.0035
+ROOT_RADIUS = 0.04  # hilar vessel radius, in units of half the field of view
+MIN_RADIUS = 0.004
 STEP = 0.004  # centre-line sampling step
 
 
@@ -71,15 +71,13 @@ def grow_tree(hilum: np.ndarray, targets: np.ndarray, rng: np.random.Generator, 
         centre = pts.mean(0)
         end = start + rng.uniform(0.45, 0.7) * (centre - start)
         _segment(start, end, radius, out)
-        axis = np.linalg.eigh(np.cov(pts.T) + 1e-9 * np.eye(3))[1][:, -1]
-        proj = (pts - centre) @ axis
-        order = np.argsort(proj)
+        order = np.argsort(pts[:, int(np.argmax(np.ptp(pts, 0)))])
         half = len(pts) // 2
         stack.append((end, pts[order[:half]]))
         stack.append((end, pts[order[half:]]))
 
 
-def make_vessel_tree(a: ChestAnatomy, rng: np.random.Generator, *, n_targets: int = 384) -> VesselTree:
+def make_vessel_tree(a: ChestAnatomy, rng: np.random.Generator, *, n_targets: int = 640) -> VesselTree:
     """Vessel trees of both lungs of one patient."""
     out: list = []
     c, s = np.cos(a.rotation), np.sin(a.rotation)
