@@ -207,9 +207,7 @@ def write_nifti(volume: Volume, path: str | Path) -> Path:
     if not path.name.endswith(NIFTI_SUFFIXES):
         raise ValueError(f"{path}: a NIfTI file name ends with .nii or .nii.gz")
     array = np.asarray(volume.array)
-    integral = array.size and np.all(np.isfinite(array)) and np.array_equal(array, np.round(array)) \
-        and array.min() >= _INT16.min and array.max() <= _INT16.max
-    data = array.astype(np.int16) if integral else array.astype(np.float32)
+    data = array.astype(np.int16) if _fits_int16(array) else array.astype(np.float32)
     image = nib.Nifti1Image(data, volume.affine)
     image.header.set_xyzt_units("mm")
     image.set_qform(volume.affine, code=1)
@@ -217,6 +215,13 @@ def write_nifti(volume: Volume, path: str | Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     nib.save(image, str(path))
     return path
+
+
+def _fits_int16(array: np.ndarray) -> bool:
+    """True when every value is a finite integer within the int16 range."""
+    if array.size == 0 or not np.all(np.isfinite(array)):
+        return False
+    return bool(np.array_equal(array, np.round(array)) and array.min() >= _INT16.min and array.max() <= _INT16.max)
 
 
 def _spacing(affine: np.ndarray) -> tuple[float, float, float]:
