@@ -1,4 +1,5 @@
-"""Train a volumetric (3D, MONAI) task: lung_seg (AH-Net) or lesion_seg (SegResNet).
+"""Train a volumetric (3D, MONAI) task: lung_seg (AH-Net), lesion_seg (SegResNet), covid_cls
+(DenseNet121), ssl_pretrain (ViTAutoEnc) or organ_seg (UNETR).
 
 Canonical command::
 
@@ -22,7 +23,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from models.volumetric import get_task, task_names
+from models.volumetric import get_task, task_names, task_stage
 from models.volumetric.common import load_cases
 from models.volumetric.engine import (
     cleanup_distributed,
@@ -44,13 +45,15 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--datalist", required=True, help="dataset.json with 'training' and 'validation' sections (required)")
     parser.add_argument("--data_root", default=None, help="folder the datalist paths are relative to (default: the datalist's folder)")
     parser.add_argument("--epochs", type=int, default=100, help="training epochs (default: 100)")
-    parser.add_argument("--lr", type=float, default=None, help="Adam learning rate (default: the task's, 1e-4 lung_seg, 1e-3 lesion_seg)")
+    parser.add_argument("--lr", type=float, default=None, help="Adam learning rate (default: the task's, 1e-4 lung_seg, 1e-3 lesion_seg, 5e-6 covid_cls, 1e-4 ssl_pretrain and organ_seg)")
     parser.add_argument("--batch_size", type=int, default=2, help="crops per step and process (default: 2)")
     parser.add_argument("--cache_rate", type=float, default=1.0, help="fraction of pre-processed cases kept in memory (default: 1.0)")
     parser.add_argument("--workers", type=int, default=0, help="DataLoader worker processes (default: 0)")
     parser.add_argument("--val_every", type=int, default=1, help="validate every N epochs and at the last one (default: 1)")
     parser.add_argument("--amp", action="store_true", help="mixed precision: float16 on CUDA, bfloat16 on CPU (default: off)")
     parser.add_argument("--pretrained_2d", default=None, help="lung_seg only: local torchvision ResNet50 state dict for AH-Net's encoder (default: none)")
+    parser.add_argument("--pretrained_encoder", default=None, help="organ_seg only: ssl_pretrain checkpoint whose ViT weights initialise UNETR's encoder (default: none)")
+    add_network_args(parser)
     add_config_args(parser)
     add_device_args(parser)
     add_seed_args(parser)
@@ -70,17 +73,51 @@ def add_config_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--strict_hu", action="store_true", help="refuse volumes that do not look like HU instead of warning (default: warn)")
 
 
+def add_network_args(parser: argparse.ArgumentParser) -> None:
+    """Task-specific pre-processing and network-size flags; None keeps the task's default."""
+    group = parser.add_argument_group("covid_cls, ssl_pretrain, organ_seg (default: the task's)")
+    group.add_argument("--mask_intensity", action="store_true", help="covid_cls: set voxels outside the lung mask to zero (default: off, as the released model)")
+    group.add_argument("--crop_margin", type=int, nargs=3, default=None, help="covid_cls: voxels kept around the lung box x y z (default: 10 10 2)")
+    group.add_argument("--hidden_size", type=int, default=None, help="ssl_pretrain/organ_seg: ViT token width (default: 768)")
+    group.add_argument("--mlp_dim", type=int, default=None, help="ssl_pretrain/organ_seg: ViT MLP width (default: 3072)")
+    group.add_argument("--num_heads", type=int, default=None, help="ssl_pretrain/organ_seg: ViT attention heads (default: 12)")
+    group.add_argument("--num_layers", type=int, default=None, help="ssl_pretrain: ViT blocks; UNETR reads 12 (default: 12)")
+    group.add_argument("--feature_size", type=int, default=None, help="organ_seg: UNETR decoder width (default: 16)")
+
+
+def network_overrides(task, config, args: argparse.Namespace) -> dict:
+    """Builder keywords given on the command line; a ViT's ``img_size`` follows ``roi_size``."""
+    given = {k: getattr(args, k) for k in ("hidden_size", "mlp_dim", "num_heads", "num_layers", "feature_size")}
+    unknown = sorted(k for k, v in given.items() if v is not None and k not in task.network_kwargs)
+    if unknown:
+        raise ValueError(f"--{', --'.join(unknown)} do not apply to task {task.name}")
+    sizes = {"img_size": list(config.roi_size)} if "img_size" in task.network_kwargs else {}
+    return {**sizes, **{k: v for k, v in given.items() if v is not None}}
+
+
 def config_overrides(args: argparse.Namespace) -> dict:
     """The config flags that were given, as :meth:`Task.make_config` keywords."""
     overlap = args.overlap[0] if args.overlap and len(args.overlap) == 1 else args.overlap
     return {"roi_size": args.roi_size, "spacing": args.spacing, "hu_window": args.hu_window, "overlap": overlap,
             "sw_batch_size": args.sw_batch_size, "body_crop": False if args.no_body_crop else None,
-            "strict_hu": True if args.strict_hu else None}
+            "strict_hu": True if args.strict_hu else None, **_task_config_overrides(args)}
 
 
-def build_model(task, args: argparse.Namespace) -> tuple[torch.nn.Module, dict]:
-    """The task's network, optionally with AH-Net's encoder from a 2D ResNet50."""
-    model, kwargs = task.build_network()
+def _task_config_overrides(args: argparse.Namespace) -> dict:
+    given = {"mask_intensity": True if args.mask_intensity else None, "crop_margin": args.crop_margin}
+    return {k: v for k, v in given.items() if v is not None}
+
+
+def build_model(task, args: argparse.Namespace, config=None) -> tuple[torch.nn.Module, dict]:
+    """The task's network, optionally with AH-Net's encoder from a 2D ResNet50 or UNETR's from ssl_pretrain."""
+    model, kwargs = task.build_network(**(network_overrides(task, config, args) if config is not None else {}))
+    if args.pretrained_encoder:
+        if task.name != "organ_seg":
+            raise ValueError(f"--pretrained_encoder applies to organ_seg (UNETR) only, not {task.name}")
+        from models.volumetric.organ_seg import load_pretrained_encoder
+
+        report = load_pretrained_encoder(model, args.pretrained_encoder)
+        print(f"pretrained encoder: loaded {report['loaded']}/{report['expected']} ViT keys from {args.pretrained_encoder}")
     if args.pretrained_2d:
         if task.name != "lung_seg":
             raise ValueError(f"--pretrained_2d applies to lung_seg (AH-Net) only, not {task.name}")
@@ -124,7 +161,7 @@ def train(args: argparse.Namespace, ctx) -> dict:
     train_set, val_set = make_datasets(task, config, train_cases=train_cases, val_cases=val_cases,
                                        cache_rate=args.cache_rate)
     loader = make_train_loader(train_set, batch_size=args.batch_size, ctx=ctx, seed=args.seed, num_workers=args.workers)
-    model, kwargs = build_model(task, args)
+    model, kwargs = build_model(task, args, config)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr or task.default_lr)
     start, best = resume(args.resume, model, optimizer, task.name)
     model.to(ctx.device)
@@ -137,9 +174,12 @@ def train(args: argparse.Namespace, ctx) -> dict:
     for epoch in range(start, args.epochs):
         if ctx.distributed:
             loader.sampler.set_epoch(epoch)
-        loss = train_one_epoch(net, loader, optimizer=optimizer, loss_fn=task.loss(), device=ctx.device, scaler=scaler,
-                               amp=args.amp, progress=ctx.is_main, desc=f"epoch {epoch}")
-        record = {"epoch": epoch, "train_loss": _mean_over_ranks(loss, ctx), "world_size": ctx.world_size}
+        loss = task_stage(task, "train_one_epoch", train_one_epoch)(
+            net, loader, optimizer=optimizer, loss_fn=task.loss(), device=ctx.device, scaler=scaler, amp=args.amp,
+            progress=ctx.is_main, desc=f"epoch {epoch}")
+        losses = loss if isinstance(loss, dict) else {"loss": loss}  # ssl_pretrain logs its terms too
+        record = {"epoch": epoch, **{f"train_{k}": _mean_over_ranks(v, ctx) for k, v in losses.items()},
+                  "world_size": ctx.world_size}
         if run_dir is not None:
             record = _end_epoch(args, record, model, optimizer, task, config, kwargs, val_set, run_dir, ctx)
         if ctx.distributed:
@@ -148,17 +188,24 @@ def train(args: argparse.Namespace, ctx) -> dict:
 
 
 def _end_epoch(args, record: dict, model, optimizer, task, config, kwargs, val_set, run_dir: RunDir, ctx) -> dict:
-    """Rank 0: validate when due, log, save last (and best when validation Dice improved)."""
+    """Rank 0: validate when due, log, save last (and best when the selection metric improved).
+
+    The selection metric is validation Dice unless the task's module names another
+    (``SELECTION_METRIC = (name, higher_is_better)``, e.g. AUC for covid_cls).
+    """
     epoch = record["epoch"]
+    metric, higher = task_stage(task, "SELECTION_METRIC", ("dice", True))
+    key = f"val_{metric}"
     if (epoch + 1) % args.val_every == 0 or epoch + 1 == args.epochs:
-        record["val_dice"] = evaluate_dice(model, val_set, task=task, config=config, device=ctx.device,
-                                           amp=args.amp)["dice"]
-    best = run_dir.best_value if "val_dice" not in record else _better(record["val_dice"], run_dir.best_value)
+        result = task_stage(task, "evaluate", evaluate_dice)(model, val_set, task=task, config=config,
+                                                             device=ctx.device, amp=args.amp)
+        record.update({f"val_{k}": v for k, v in result.items() if isinstance(v, (int, float))})
+    best = run_dir.best_value if key not in record else _better(record[key], run_dir.best_value, higher)
     ckpt = make_checkpoint(model=model, builder=task.builder, builder_kwargs=kwargs, epoch=epoch,
                            args=args_to_dict(args), optimizer=optimizer, task=task.name,
                            task_config=config.to_dict(), best_dice=best, metrics=dict(record))
-    if "val_dice" in record:
-        record["best"] = run_dir.save(ckpt, value=record["val_dice"])
+    if key in record:
+        record["best"] = run_dir.save(ckpt, value=record[key], higher_is_better=higher)
     else:
         save_checkpoint(ckpt, run_dir.last)
     run_dir.log_metrics(record)
@@ -167,8 +214,8 @@ def _end_epoch(args, record: dict, model, optimizer, task, config, kwargs, val_s
     return record
 
 
-def _better(value: float, best: float | None) -> float:
-    return value if best is None or value > best else best
+def _better(value: float, best: float | None, higher: bool = True) -> float:
+    return value if best is None or (value > best if higher else value < best) else best
 
 
 def _mean_over_ranks(value: float, ctx) -> float:

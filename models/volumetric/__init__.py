@@ -15,9 +15,12 @@ from models.volumetric.common import SegConfig, Task
 TASK_MODULES = {
     "lung_seg": "models.volumetric.lung_seg",
     "lesion_seg": "models.volumetric.lesion_seg",
+    "covid_cls": "models.volumetric.covid_cls",
+    "ssl_pretrain": "models.volumetric.ssl_pretrain",
+    "organ_seg": "models.volumetric.organ_seg",
 }
 
-__all__ = ["TASK_MODULES", "SegConfig", "Task", "get_task", "task_names"]
+__all__ = ["TASK_MODULES", "SegConfig", "Task", "get_task", "task_names", "task_stage"]
 
 
 def task_names() -> tuple[str, ...]:
@@ -37,3 +40,14 @@ def get_task(name: str) -> Task:
     if task.name != name:
         raise ValueError(f"module {TASK_MODULES[name]} defines task {task.name!r}, registered as {name!r}")
     return task
+
+
+def task_stage(task: Task, name: str, default):
+    """A stage the task's module defines in place of the shared one, else ``default``.
+
+    Tasks of other kinds than binary segmentation replace stages by defining them in their module:
+    ``train_one_epoch`` and ``evaluate`` (signatures of :mod:`models.volumetric.engine`),
+    ``validate_cases`` and ``predict_case`` (of :mod:`models.volumetric.inference`), and
+    ``SELECTION_METRIC = (name, higher_is_better)`` for ``checkpoint_best.pth``.
+    """
+    return getattr(importlib.import_module(TASK_MODULES[task.name]), name, default)

@@ -41,6 +41,7 @@ MASK_KEY = "label_image"  # the lung mask of a classification case (dataset.json
 SALIENCY_KEY = "saliency"
 ROTATION_DEGREES = 10.0
 CLASS_NAMES = ("non-COVID", "COVID-19")
+SELECTION_METRIC = ("auc", True)  # validation metric that selects checkpoint_best.pth (higher is better)
 
 
 @dataclass(frozen=True)

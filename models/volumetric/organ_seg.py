@@ -32,15 +32,13 @@ from monai.transforms import (
 )
 from tqdm import tqdm
 
+from datasets.synthetic.abdomen import ORGAN_NAMES as BTCV_LABELS
 from models.volumetric.common import IMAGE_KEY, LABEL_KEY, LoadVolumed, SegConfig, Task, case_name
 from models.volumetric.ssl_pretrain import PATCH_SIZE, check_vit_sizes
 
 LOGGER = logging.getLogger(__name__)
-# BTCV label values 1..13, in order (background is 0).
-ORGAN_NAMES = ("spleen", "right kidney", "left kidney", "gallbladder", "esophagus", "liver", "stomach", "aorta",
-               "inferior vena cava", "portal and splenic veins", "pancreas", "right adrenal gland",
-               "left adrenal gland")
-CLASS_NAMES = ("background", *ORGAN_NAMES)
+CLASS_NAMES = BTCV_LABELS  # BTCV order: "background", then organs with label values 1..13
+ORGAN_NAMES = CLASS_NAMES[1:]
 NUM_CLASSES = len(CLASS_NAMES)
 
 
@@ -171,8 +169,9 @@ def evaluate(model: torch.nn.Module, dataset, *, task: Task, config: SegConfig, 
     """Sliding-window per-organ Dice of every validation case on the task's working grid.
 
     Returns:
-        ``{"dice": mean over organs of the per-organ means, "per_organ": {name: mean Dice},
-        "per_case": list of per-organ lists}`` (empty-GT convention of :mod:`utils.dice`).
+        ``dice`` (mean over organs of the per-organ means), ``dice_<organ>`` (mean over cases, spaces
+        in names become underscores) and ``per_case`` (per-organ lists), with the empty-GT
+        convention of :mod:`utils.dice`.
     """
     from models.volumetric.inference import segment
     from utils.dice import dice_per_class, mean_ignoring_nan
@@ -185,9 +184,9 @@ def evaluate(model: torch.nn.Module, dataset, *, task: Task, config: SegConfig, 
         pred = post(segment(model, item[IMAGE_KEY], config=config, device=device, amp=amp))
         truth = item[LABEL_KEY].round().to(torch.uint8)
         per_case.append(dice_per_class(pred, truth, num_classes=len(task.class_names)))
-    per_organ = {name: mean_ignoring_nan(case[i] for case in per_case)
+    per_organ = {f"dice_{_column(name)}": mean_ignoring_nan(case[i] for case in per_case)
                  for i, name in enumerate(task.class_names[1:])}
-    return {"dice": mean_ignoring_nan(per_organ.values()), "per_organ": per_organ, "per_case": per_case}
+    return {"dice": mean_ignoring_nan(per_organ.values()), **per_organ, "per_case": per_case}
 
 
 def validate_cases(cases: list[dict], *, model: torch.nn.Module, task: Task, config: SegConfig,

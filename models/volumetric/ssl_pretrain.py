@@ -46,6 +46,7 @@ VIEW_KEYS = (IMAGE_KEY, "image_2")
 TARGET_KEY = "gt_image"
 TEMPERATURE = 0.05
 TUTORIAL_ROI = 96  # hole sizes below are the tutorial's at this ROI side
+SELECTION_METRIC = ("loss", False)  # validation loss selects checkpoint_best.pth (lower is better)
 
 
 def build_network(*, img_size: Sequence[int] = (96, 96, 96), in_channels: int = 1, hidden_size: int = 768,
@@ -226,7 +227,7 @@ def evaluate(model: torch.nn.Module, dataset, *, config: SegConfig, device: torc
     """Mean losses on pre-processed validation volumes, with views drawn from a fixed seed.
 
     The same seed every call keeps the validation loss comparable between epochs. Returns
-    ``val_loss``, ``val_l1``, ``val_contrastive``.
+    ``loss``, ``l1``, ``contrastive``.
     """
     from monai.data import DataLoader, Dataset
 
@@ -240,7 +241,7 @@ def evaluate(model: torch.nn.Module, dataset, *, config: SegConfig, device: torc
             losses = ssl_losses(model, batch, loss_fn=loss(), device=device)
             sums = {k: sums.get(k, 0.0) + float(v.detach()) for k, v in losses.items()}
             batches += 1
-    return {f"val_{k}": v / max(batches, 1) for k, v in sums.items()}
+    return {k: v / max(batches, 1) for k, v in sums.items()}
 
 
 TASK = Task(
