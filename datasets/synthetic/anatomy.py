@@ -64,7 +64,7 @@ def sample_anatomy(rng: np.random.Generator) -> ChestAnatomy:
                rng.uniform(0.22, 0.27), rng.uniform(0.22, 0.28)),
         spine_v=body_cv + body_ay - fat - muscle - rng.uniform(0.17, 0.21),
         rib_phase=rng.uniform(0, 2 * np.pi),
-        lung_hu=rng.uniform(-885, -855), fat_hu=rng.uniform(-115, -90),
+        lung_hu=rng.uniform(-895, -865), fat_hu=rng.uniform(-115, -90),
         noise_sd=rng.uniform(10, 30), blur=rng.uniform(0.0020, 0.0040),
     )
 

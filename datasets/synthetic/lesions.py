@@ -77,9 +77,9 @@ def covid_lesions(a: ChestAnatomy, rng) -> list[Lesion]:
     """Bilateral, peripheral, multifocal ground-glass, some with consolidation inside."""
     out = []
     for side in (0, 1):
-        for _ in range(rng.integers(1, 6)):
+        for i in range(rng.integers(1, 6)):
             centre = _place(a, side, rng, peripheral=True)
-            radius = float(np.exp(rng.uniform(np.log(0.03), np.log(0.2))))
+            radius = float(np.exp(rng.uniform(np.log(0.07 if i == 0 else 0.03), np.log(0.2))))
             out.append(make_lesion(rng, LESION_GGO, centre, radius, side, _ggo_hu(rng)))
             if rng.random() < 0.35:
                 out.append(make_lesion(rng, LESION_CONSOLIDATION, centre, 0.45 * radius, side, _cons_hu(rng), 0.35))
@@ -90,7 +90,7 @@ def cp_lesions(a: ChestAnatomy, rng, *, halo: bool | None = None) -> list[Lesion
     """Unilateral lobar/segmental consolidation, optionally with a ground-glass halo."""
     side = int(rng.integers(2))
     centre = _place(a, side, rng, peripheral=False, low=1.4)
-    radius = float(rng.uniform(0.08, 0.2))
+    radius = float(rng.uniform(0.1, 0.24))
     out = [make_lesion(rng, LESION_CONSOLIDATION, centre, radius, side, _cons_hu(rng), 0.35)]
     if halo if halo is not None else rng.random() < 0.5:
         out.append(make_lesion(rng, LESION_GGO, centre, 1.4 * radius, side, _ggo_hu(rng) + 100, 0.4))

@@ -114,7 +114,7 @@ def vessel_fraction(tree: VesselTree, t: float, shape: tuple[int, int], px: floa
     inside = (rows >= 0) & (rows < H) & (cols >= 0) & (cols < W)
     rows, cols, r = rows[inside], cols[inside], r[inside]
     small = r < 0.75
-    np.maximum.at(out, (rows[small], cols[small]), np.clip(np.pi * (r[small] + 0.25) ** 2, 0.15, 1.0))
+    np.maximum.at(out, (rows[small], cols[small]), np.clip(2.0 * r[small], 0.05, 1.0))  # a line of width 2r
     for lo, hi in ((0.75, 2.0), (2.0, 5.0), (5.0, np.inf)):
         sel = (r >= lo) & (r < hi)
         if sel.any():
