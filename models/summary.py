@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 
+import torch
+
 from models.mask_net import maskrcnn_resnet_fpn
 
 # Published figures (millions of parameters) of the segmentation models.
@@ -27,8 +29,9 @@ def segmentation_rows(num_classes: int = 2) -> list[dict]:
     """One row per backbone x truncation: model name, total, published figure, relative difference."""
     rows = []
     for name, truncation in SEGMENTATION_CONFIGS:
-        total, trainable = count_parameters(maskrcnn_resnet_fpn(backbone_name=name, truncation=truncation,
-                                                                num_classes=num_classes))
+        with torch.device("meta"):  # shapes only: no memory, no initialisation
+            model = maskrcnn_resnet_fpn(backbone_name=name, truncation=truncation, num_classes=num_classes)
+        total, trainable = count_parameters(model)
         rows.append(_row(f"{name}+FPN, truncation {truncation}", total, trainable,
                          PUBLISHED_SEGMENTATION.get((name, truncation))))
     return rows

@@ -19,6 +19,15 @@ CONFIGS = [("resnet18", 0), ("resnet18", 1), ("resnet18", 2), ("resnet34", 0), (
            ("resnet50", 0)]
 
 
+@pytest.fixture(autouse=True, scope="module")
+def single_thread():
+    """Tiny inputs run fastest on one thread, especially on a shared machine; restored afterwards."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def small_model(backbone_name="resnet18", truncation=1, num_classes=3, **kw):
     return maskrcnn_resnet_fpn(backbone_name=backbone_name, truncation=truncation, num_classes=num_classes,
                                **{**SMALL, **kw})
@@ -102,10 +111,12 @@ def test_batch_of_two_with_different_sizes():
 
 def test_torchvision_preset_matches_torchvision():
     torch.manual_seed(0)
+    settings = dict(min_size=128, max_size=128, rpn_pre_nms_top_n_test=300, rpn_post_nms_top_n_test=200,
+                    box_detections_per_img=25)
     reference = torchvision.models.detection.maskrcnn_resnet50_fpn(weights=None, weights_backbone=None, num_classes=3,
-                                                                   min_size=128, max_size=128).eval()
+                                                                   **settings).eval()
     ours = maskrcnn_resnet_fpn(backbone_name="resnet50", truncation=0, num_classes=3, preset="torchvision",
-                               min_size=128, max_size=128).eval()
+                               **settings).eval()
     ours.load_state_dict(reference.state_dict(), strict=True)
     assert list(ours.state_dict()) == list(reference.state_dict())
     image = [torch.rand(3, 128, 112)]
@@ -118,13 +129,16 @@ def test_torchvision_preset_matches_torchvision():
 
 
 def _parameters_of_resnet_up_to_layer3(name: str) -> int:
-    net = getattr(torchvision.models, name)()
+    with torch.device("meta"):
+        net = getattr(torchvision.models, name)()
     return sum(p.numel() for n, p in net.named_parameters() if not n.startswith(("layer4", "fc")))
 
 
 def test_parameter_counts_reproduce_published_figures():
     def millions(name, t):
-        return sum(p.numel() for p in maskrcnn_resnet_fpn(backbone_name=name, truncation=t, num_classes=2).parameters()) / 1e6
+        with torch.device("meta"):  # shapes only: no memory, no initialisation
+            model = maskrcnn_resnet_fpn(backbone_name=name, truncation=t, num_classes=2)
+        return sum(p.numel() for p in model.parameters()) / 1e6
 
     r34, r18, r50 = millions("resnet34", 1), millions("resnet18", 1), millions("resnet50", 0)
     assert math.isclose(r34, 11.45, rel_tol=0.01)
