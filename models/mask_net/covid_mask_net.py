@@ -1,0 +1,299 @@
+"""COVID-CT-Mask-Net: the segmentation model's detector read by a small classification module S.
+
+``CovidMaskNet.forward`` reads like the paper: transform -> backbone (+FPN) -> RPN -> RoI box branch
+-> B ranked detections per slice -> S -> 3 logits (Control, CP, COVID-19). The stages are those of
+:class:`models.mask_net.MaskRCNN` built without the mask branch, so their parameter names are the
+segmentation model's and its weights load by name.
+
+What S reads: for each image the RoI heads' candidates (one per proposal and foreground class, with
+its softmax score over all classes and its raw box-regression deltas) go through per-class NMS at
+``box_nms_thresh`` with the score filter off; the best ``roi_batch_size`` = B survivors, by score,
+become the rows ``[score, dx, dy, dw, dh]`` of a Float[B, 5] matrix.
+
+When fewer than B survive, the rows are filled deterministically by **repeating the survivors in
+score order**: slot j (0 <= j < B) holds survivor ``floor(j * n / B)``, so each of the n survivors
+fills a contiguous run of B/n (rounded) slots, best first. This is the layout the original gave
+with random run lengths, without the randomness. When no detection survives the matrix is all
+zeros (S still answers). The detector always runs as at test time (proposal counts, no target
+sampling) and its BatchNorm layers stay in eval mode, so their running statistics never change.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .mask_rcnn import COVID_DEFAULTS, MaskRCNN, maskrcnn_resnet_fpn
+
+NUM_SLICE_CLASSES = 3  # Control, CP, COVID-19
+ROW_WIDTH = 5  # score, dx, dy, dw, dh
+SCORE_FILTER_OFF = -1.0  # softmax scores are >= 0, so every candidate passes
+CLASSIFIER_DEFAULTS = {"box_nms_thresh": 0.75, "rpn_nms_thresh": 0.75}
+# Builder options that the classifier fixes itself.
+RESERVED_OPTIONS = ("with_masks", "box_score_thresh", "box_detections_per_img")
+S_PREFIX = "s_module."
+_BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+
+
+class ClassificationModuleS(nn.Sequential):
+    """S: ``Linear(5B -> F)`` -> ReLU -> ``Linear(F -> F)`` -> ReLU -> ``Linear(F -> 3)``.
+
+    Args:
+        roi_batch_size: B, the ranked detections per image.
+        s_features: F, the hidden width.
+        num_outputs: logits (3: Control, CP, COVID-19).
+    """
+
+    def __init__(self, *, roi_batch_size: int, s_features: int, num_outputs: int = NUM_SLICE_CLASSES) -> None:
+        super().__init__(nn.Linear(ROW_WIDTH * roi_batch_size, s_features), nn.ReLU(inplace=True),
+                         nn.Linear(s_features, s_features), nn.ReLU(inplace=True),
+                         nn.Linear(s_features, num_outputs))
+
+
+def fill_ranked_rows(rows: list[torch.Tensor], roi_batch_size: int) -> torch.Tensor:
+    """Exactly B rows per image: the first B, or the survivors repeated in score order, or zeros.
+
+    Args:
+        rows: per image Float[n_i, 5], best score first (any n_i >= 0).
+        roi_batch_size: B.
+
+    Returns:
+        Float[N, B, 5]; for n_i < B, slot j holds row ``floor(j * n_i / B)``; for n_i = 0, zeros.
+    """
+    counts = torch.tensor([r.shape[0] for r in rows], device=rows[0].device)
+    zero_row = rows[0].new_zeros((1, ROW_WIDTH))
+    flat = torch.cat([*rows, zero_row])  # the last row is the zero fill of empty images
+    starts = torch.cumsum(counts, 0) - counts
+    slots = torch.arange(roi_batch_size, device=flat.device)
+    offsets = torch.where(counts[:, None] >= roi_batch_size, slots, slots * counts[:, None] // roi_batch_size)
+    index = torch.where(counts[:, None] > 0, starts[:, None] + offsets, flat.shape[0] - 1)  # (N, B)
+    return flat[index]
+
+
+class CovidMaskNet(nn.Module):
+    """Transform -> backbone -> RPN -> RoI box branch -> ranked rows -> S.
+
+    Args:
+        transform, backbone, rpn, roi_heads: stages of a :class:`MaskRCNN` without mask branch.
+        s_module: :class:`ClassificationModuleS` reading ``roi_batch_size`` rows.
+        roi_batch_size: B.
+    """
+
+    def __init__(self, *, transform: nn.Module, backbone: nn.Module, rpn: nn.Module, roi_heads: nn.Module,
+                 s_module: ClassificationModuleS, roi_batch_size: int) -> None:
+        super().__init__()
+        self.transform, self.backbone, self.rpn, self.roi_heads = transform, backbone, rpn, roi_heads
+        self.s_module = s_module
+        self.roi_batch_size = roi_batch_size
+        self.train()
+
+    def forward(self, images: list[torch.Tensor] | torch.Tensor) -> torch.Tensor:
+        """Slice logits.
+
+        Args:
+            images: list (or batch) of FloatTensor[3, H, W] in [0, 1].
+
+        Returns:
+            FloatTensor[N, 3] logits of Control, CP and COVID-19 (softmax gives probabilities).
+        """
+        rows = self.ranked_detections(images)  # (N, B, 5)
+        return self.s_module(rows.flatten(start_dim=1))  # (N, 5B) -> (N, 3)
+
+    def ranked_detections(self, images: list[torch.Tensor] | torch.Tensor) -> torch.Tensor:
+        """The B rows ``[score, dx, dy, dw, dh]`` S reads for each image: Float[N, B, 5] (filled as documented)."""
+        return fill_ranked_rows(self.surviving_detections(images), self.roi_batch_size)
+
+    def surviving_detections(self, images: list[torch.Tensor] | torch.Tensor) -> list[torch.Tensor]:
+        """Per image the n_i <= B detections left after per-class NMS, best first: Float[n_i, 5]."""
+        batch, _ = self.transform(list(images))
+        features = self.backbone(batch.tensors)
+        proposals, _ = self.rpn(batch, features)
+        logits, deltas = self.roi_heads.box_outputs(features, proposals, batch.image_sizes)
+        rows = []
+        for cand in self.roi_heads.candidates(logits, deltas, proposals, batch.image_sizes):
+            keep = self.roi_heads.select(cand, score_thresh=SCORE_FILTER_OFF, nms_thresh=self.roi_heads.nms_thresh,
+                                         max_detections=self.roi_batch_size)
+            rows.append(torch.cat([cand["scores"][keep, None], cand["deltas"][keep]], dim=1))  # (n_i, 5)
+        return rows
+
+    def train(self, mode: bool = True) -> "CovidMaskNet":
+        """Set S's mode; the detector stages stay in eval mode (test-time proposals, frozen BN statistics)."""
+        super().train(mode)
+        for stage in (self.transform, self.backbone, self.rpn, self.roi_heads):
+            stage.eval()
+        return self
+
+
+def trainable_parameter_names(model: CovidMaskNet) -> list[str]:
+    """Names of the parameters the classifier trains: S and the backbone's BatchNorm affine ones."""
+    names = [S_PREFIX + n for n, _ in model.s_module.named_parameters()]
+    for module_name, module in model.backbone.named_modules():
+        if isinstance(module, _BATCH_NORMS):
+            names += [f"backbone.{module_name}.{n}" for n, _ in module.named_parameters(recurse=False)]
+    return names
+
+
+def freeze_all_but_s_and_batchnorm(model: CovidMaskNet) -> int:
+    """``requires_grad`` True for S and the backbone's BatchNorm affine parameters only.
+
+    Returns:
+        The number of trainable parameter values.
+    """
+    trainable = set(trainable_parameter_names(model))
+    for name, param in model.named_parameters():
+        param.requires_grad_(name in trainable)
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def _check_positive_int(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
+def covid_mask_net(*, backbone_name: str, truncation: int, num_classes: int, roi_batch_size: int, s_features: int,
+                   **overrides) -> CovidMaskNet:
+    """Build COVID-CT-Mask-Net on the segmentation model's stages (no mask branch).
+
+    Args:
+        backbone_name: "resnet18", "resnet34" or "resnet50".
+        truncation: 0, 1 or 2 (resnet50: 0).
+        num_classes: the segmentation model's classes including background: 2 (merge/ggo) or 3 (both).
+        roi_batch_size: B, ranked detections per image read by S (128 lightweight, 256 resnet50).
+        s_features: S's hidden width (512 lightweight, 1024 resnet50).
+        **overrides: options of :func:`maskrcnn_resnet_fpn` (e.g. ``box_nms_thresh``, the NMS IoU of
+            the ranked detections, default 0.75; ``rpn_nms_thresh``, default 0.75; ``min_size``,
+            ``max_size``, ``preset``), except ``with_masks``, ``box_score_thresh`` and
+            ``box_detections_per_img``, which the classifier sets itself.
+
+    Returns:
+        A :class:`CovidMaskNet` with only S and the backbone's BatchNorm affine parameters trainable.
+
+    Raises:
+        ValueError: for invalid sizes, reserved options, or anything :func:`maskrcnn_resnet_fpn` rejects.
+    """
+    _check_positive_int("roi_batch_size", roi_batch_size)
+    _check_positive_int("s_features", s_features)
+    reserved = sorted(set(overrides) & set(RESERVED_OPTIONS))
+    if reserved:
+        raise ValueError(f"covid_mask_net sets {reserved} itself (no mask branch, score filter off, B detections)")
+    detector: MaskRCNN = maskrcnn_resnet_fpn(
+        backbone_name=backbone_name, truncation=truncation, num_classes=num_classes,
+        **{**CLASSIFIER_DEFAULTS, **overrides}, with_masks=False, box_score_thresh=SCORE_FILTER_OFF,
+        box_detections_per_img=roi_batch_size)
+    model = CovidMaskNet(transform=detector.transform, backbone=detector.backbone, rpn=detector.rpn,
+                         roi_heads=detector.roi_heads, roi_batch_size=roi_batch_size,
+                         s_module=ClassificationModuleS(roi_batch_size=roi_batch_size, s_features=s_features))
+    freeze_all_but_s_and_batchnorm(model)
+    return model
+
+
+def load_segmentation_weights(model: CovidMaskNet, state_dict: dict[str, torch.Tensor], *, source: str = "state dict"
+                              ) -> dict[str, int]:
+    """Copy a segmentation model's weights into ``model`` by name; its mask-branch tensors are ignored.
+
+    Args:
+        model: the classifier.
+        state_dict: a :class:`MaskRCNN` state dict (e.g. ``checkpoint["model"]``).
+        source: where it came from, for error messages.
+
+    Returns:
+        ``{"loaded": n, "ignored_mask": n, "new": n}``: tensors copied, mask-branch tensors skipped,
+        and classifier tensors absent from the source (those of S).
+
+    Raises:
+        ValueError: naming the tensors when a non-mask tensor has no place in the classifier, a
+            detector tensor is missing from the source, or shapes differ.
+    """
+    own = model.state_dict()
+    mask_keys = [k for k in state_dict if k not in own and _is_mask_branch(k)]
+    unexpected = [k for k in state_dict if k not in own and k not in mask_keys]
+    missing = [k for k in own if k not in state_dict and not k.startswith(S_PREFIX)]
+    wrong = [f"{k} {tuple(state_dict[k].shape)} vs {tuple(own[k].shape)}"
+             for k in own if k in state_dict and state_dict[k].shape != own[k].shape]
+    for problem, keys in (("has tensors the classifier lacks", unexpected), ("misses detector tensors", missing),
+                          ("has tensors of other shapes (source vs classifier; check num_classes, backbone_name "
+                           "and truncation)", wrong)):
+        if keys:
+            raise ValueError(f"{source} {problem}: {keys[:4]}{' ...' if len(keys) > 4 else ''}")
+    loaded = {k: v for k, v in state_dict.items() if k in own}
+    model.load_state_dict(loaded, strict=False)
+    return {"loaded": len(loaded), "ignored_mask": len(mask_keys), "new": len(own) - len(loaded)}
+
+
+def _is_mask_branch(key: str) -> bool:
+    return any(part.startswith("mask_") for part in key.split("."))
+
+
+# The original's table: (backbone, truncation, B, s_features) -> (total, trainable) in millions.
+ORIGINAL_PARAMETER_TABLE = {
+    ("resnet34", 0, 128, 512): (24.86, 0.6), ("resnet34", 1, 128, 512): (11.74, 0.6),
+    ("resnet34", 2, 128, 512): (4.92, 0.6), ("resnet18", 0, 128, 512): (14.75, 0.6),
+    ("resnet18", 1, 128, 512): (6.35, 0.6), ("resnet18", 2, 128, 512): (4.25, 0.6),
+    ("resnet50", 0, 256, 1024): (34.14, 2.36),
+}
+# Why a row differs from the published figure by more than 1% (README text).
+FPN_LATERAL_NOTE = ("total: ours is lower by about the difference between a 512-channel and our {c}-channel "
+                    "FPN lateral 1x1 convolution ({d:,} parameters); the published truncated rows are consistent "
+                    "with a lateral convolution that reads 512 channels whatever the truncation, while ours reads "
+                    "the channels of the last kept stage, as the forward pass needs")
+TRAINABLE_ROUNDING_NOTE = "trainable: the published figure has one decimal (0.6M); ours rounds to the same value"
+RESNET50_NOTES = ("total: ours has no mask branch (2.62M in the segmentation model's torchvision-style 4x256 mask "
+                  "head and predictor); counting it, ours would be 34.09M (-0.1%), so the published figure appears "
+                  "to include the unused mask branch",
+                  "trainable: ours counts the 53,120 BatchNorm affine parameters of the ResNet50 body; S alone is "
+                  "2.364M (+0.2%), matching the published figure, which leaves BatchNorm out (as torchvision's "
+                  "FrozenBatchNorm2d would; norm='frozen' builds that variant)")
+
+
+def parameter_counts(model: nn.Module) -> tuple[int, int]:
+    """(total, trainable) parameter values of ``model``."""
+    params = list(model.parameters())
+    return sum(p.numel() for p in params), sum(p.numel() for p in params if p.requires_grad)
+
+
+def parameter_table(*, num_classes: int = 3) -> list[dict]:
+    """Our parameter counts beside the original's, one row per configuration of its table.
+
+    Args:
+        num_classes: the segmentation model's classes (3, GGO and consolidation, by default;
+            2 changes each total by 645 parameters).
+
+    Returns:
+        Per row: ``model`` (name), ``total`` and ``trainable`` (ours), ``original_total`` and
+        ``original_trainable`` (millions, as published), ``total_diff`` / ``trainable_diff``
+        (relative differences of ours from the published figures) and ``notes`` (why a figure
+        differs by more than 1%).
+    """
+    rows = []
+    for (backbone_name, truncation, b, s), (orig_total, orig_trainable) in ORIGINAL_PARAMETER_TABLE.items():
+        model = covid_mask_net(backbone_name=backbone_name, truncation=truncation, num_classes=num_classes,
+                               roi_batch_size=b, s_features=s)
+        total, trainable = parameter_counts(model)
+        name = f"{backbone_name}+FPN, " + ("full" if backbone_name == "resnet50" else f"truncation {truncation}")
+        row = {"model": f"COVID-CT-Mask-Net {name} (B={b}, S={s})", "total": total, "trainable": trainable,
+               "original_total": orig_total, "original_trainable": orig_trainable,
+               "total_diff": total / (orig_total * 1e6) - 1, "trainable_diff": trainable / (orig_trainable * 1e6) - 1}
+        rows.append({**row, "notes": _notes(row, model)})
+    return rows
+
+
+def _notes(row: dict, model: CovidMaskNet) -> list[str]:
+    """Explanations for the differences above 1% of one row."""
+    if row["model"].startswith("COVID-CT-Mask-Net resnet50"):
+        return list(RESNET50_NOTES)
+    notes = []
+    if abs(row["total_diff"]) > 0.01:
+        channels = model.backbone.body.out_channels_list[-1]
+        notes.append(FPN_LATERAL_NOTE.format(c=channels, d=(512 - channels) * model.backbone.out_channels))
+    if abs(row["trainable_diff"]) > 0.01 and round(row["trainable"] / 1e6, 1) == row["original_trainable"]:
+        notes.append(TRAINABLE_ROUNDING_NOTE)
+    return notes
+
+
+def format_parameter_table(rows: list[dict]) -> str:
+    """The rows of :func:`parameter_table` as a text table (millions; relative differences in %)."""
+    lines = [f"{'model':<58}{'total':>9}{'orig.':>8}{'diff':>8}{'trainable':>11}{'orig.':>7}{'diff':>8}"]
+    for r in rows:
+        lines.append(f"{r['model']:<58}{r['total'] / 1e6:>8.2f}M{r['original_total']:>7.2f}M{100 * r['total_diff']:>+7.1f}%"
+                     f"{r['trainable'] / 1e6:>10.3f}M{r['original_trainable']:>6.2f}M{100 * r['trainable_diff']:>+7.1f}%")
+        lines += [f"    note: {note}" for note in r["notes"]]
+    return "\n".join(lines)
