@@ -11,6 +11,14 @@ segmented with a sliding window (the task's ROI and overlap, Gaussian blending) 
 resampled back with MONAI's inverse transforms: ``<case>_<task>.nii.gz`` has exactly the input's
 shape and affine. ``<case>_<task>.png`` shows axial slices with the mask overlaid, and
 ``predictions.csv`` lists every case with its foreground volume in millilitres.
+
+covid_cls (``--task covid_cls``) writes the COVID-19 probability of each case to predictions.csv. A
+case's lung mask is its ``label_image`` in a dataset.json; without one, the lung_seg checkpoint
+``--lung_ckpt`` segments the lungs first (``<case>_lung_seg.nii.gz``). ``--saliency gradcam|gradcampp``
+adds ``<case>_saliency.nii.gz`` (input's shape and affine) and a PNG overlay::
+
+    python infer_volumetric.py --task covid_cls --ckpt runs/covid_cls/checkpoint_best.pth \\
+        --input scan.nii.gz --lung_ckpt runs/lung_seg/checkpoint_best.pth --saliency gradcam --output out
 """
 from __future__ import annotations
 
@@ -21,7 +29,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from models.volumetric import task_names
+from models.volumetric import task_names, task_stage
 from models.volumetric.inference import input_cases, load_task_model, predict_case, save_mask
 from utils.cli import add_device_args, resolve_device
 from utils.plots_volume import axial_montage
@@ -37,9 +45,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--section", default="testing", help="dataset.json input: section to segment (default: testing)")
     parser.add_argument("--overlap", type=float, nargs="+", default=None, help="window overlap, one value or x y z (default: the checkpoint's)")
     parser.add_argument("--sw_batch_size", type=int, default=None, help="windows per network call (default: the checkpoint's)")
-    parser.add_argument("--no_body_crop", action="store_true", help="slide windows over the whole volume, not just the body box (default: body box)")
+    parser.add_argument("--crop_region", choices=("body", "lung", "none"), default=None,
+                        help="region the windows cover, background elsewhere (default: the task's, body for lung_seg, lung for lesion_seg)")
     parser.add_argument("--no_montage", action="store_true", help="skip the PNG montages (default: write them)")
     parser.add_argument("--amp", action="store_true", help="mixed precision inside the network (default: off)")
+    parser.add_argument("--saliency", choices=("gradcam", "gradcampp"), default=None, help="covid_cls: write a saliency map per case (default: none)")
+    parser.add_argument("--lung_ckpt", default=None, help="covid_cls: lung_seg checkpoint for cases without a lung mask (default: none)")
     add_device_args(parser)
     return parser
 
@@ -65,21 +76,40 @@ def main(args: argparse.Namespace) -> list[dict]:
     model, task, config, _ = load_task_model(args.ckpt, device=device, task_name=args.task)
     overlap = args.overlap[0] if args.overlap and len(args.overlap) == 1 else args.overlap
     config = config.replace(overlap=overlap, sw_batch_size=args.sw_batch_size,
-                            body_crop=False if args.no_body_crop else None)
+                            crop_region=args.crop_region)
     cases = input_cases(args.input, data_root=args.data_root, section=args.section)
     if not cases:
         raise ValueError(f"--input {args.input}: no cases in section {args.section!r}")
     folder = Path(args.output)
-    rows = []
-    for case in tqdm(cases, desc="infer"):
-        out = predict_case(case, model=model, task=task, config=config, device=device, amp=args.amp)
-        rows.append(write_case_outputs(out, folder, task_name=task.name, window=config.hu_window,
-                                       montage=not args.no_montage))
+    if task.kind != "segmentation":
+        rows = _infer_other_kind(args, cases, model=model, task=task, config=config, device=device, folder=folder)
+    else:
+        rows = _segment_cases(args, cases, model=model, task=task, config=config, device=device, folder=folder)
+    folder.mkdir(parents=True, exist_ok=True)
     with (folder / "predictions.csv").open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
     print(f"{len(rows)} case(s) -> {folder}")
+    return rows
+
+
+def _infer_other_kind(args, cases, *, model, task, config, device, folder: Path) -> list[dict]:
+    """covid_cls: probabilities, saliency maps, lung masks from --lung_ckpt where needed."""
+    infer_cases = task_stage(task, "infer_cases", None)
+    if infer_cases is None:
+        raise ValueError(f"task {task.name} has no inference output; use its checkpoint with train_volumetric.py")
+    lung = load_task_model(args.lung_ckpt, device=device, task_name="lung_seg")[:3] if args.lung_ckpt else None
+    return infer_cases(cases, model=model, config=config, device=device, output=folder, saliency=args.saliency,
+                       lung_model=lung)
+
+
+def _segment_cases(args, cases, *, model, task, config, device, folder: Path) -> list[dict]:
+    rows = []
+    for case in tqdm(cases, desc="infer"):
+        out = predict_case(case, model=model, task=task, config=config, device=device, amp=args.amp)
+        rows.append(write_case_outputs(out, folder, task_name=task.name, window=config.hu_window,
+                                       montage=not args.no_montage))
     return rows
 
 

@@ -1,4 +1,6 @@
-"""Validate a volumetric segmentation checkpoint: per-case and mean Dice on each input's own grid.
+"""Validate a volumetric checkpoint: per-case and mean Dice on each input's own grid (per organ for
+organ_seg); for covid_cls accuracy, ROC AUC, sensitivity and specificity at the checkpoint's
+threshold (0.5), with one row per case (case, label, probability) in predictions.csv.
 
 Canonical command::
 
@@ -21,7 +23,7 @@ import csv
 import json
 from pathlib import Path
 
-from models.volumetric import task_names
+from models.volumetric import task_names, task_stage
 from models.volumetric.common import load_cases
 from models.volumetric.inference import load_task_model, validate_cases
 from utils.cli import add_device_args, resolve_device
@@ -63,9 +65,14 @@ def main(args: argparse.Namespace) -> dict:
     model, task, config, _ = load_task_model(args.ckpt, device=device, task_name=args.task)
     cases = load_cases(args.datalist, data_root=args.data_root, section=args.section)
     output = Path(args.output) if args.output else Path(args.ckpt).parent / f"validate_{args.section}"
-    rows, summary = validate_cases(cases, model=model, task=task, config=config, device=device, amp=args.amp,
-                                   ignore_empty=args.ignore_empty, mask_dir=output if args.save_masks else None)
+    validate = task_stage(task, "validate_cases", validate_cases)  # per-organ Dice, classification metrics
+    rows, summary = validate(cases, model=model, task=task, config=config, device=device, amp=args.amp,
+                             ignore_empty=args.ignore_empty, mask_dir=output if args.save_masks else None)
     write_results(output, rows, summary)
+    if task.kind == "classification":
+        print(", ".join(f"{k} {summary[k]:.4f}" for k in ("accuracy", "auc", "sensitivity", "specificity"))
+              + f" over {summary['cases']} cases -> {output}")
+        return summary
     for row in rows:
         print(f"{row['case']}: dice {row['dice']:.4f}")
     print(f"mean dice {summary['mean_dice']:.4f} over {summary['cases']} cases -> {output}")

@@ -14,6 +14,7 @@ import dataclasses
 import math
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
@@ -34,7 +35,7 @@ from monai.transforms import (
 )
 
 from models.volumetric.common import IMAGE_KEY, LABEL_KEY, LoadVolumed, Task, case_name, unwrap_transform_error
-from models.volumetric.saliency import TARGET_LAYER, SaliencyExplainer
+from models.volumetric.saliency import TARGET_LAYER, explainer_for, save_saliency_outputs
 from utils.classification_metrics import confusion_matrix, per_class_rates, roc_auc
 
 MASK_KEY = "label_image"  # the lung mask of a classification case (dataset.json convention)
@@ -340,10 +341,59 @@ def validate_cases(cases: list[dict], *, model: torch.nn.Module, config: ClsConf
     return rows, {"task": TASK.name, "cases": len(rows), "threshold": config.threshold, **metrics}
 
 
+def infer_cases(cases: list[dict], *, model: torch.nn.Module, config: ClsConfig, device: torch.device,
+                output: str | Path, saliency: str | None = None, lung_model: tuple | None = None,
+                progress: bool = True) -> list[dict]:
+    """Classify cases; write saliency maps and, for cases without a lung mask, the lung_seg mask.
+
+    Args:
+        cases: dicts with ``image`` and, optionally, ``label_image`` (lung mask) and ``label``.
+        model, config, device: the classifier and its settings (see :func:`predict_case`).
+        output: folder for ``<case>_saliency.nii.gz``/``.png`` and ``<case>_lung_seg.nii.gz``.
+        saliency: None, ``"gradcam"`` or ``"gradcampp"``.
+        lung_model: ``(model, task, config)`` of a lung_seg checkpoint (from
+            :func:`models.volumetric.inference.load_task_model`) for cases without a lung mask.
+        progress: show a progress bar.
+
+    Returns:
+        One row per case for predictions.csv: ``case``, ``probability``, ``prediction``, ``label``
+        (empty when unknown), ``lung_mask``, ``saliency``, ``overlay`` (paths, empty when not written).
+
+    Raises:
+        ValueError: naming a case that has no lung mask when ``lung_model`` is None.
+    """
+    from tqdm import tqdm
+
+    rows = []
+    for case in tqdm(cases, desc="infer", disable=not progress):
+        if not case.get(MASK_KEY):
+            case = {**case, MASK_KEY: _segment_lungs(case, lung_model, device=device, output=Path(output))}
+        out = predict_case(case, model=model, config=config, device=device, saliency=saliency)
+        files = save_saliency_outputs(out, output, hu_window=config.hu_window) if saliency else {}
+        rows.append({"case": out["case"], "probability": round(out["probability"], 6),
+                     "prediction": out["prediction"], "label": out.get(LABEL_KEY, ""), "lung_mask": case[MASK_KEY],
+                     "saliency": files.get("saliency", ""), "overlay": files.get("overlay", "")})
+    return rows
+
+
+def _segment_lungs(case: dict, lung_model: tuple | None, *, device: torch.device, output: Path) -> str:
+    """Lung mask of a case from the lung_seg model, written on the input's grid; returns its path."""
+    from models.volumetric.inference import predict_case as segment_case
+    from models.volumetric.inference import save_mask
+
+    if lung_model is None:
+        raise ValueError(f"case {case_name(case)}: no lung mask ('{MASK_KEY}'); give one in dataset.json or a "
+                         "lung_seg checkpoint (infer_volumetric.py --lung_ckpt)")
+    model, task, config = lung_model
+    out = segment_case({IMAGE_KEY: case[IMAGE_KEY], "case": case_name(case)}, model=model, task=task, config=config,
+                       device=device)
+    return str(save_mask(out["mask"], out["affine"], output / f"{out['case']}_lung_seg.nii.gz"))
+
+
 def _saliency_on_input_grid(data: dict, transform: Compose, original: torch.Tensor, *, model, image, method,
                             target_layer) -> dict:
     """GradCAM on the network grid, inverted through ``transform`` onto ``original``'s grid."""
-    explainer = SaliencyExplainer(model, method=method, target_layer=target_layer)
+    explainer = explainer_for(model, method=method, target_layer=target_layer)
     with torch.enable_grad():
         maps, _ = explainer(image)
     data[SALIENCY_KEY] = MetaTensor(maps[0].cpu())

@@ -18,6 +18,7 @@ therefore read as an equivalent two-class model with logits ``[-z/2, z/2]`` (its
 """
 from __future__ import annotations
 
+import weakref
 from pathlib import Path
 
 import nibabel as nib
@@ -69,7 +70,9 @@ class SaliencyExplainer:
         if target_layer not in names:
             raise ValueError(f"target layer {target_layer!r} not found in {type(model).__name__}")
         single_logit = _num_logits(model) == 1
-        self.network = SymmetricLogits(model) if single_logit else model
+        # A new wrapper starts in training mode; MONAI restores the wrapper's mode after each map,
+        # which would switch the wrapped model to training mode (batch statistics) for later calls.
+        self.network = SymmetricLogits(model).train(model.training) if single_logit else model
         layer = _WRAPPED_PREFIX + target_layer if single_logit else target_layer
         # The identity postprocessing keeps magnitudes; MONAI's default rescales to (1, 0), i.e. flipped.
         self.cam = METHODS[method](nn_module=self.network, target_layers=layer, postprocessing=lambda m: m)
@@ -91,6 +94,18 @@ class SaliencyExplainer:
             maps.append(scale_to_unit(raw.detach()))
             classes.append(cls)
         return torch.cat(maps), torch.as_tensor(classes)
+
+
+_EXPLAINERS: "weakref.WeakKeyDictionary[torch.nn.Module, dict]" = weakref.WeakKeyDictionary()
+
+
+def explainer_for(model: torch.nn.Module, *, method: str = "gradcam", target_layer: str = TARGET_LAYER
+                  ) -> SaliencyExplainer:
+    """One :class:`SaliencyExplainer` per model, method and layer (its hooks are registered once)."""
+    cache = _EXPLAINERS.setdefault(model, {})
+    if (method, target_layer) not in cache:
+        cache[(method, target_layer)] = SaliencyExplainer(model, method=method, target_layer=target_layer)
+    return cache[(method, target_layer)]
 
 
 def _num_logits(model: torch.nn.Module) -> int | None:

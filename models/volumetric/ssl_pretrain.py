@@ -244,6 +244,16 @@ def evaluate(model: torch.nn.Module, dataset, *, config: SegConfig, device: torc
     return {k: v / max(batches, 1) for k, v in sums.items()}
 
 
+def validate_cases(cases: list[dict], **_: object) -> tuple[list[dict], dict]:
+    """Pre-training has no ground truth to validate against.
+
+    Raises:
+        ValueError: always; the validation losses are in the run's metrics.jsonl.
+    """
+    raise ValueError("ssl_pretrain has no labels to validate against; its validation losses (loss, l1, "
+                     "contrastive) are logged per epoch in the run's metrics.jsonl")
+
+
 TASK = Task(
     name="ssl_pretrain",
     kind="self_supervised",
