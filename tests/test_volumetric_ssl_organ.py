@@ -200,3 +200,62 @@ def test_ssl_evaluate_is_repeatable(tmp_path):
     first = ssl_pretrain.evaluate(model, dataset, config=ssl_config(), device=torch.device("cpu"))
     second = ssl_pretrain.evaluate(model, dataset, config=ssl_config(), device=torch.device("cpu"))
     assert set(first) == {"loss", "l1", "contrastive"} and first == second
+
+
+def _abdomen_datalist(root):
+    """dataset.json of phantom abdomens (BTCV labels 0..13) with training/validation/testing sections."""
+    import json
+
+    from datasets.synthetic import make_abdomen_volume
+
+    root.mkdir(parents=True, exist_ok=True)
+    entries = []
+    for i in range(3):
+        volume = make_abdomen_volume(seed=i, shape=(40, 40, 24), spacing=(3.0, 3.0, 4.0))
+        nib.save(nib.Nifti1Image(volume["image"], volume["affine"]), root / f"img{i}.nii.gz")
+        nib.save(nib.Nifti1Image(volume["label"].astype(np.uint8), volume["affine"]), root / f"label{i}.nii.gz")
+        entries.append({"image": f"img{i}.nii.gz", "label": f"label{i}.nii.gz"})
+    datalist = {"training": entries[:2], "validation": entries[2:], "testing": [entries[2]["image"]]}
+    (root / "dataset.json").write_text(json.dumps(datalist))
+    return root / "dataset.json"
+
+
+def test_pretrain_then_finetune_validate_infer_end_to_end(tmp_path, capsys):
+    import csv
+    import json
+
+    import infer_volumetric
+    import train_volumetric
+    import validate_volumetric
+    from utils.checkpoint import load_checkpoint
+
+    datalist = _abdomen_datalist(tmp_path / "data")
+    vit = ["--roi_size", "32", "32", "32", "--spacing", "3", "3", "4", "--hidden_size", "48", "--mlp_dim", "96",
+           "--num_heads", "4"]
+    ssl_run, seg_run = tmp_path / "ssl", tmp_path / "seg"
+    train_volumetric.main(train_volumetric.get_args_parser().parse_args(
+        ["--task", "ssl_pretrain", "--datalist", str(datalist), "--epochs", "1", "--save_dir", str(ssl_run), *vit]))
+    record = json.loads((ssl_run / "metrics.jsonl").read_text())
+    assert {"train_loss", "train_l1", "train_contrastive", "val_loss", "val_l1", "val_contrastive"} <= set(record)
+
+    train_volumetric.main(train_volumetric.get_args_parser().parse_args(
+        ["--task", "organ_seg", "--datalist", str(datalist), "--epochs", "1", "--save_dir", str(seg_run),
+         "--feature_size", "8", "--pretrained_encoder", str(ssl_run / "checkpoint_last.pth"), *vit]))
+    expected = sum(k.startswith("vit.") for k in load_checkpoint(seg_run / "checkpoint_last.pth")["model"])
+    assert f"loaded {expected}/{expected} ViT keys" in capsys.readouterr().out
+    record = json.loads((seg_run / "metrics.jsonl").read_text())
+    assert "val_dice" in record and "val_dice_spleen" in record and "val_dice_left_adrenal_gland" in record
+
+    summary = validate_volumetric.main(validate_volumetric.get_args_parser().parse_args(
+        ["--task", "organ_seg", "--ckpt", str(seg_run / "checkpoint_best.pth"), "--datalist", str(datalist),
+         "--output", str(tmp_path / "val")]))
+    rows = list(csv.DictReader((tmp_path / "val" / "predictions.csv").open()))
+    organ_columns = [f"dice_{n.replace(' ', '_')}" for n in organ_seg.ORGAN_NAMES]
+    assert len(rows) == 1 and all(c in rows[0] for c in organ_columns) and all(c in summary for c in organ_columns)
+
+    rows = infer_volumetric.main(infer_volumetric.get_args_parser().parse_args(
+        ["--task", "organ_seg", "--ckpt", str(seg_run / "checkpoint_best.pth"), "--input", str(datalist),
+         "--output", str(tmp_path / "infer"), "--no_montage"]))
+    mask, source = nib.load(rows[0]["mask"]), nib.load(tmp_path / "data" / "img2.nii.gz")
+    assert mask.shape == source.shape and np.allclose(mask.affine, source.affine, atol=1e-5)
+    assert set(np.unique(np.asarray(mask.dataobj)).tolist()) <= set(range(14))
