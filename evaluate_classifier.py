@@ -184,6 +184,8 @@ def save_plots(save_dir: Path, report: dict, labels: np.ndarray, probs: np.ndarr
             curves[f"{name} vs rest"] = (fpr, tpr, report["auc"][k])
     if curves:
         paths.append(roc_plot(curves, save_dir / "roc.png", title=f"{title}: ROC (macro AUC {report['macro_auc']:.3f})"))
+    else:
+        print("no ROC curve: every case has the same true class")
     return paths
 
 

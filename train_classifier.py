@@ -131,24 +131,26 @@ def make_loaders(args: argparse.Namespace) -> tuple[DataLoader, DataLoader]:
 
 
 def build_model(args: argparse.Namespace) -> tuple[torch.nn.Module, dict]:
-    """Model and its builder kwargs, initialised from the classification or segmentation checkpoint.
+    """Model and its builder kwargs, from (in this order) ``--resume``, the classification or the
+    segmentation checkpoint.
 
     Raises:
-        ValueError: when neither checkpoint is given, or a flag contradicts the checkpoint.
+        ValueError: when no checkpoint is given, or a flag contradicts the checkpoint.
     """
-    path = args.pretrained_classification_model or args.pretrained_segmentation_model or args.resume
+    path = args.resume or args.pretrained_classification_model or args.pretrained_segmentation_model
     if path is None:
         raise ValueError("give --pretrained_segmentation_model (or --pretrained_classification_model / --resume): "
                          "S is trained on top of a segmentation model and cannot be trained from scratch")
+    if args.pretrained_classification_model and args.pretrained_segmentation_model:
+        print(f"both pretrained models given: using {path}, ignoring the segmentation model")
     ckpt = load_checkpoint(path)
+    check_architecture(path, ckpt["builder_kwargs"], vars(args))
     if ckpt["builder"] == BUILDER:
-        check_architecture(path, ckpt["builder_kwargs"], vars(args))
-        kwargs = {**ckpt["builder_kwargs"], **_threshold_overrides(args)}
+        kwargs = {**ckpt["builder_kwargs"], **_setting_overrides(args)}
         model = covid_mask_net(**kwargs)
         model.load_state_dict(ckpt["model"], strict=True)
         print(f"loaded classification checkpoint {path} strictly")
         return model, kwargs
-    check_architecture(path, ckpt["builder_kwargs"], vars(args))
     kwargs = _kwargs_from_segmentation(args, ckpt["builder_kwargs"])
     model = covid_mask_net(**kwargs)
     counts = load_segmentation_weights(model, ckpt["model"], source=path)
@@ -164,17 +166,18 @@ def _kwargs_from_segmentation(args: argparse.Namespace, seg_kwargs: dict) -> dic
             kwargs[key] = getattr(args, key)
     kwargs["roi_batch_size"] = args.roi_batch_size or DEFAULT_ROI_BATCH_SIZE
     kwargs["s_features"] = args.s_features or DEFAULT_S_FEATURES
-    if args.image_size is not None:
-        kwargs.update(min_size=args.image_size, max_size=2 * args.image_size)
-    return {**kwargs, **_threshold_overrides(args)}
+    return {**kwargs, **_setting_overrides(args)}
 
 
-def _threshold_overrides(args: argparse.Namespace) -> dict:
+def _setting_overrides(args: argparse.Namespace) -> dict:
+    """Builder settings from flags that leave parameter shapes alone (NMS thresholds, image size)."""
     out = {}
     if args.rpn_nms_th is not None:
         out["rpn_nms_thresh"] = args.rpn_nms_th
     if args.roi_nms_th is not None:
         out["box_nms_thresh"] = args.roi_nms_th
+    if args.image_size is not None:
+        out.update(min_size=args.image_size, max_size=2 * args.image_size)
     return out
 
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .mask_rcnn import COVID_DEFAULTS, MaskRCNN, maskrcnn_resnet_fpn
+from .mask_rcnn import MaskRCNN, maskrcnn_resnet_fpn
 
 NUM_SLICE_CLASSES = 3  # Control, CP, COVID-19
 ROW_WIDTH = 5  # score, dx, dy, dw, dh
@@ -250,12 +250,14 @@ def parameter_counts(model: nn.Module) -> tuple[int, int]:
     return sum(p.numel() for p in params), sum(p.numel() for p in params if p.requires_grad)
 
 
-def parameter_table(*, num_classes: int = 3) -> list[dict]:
+def parameter_table(*, num_classes: int = 2) -> list[dict]:
     """Our parameter counts beside the original's, one row per configuration of its table.
 
+    Models are built on the meta device (shapes only, no memory or initialisation).
+
     Args:
-        num_classes: the segmentation model's classes (3, GGO and consolidation, by default;
-            2 changes each total by 645 parameters).
+        num_classes: the segmentation model's classes (2, mask_type merge, the original's default,
+            as in ``models.summary``; 3 adds 645 parameters to every row).
 
     Returns:
         Per row: ``model`` (name), ``total`` and ``trainable`` (ours), ``original_total`` and
@@ -265,8 +267,9 @@ def parameter_table(*, num_classes: int = 3) -> list[dict]:
     """
     rows = []
     for (backbone_name, truncation, b, s), (orig_total, orig_trainable) in ORIGINAL_PARAMETER_TABLE.items():
-        model = covid_mask_net(backbone_name=backbone_name, truncation=truncation, num_classes=num_classes,
-                               roi_batch_size=b, s_features=s)
+        with torch.device("meta"):
+            model = covid_mask_net(backbone_name=backbone_name, truncation=truncation, num_classes=num_classes,
+                                   roi_batch_size=b, s_features=s)
         total, trainable = parameter_counts(model)
         name = f"{backbone_name}+FPN, " + ("full" if backbone_name == "resnet50" else f"truncation {truncation}")
         row = {"model": f"COVID-CT-Mask-Net {name} (B={b}, S={s})", "total": total, "trainable": trainable,
