@@ -44,7 +44,7 @@ def load_task_model(path: str | Path, *, device: torch.device, task_name: str | 
     if task_name is not None and task_name != stored:
         raise ValueError(f"{path}: checkpoint is for task {stored!r}, not {task_name!r}")
     task = get_task(stored)
-    config = SegConfig.from_dict(ckpt["task_config"])
+    config = type(task.default_config).from_dict(ckpt["task_config"])  # SegConfig or a task's own
     model = build_model_from_checkpoint(ckpt).to(device).eval()
     return model, task, config, ckpt
 
