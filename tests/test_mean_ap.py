@@ -10,7 +10,7 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from utils.mean_ap import COCO_IOU_THRESHOLDS, box_iou_coco, mean_average_precision
+from utils.mean_ap import COCO_IOU_THRESHOLDS, box_iou_coco, mask_iou_coco, mean_average_precision
 
 
 # --------------------------------------------------------------------------- random cases
@@ -348,3 +348,21 @@ def test_non_finite_scores_are_rejected():
     if any(len(p["scores"]) for p in preds):
         with pytest.raises(ValueError, match="scores must be finite"):
             mean_average_precision(preds, targets, iou_type="bbox")
+
+
+def test_mask_iou_cpu_crops_and_window_product_equal_pycocotools():
+    from utils.mean_ap import _intersections_in_window, _iou_from_counts
+    checked = 0
+    for seed in range(300, 310):
+        preds, targets = _random_dataset(seed, crowd=True)
+        for p, t in zip(preds, targets):
+            if not len(p["labels"]) or not len(t["labels"]):
+                continue
+            crowd = t["iscrowd"].numpy().astype(bool)
+            ref = np.asarray(mask_utils.iou([_rle(m.numpy() > 0.5) for m in p["masks"][:, 0]],
+                                            [_rle(m.numpy()) for m in t["masks"]], crowd.astype(np.uint8).tolist()))
+            np.testing.assert_array_equal(mask_iou_coco(p["masks"][:, 0], t["masks"], crowd=crowd), ref)
+            inter, area_p, area_g = _intersections_in_window(p["masks"][:, 0], t["masks"], 0.5)
+            np.testing.assert_array_equal(_iou_from_counts(inter, area_p[:, None], area_g[None, :], crowd), ref)
+            checked += 1
+    assert checked > 10

@@ -22,7 +22,7 @@ but no GT, scores 0; every image counts in the overall mean. Per class, the mean
 where that class has GT or a detection (images without the class carry no information about it).
 Crowd GT behaves as in ``"coco"``: not counted as GT; detections matched to it are dropped.
 
-Masks are binarised with ``mask > mask_threshold`` (predictions) and ``mask != 0`` (targets).
+Masks are binarised with ``mask > mask_threshold`` (predictions) and ``mask > 0`` (targets).
 """
 from __future__ import annotations
 
@@ -58,7 +58,7 @@ def mean_average_precision(predictions: Sequence[dict], targets: Sequence[dict],
             (FloatTensor[N]), ``labels`` (Int64Tensor[N]), and for ``segm`` ``masks``
             (Float/UInt8/BoolTensor[N, 1, H, W] or [N, H, W]: probabilities or binary masks).
         targets: one dict per image: ``boxes`` (FloatTensor[M, 4]), ``labels`` (Int64Tensor[M]),
-            for ``segm`` ``masks`` (UInt8/BoolTensor[M, H, W] or [M, 1, H, W]), optional
+            for ``segm`` ``masks`` (UInt8/BoolTensor[M, H, W] or [M, 1, H, W], foreground > 0), optional
             ``iscrowd`` (Int/BoolTensor[M]). Tensors may be on any device; masks are compared there.
         iou_type: ``"segm"`` (mask IoU) or ``"bbox"`` (box IoU).
         iou_thresholds: Float[T] in [0, 1]; default COCO's 0.50:0.05:0.95 (:data:`COCO_IOU_THRESHOLDS`).
@@ -110,41 +110,50 @@ def _check_options(iou_type, iou_thresholds, style, max_detections, n_pred, n_ta
 def _prepare_image(pred: dict, target: dict, *, index: int, iou_type: str, mask_threshold: float) -> _Image:
     """Validate one image's dicts and compute its prediction x GT IoU matrix."""
     needed = ("boxes", "scores", "labels") + (("masks",) if iou_type == "segm" else ())
-    n = _check_dict(pred, needed, f"predictions[{index}]")
-    m = _check_dict(target, ("boxes", "labels") + needed[3:], f"targets[{index}]")
-    scores = pred["scores"].detach().cpu().double().numpy()
+    p_boxes = _checked_boxes(pred, needed, f"predictions[{index}]")
+    g_boxes = _checked_boxes(target, ("boxes", "labels") + needed[3:], f"targets[{index}]")
+    scores = _numpy(pred["scores"]).astype(np.float64)
     if not np.isfinite(scores).all():
         raise ValueError(f"predictions[{index}]: scores must be finite")
-    crowd = _crowd(target, m, index)
+    crowd = _crowd(target, len(g_boxes), index)
     if iou_type == "bbox":
-        ious = box_iou_coco(pred["boxes"], target["boxes"], crowd=crowd)
+        ious = box_iou_coco(p_boxes, g_boxes, crowd=crowd)
     else:
-        p_masks, g_masks = _masks(pred, n, f"predictions[{index}]"), _masks(target, m, f"targets[{index}]")
-        if n and m and p_masks.shape[1:] != g_masks.shape[1:]:
+        p_masks, g_masks = _masks(pred, f"predictions[{index}]"), _masks(target, f"targets[{index}]")
+        if len(p_masks) and len(g_masks) and p_masks.shape[1:] != g_masks.shape[1:]:
             raise ValueError(f"image {index}: prediction masks are {tuple(p_masks.shape[1:])} but target masks "
                              f"are {tuple(g_masks.shape[1:])}")
         ious = mask_iou_coco(p_masks, g_masks, crowd=crowd, mask_threshold=mask_threshold)
-    return _Image(scores=scores, labels=pred["labels"].detach().cpu().long().numpy(),
-                  gt_labels=target["labels"].detach().cpu().long().numpy(), crowd=crowd, ious=ious)
+    return _Image(scores=scores, labels=_numpy(pred["labels"]).astype(np.int64),
+                  gt_labels=_numpy(target["labels"]).astype(np.int64), crowd=crowd, ious=ious)
 
 
-def _check_dict(d: dict, keys: tuple[str, ...], name: str) -> int:
-    """Number of instances in a prediction/target dict, after checking its keys and lengths."""
+def _numpy(x: torch.Tensor | np.ndarray) -> np.ndarray:
+    """A CPU numpy view of a tensor (bfloat16 becomes float32, which numpy lacks)."""
+    if isinstance(x, torch.Tensor):
+        x = x.detach().cpu()
+        return (x.float() if x.dtype == torch.bfloat16 else x).numpy()
+    return np.asarray(x)
+
+
+def _checked_boxes(d: dict, keys: tuple[str, ...], name: str) -> np.ndarray:
+    """Float64[N, 4] boxes of a prediction/target dict, after checking its keys, lengths and boxes."""
     if not isinstance(d, dict):
         raise ValueError(f"{name} must be a dict, got {type(d).__name__}")
     missing = [k for k in keys if k not in d]
     if missing:
         raise ValueError(f"{name} lacks {missing} (has {sorted(d)})")
-    boxes = d["boxes"]
-    if not isinstance(boxes, torch.Tensor) or boxes.ndim != 2 or boxes.shape[1] != 4:
-        raise ValueError(f"{name}: boxes must be a FloatTensor[N, 4], got {getattr(boxes, 'shape', type(boxes))}")
-    if boxes.numel() and (not torch.isfinite(boxes).all() or (boxes[:, 2:] < boxes[:, :2]).any()):
+    if not all(isinstance(d[k], torch.Tensor) for k in keys):
+        raise ValueError(f"{name}: {', '.join(keys)} must be tensors")
+    boxes = _numpy(d["boxes"]).astype(np.float64)
+    if boxes.ndim != 2 or boxes.shape[1] != 4:
+        raise ValueError(f"{name}: boxes must be a FloatTensor[N, 4], got shape {tuple(boxes.shape)}")
+    if not np.isfinite(boxes).all() or (boxes[:, 2:] < boxes[:, :2]).any():
         raise ValueError(f"{name}: boxes must be finite xyxy with x2 >= x1 and y2 >= y1")
     for k in keys[1:]:
-        if not isinstance(d[k], torch.Tensor) or d[k].ndim < 1 or d[k].shape[0] != boxes.shape[0]:
-            raise ValueError(f"{name}: {k} must be a tensor with {boxes.shape[0]} rows like boxes, "
-                             f"got {getattr(d[k], 'shape', type(d[k]))}")
-    return boxes.shape[0]
+        if d[k].ndim < 1 or d[k].shape[0] != len(boxes):
+            raise ValueError(f"{name}: {k} must have {len(boxes)} rows like boxes, got shape {tuple(d[k].shape)}")
+    return boxes
 
 
 def _crowd(target: dict, m: int, index: int) -> np.ndarray:
@@ -156,7 +165,7 @@ def _crowd(target: dict, m: int, index: int) -> np.ndarray:
     return crowd.astype(bool)
 
 
-def _masks(d: dict, count: int, name: str) -> torch.Tensor:
+def _masks(d: dict, name: str) -> torch.Tensor:
     """[K, H, W] view of a [K, 1, H, W] or [K, H, W] mask tensor."""
     masks = d["masks"]
     if masks.ndim == 4 and masks.shape[1] == 1:
@@ -166,12 +175,13 @@ def _masks(d: dict, count: int, name: str) -> torch.Tensor:
     return masks
 
 
-def box_iou_coco(boxes1: torch.Tensor, boxes2: torch.Tensor, *, crowd: np.ndarray | None = None) -> np.ndarray:
+def box_iou_coco(boxes1: torch.Tensor | np.ndarray, boxes2: torch.Tensor | np.ndarray, *,
+                 crowd: np.ndarray | None = None) -> np.ndarray:
     """Box IoU as pycocotools computes it (``bbIou``): continuous coordinates, no +1.
 
     Args:
-        boxes1: FloatTensor[N, 4] detections, xyxy pixels.
-        boxes2: FloatTensor[M, 4] ground truth, xyxy pixels.
+        boxes1: Float[N, 4] detections, xyxy pixels.
+        boxes2: Float[M, 4] ground truth, xyxy pixels.
         crowd: Bool[M]; for a crowd box the union is the detection's area.
 
     Returns:
@@ -182,16 +192,11 @@ def box_iou_coco(boxes1: torch.Tensor, boxes2: torch.Tensor, *, crowd: np.ndarra
     w = np.minimum(d[..., 2] + d[..., 0], g[..., 2] + g[..., 0]) - np.maximum(d[..., 0], g[..., 0])
     h = np.minimum(d[..., 3] + d[..., 1], g[..., 3] + g[..., 1]) - np.maximum(d[..., 1], g[..., 1])
     inter = np.where((w > 0) & (h > 0), w * h, 0.0)
-    area_d, area_g = d[..., 2] * d[..., 3], g[..., 2] * g[..., 3]
-    union = area_d + area_g - inter
-    if crowd is not None:
-        union = np.where(np.asarray(crowd, dtype=bool)[None, :], area_d, union)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        return np.where(inter > 0, inter / union, 0.0)
+    return _iou_from_counts(inter, d[..., 2] * d[..., 3], g[..., 2] * g[..., 3], crowd)
 
 
-def _xywh(boxes: torch.Tensor) -> np.ndarray:
-    b = boxes.detach().cpu().double().numpy().reshape(-1, 4)
+def _xywh(boxes) -> np.ndarray:
+    b = _numpy(boxes).astype(np.float64).reshape(-1, 4)
     return np.stack([b[:, 0], b[:, 1], b[:, 2] - b[:, 0], b[:, 3] - b[:, 1]], axis=1)
 
 
@@ -199,48 +204,84 @@ def mask_iou_coco(pred_masks: torch.Tensor, gt_masks: torch.Tensor, *, crowd: np
                   mask_threshold: float = 0.5) -> np.ndarray:
     """Mask IoU as pycocotools computes it (``rleIou``), straight from dense masks.
 
-    Only the window that holds every foreground pixel of the image is read twice; the
-    intersections are one matrix product there.
+    On CPU every mask is read once in full (its row maxima), then only inside its bounding box, and
+    pixels are only compared where two boxes overlap. On CUDA the intersections are one exact
+    (float64) matrix product over the window that holds all foreground.
 
     Args:
         pred_masks: Float/UInt8/Bool[N, H, W]; foreground where ``> mask_threshold``.
-        gt_masks: UInt8/Bool[M, H, W]; foreground where non-zero. Same device as ``pred_masks``.
+        gt_masks: UInt8/Bool[M, H, W]; foreground where ``> 0``. Same device as ``pred_masks``.
         crowd: Bool[M]; for a crowd mask the union is the detection's area.
         mask_threshold: binarisation threshold of ``pred_masks``.
 
     Returns:
         Float64[N, M] IoU (0 where the masks do not intersect).
     """
-    n, m = pred_masks.shape[0], gt_masks.shape[0]
-    if n == 0 or m == 0:
-        return np.zeros((n, m))
-    window = _foreground_window(pred_masks, gt_masks, mask_threshold)
-    if window is None:
-        return np.zeros((n, m))
-    y0, y1, x0, x1 = window
-    p = (pred_masks[:, y0:y1, x0:x1] > mask_threshold).reshape(n, -1)  # [N, h*w]
-    g = (gt_masks[:, y0:y1, x0:x1] != 0).reshape(m, -1)  # [M, h*w]
-    exact = torch.float32 if p.device.type == "cpu" and p.shape[1] < 2 ** 24 else torch.float64
-    inter = (p.to(exact) @ g.to(exact).T).double().cpu().numpy()
-    area_p = p.sum(1).cpu().numpy().astype(np.float64)[:, None]
-    area_g = g.sum(1).cpu().numpy().astype(np.float64)[None, :]
-    union = area_p + area_g - inter
+    if pred_masks.shape[0] == 0 or gt_masks.shape[0] == 0:
+        return np.zeros((pred_masks.shape[0], gt_masks.shape[0]))
+    count = _intersections_in_window if pred_masks.device.type != "cpu" else _intersections_by_box
+    inter, area_p, area_g = count(pred_masks, gt_masks, mask_threshold)
+    return _iou_from_counts(inter, area_p[:, None], area_g[None, :], crowd)
+
+
+def _iou_from_counts(inter: np.ndarray, area_d: np.ndarray, area_g: np.ndarray, crowd) -> np.ndarray:
+    """intersection / union, the union of a crowd GT being the detection's area; 0 without intersection."""
+    union = area_d + area_g - inter
     if crowd is not None:
-        union = np.where(np.asarray(crowd, dtype=bool)[None, :], area_p, union)
+        union = np.where(np.asarray(crowd, dtype=bool)[None, :], area_d, union)
     with np.errstate(divide="ignore", invalid="ignore"):
         return np.where(inter > 0, inter / union, 0.0)
 
 
-def _foreground_window(pred_masks, gt_masks, mask_threshold) -> tuple[int, int, int, int] | None:
-    """(y0, y1, x0, x1) bounding every foreground pixel of the image's masks, or None if there is none."""
-    pred_max = pred_masks.amax(0) if pred_masks.dtype != torch.bool else pred_masks.any(0)
-    gt_max = gt_masks.amax(0) if gt_masks.dtype != torch.bool else gt_masks.any(0)
-    fg = (pred_max > mask_threshold) | (gt_max != 0)  # [H, W]
-    rows = torch.nonzero(fg.any(1)).flatten()
-    cols = torch.nonzero(fg.any(0)).flatten()
+def _binary_crops(masks: np.ndarray, threshold: float) -> tuple[list, np.ndarray]:
+    """Each mask's foreground (``> threshold``) cut to its bounding box.
+
+    Returns:
+        K Bool crops (None for an empty mask) and Int64[K, 4] boxes (y0, y1, x0, x1), end exclusive,
+        all zero for an empty mask.
+    """
+    rows = masks.max(axis=2) > threshold  # [K, H]: the one full pass over the masks
+    y0, y1 = rows.argmax(axis=1), rows.shape[1] - rows[:, ::-1].argmax(axis=1)
+    boxes = np.zeros((masks.shape[0], 4), dtype=np.int64)
+    crops = []
+    for k in range(masks.shape[0]):
+        if not rows[k, y0[k]]:
+            crops.append(None)
+            continue
+        band = masks[k, y0[k]:y1[k]]
+        cols = band.max(axis=0) > threshold
+        x0, x1 = cols.argmax(), cols.size - cols[::-1].argmax()
+        crops.append(band[:, x0:x1] > threshold)
+        boxes[k] = y0[k], y1[k], x0, x1
+    return crops, boxes
+
+
+def _intersections_by_box(pred_masks, gt_masks, mask_threshold) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Float64[N, M] intersections and the areas Float64[N], Float64[M], from per-mask crops (CPU)."""
+    p_crops, pb = _binary_crops(_numpy(pred_masks), mask_threshold)
+    g_crops, gb = _binary_crops(_numpy(gt_masks), 0)
+    y0, y1 = np.maximum(pb[:, None, 0], gb[None, :, 0]), np.minimum(pb[:, None, 1], gb[None, :, 1])
+    x0, x1 = np.maximum(pb[:, None, 2], gb[None, :, 2]), np.minimum(pb[:, None, 3], gb[None, :, 3])
+    inter = np.zeros((len(p_crops), len(g_crops)))
+    for n, m in zip(*np.nonzero((y0 < y1) & (x0 < x1))):
+        a = p_crops[n][y0[n, m] - pb[n, 0]:y1[n, m] - pb[n, 0], x0[n, m] - pb[n, 2]:x1[n, m] - pb[n, 2]]
+        b = g_crops[m][y0[n, m] - gb[m, 0]:y1[n, m] - gb[m, 0], x0[n, m] - gb[m, 2]:x1[n, m] - gb[m, 2]]
+        inter[n, m] = np.count_nonzero(a & b)
+    area = lambda crops: np.array([0 if c is None else np.count_nonzero(c) for c in crops], dtype=np.float64)
+    return inter, area(p_crops), area(g_crops)
+
+
+def _intersections_in_window(pred_masks, gt_masks, mask_threshold) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Same as :func:`_intersections_by_box` as one float64 matrix product (exact, no TF32) on any device."""
+    fg = (pred_masks > mask_threshold).any(0) | (gt_masks > 0).any(0)  # [H, W]
+    rows, cols = torch.nonzero(fg.any(1)).flatten(), torch.nonzero(fg.any(0)).flatten()
     if rows.numel() == 0:
-        return None
-    return int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
+        return np.zeros((pred_masks.shape[0], gt_masks.shape[0])), np.zeros(pred_masks.shape[0]), \
+            np.zeros(gt_masks.shape[0])
+    window = (slice(None), slice(int(rows[0]), int(rows[-1]) + 1), slice(int(cols[0]), int(cols[-1]) + 1))
+    p = (pred_masks[window] > mask_threshold).flatten(1).double()  # [N, h*w]
+    g = (gt_masks[window] > 0).flatten(1).double()  # [M, h*w]
+    return (p @ g.T).cpu().numpy(), p.sum(1).cpu().numpy(), g.sum(1).cpu().numpy()
 
 
 # --------------------------------------------------------------------------- matching
