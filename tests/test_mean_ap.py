@@ -10,7 +10,8 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from utils.mean_ap import COCO_IOU_THRESHOLDS, box_iou_coco, mask_iou_coco, mean_average_precision
+from utils.mean_ap import COCO_IOU_THRESHOLDS, mean_average_precision
+from utils.rle import box_iou_coco, mask_iou_coco
 
 
 # --------------------------------------------------------------------------- random cases
@@ -351,7 +352,7 @@ def test_non_finite_scores_are_rejected():
 
 
 def test_mask_iou_cpu_crops_and_window_product_equal_pycocotools():
-    from utils.mean_ap import _intersections_in_window, _iou_from_counts
+    from utils.rle import _intersections_in_window, _iou_from_counts
     checked = 0
     for seed in range(300, 310):
         preds, targets = _random_dataset(seed, crowd=True)
@@ -366,3 +367,12 @@ def test_mask_iou_cpu_crops_and_window_product_equal_pycocotools():
             np.testing.assert_array_equal(_iou_from_counts(inter, area_p[:, None], area_g[None, :], crowd), ref)
             checked += 1
     assert checked > 10
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_masks_give_the_cpu_result():
+    preds, targets = _random_dataset(21, crowd=True)
+    on_gpu = lambda dicts: [{k: v.cuda() for k, v in d.items()} for d in dicts]
+    cpu = mean_average_precision(preds, targets, iou_type="segm")
+    gpu = mean_average_precision(on_gpu(preds), on_gpu(targets), iou_type="segm")
+    np.testing.assert_equal(gpu, cpu)  # NaN-aware, recursive

@@ -32,6 +32,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from utils.rle import box_iou_coco, mask_iou_coco, to_numpy
+
 COCO_IOU_THRESHOLDS = np.linspace(0.5, 0.95, 10)  # bit-equal to pycocotools' Params.iouThrs
 COCO_RECALL_THRESHOLDS = np.linspace(0.0, 1.0, 101)  # pycocotools' Params.recThrs
 IOU_TYPES = ("segm", "bbox")
@@ -112,7 +114,7 @@ def _prepare_image(pred: dict, target: dict, *, index: int, iou_type: str, mask_
     needed = ("boxes", "scores", "labels") + (("masks",) if iou_type == "segm" else ())
     p_boxes = _checked_boxes(pred, needed, f"predictions[{index}]")
     g_boxes = _checked_boxes(target, ("boxes", "labels") + needed[3:], f"targets[{index}]")
-    scores = _numpy(pred["scores"]).astype(np.float64)
+    scores = to_numpy(pred["scores"]).astype(np.float64)
     if not np.isfinite(scores).all():
         raise ValueError(f"predictions[{index}]: scores must be finite")
     crowd = _crowd(target, len(g_boxes), index)
@@ -124,16 +126,8 @@ def _prepare_image(pred: dict, target: dict, *, index: int, iou_type: str, mask_
             raise ValueError(f"image {index}: prediction masks are {tuple(p_masks.shape[1:])} but target masks "
                              f"are {tuple(g_masks.shape[1:])}")
         ious = mask_iou_coco(p_masks, g_masks, crowd=crowd, mask_threshold=mask_threshold)
-    return _Image(scores=scores, labels=_numpy(pred["labels"]).astype(np.int64),
-                  gt_labels=_numpy(target["labels"]).astype(np.int64), crowd=crowd, ious=ious)
-
-
-def _numpy(x: torch.Tensor | np.ndarray) -> np.ndarray:
-    """A CPU numpy view of a tensor (bfloat16 becomes float32, which numpy lacks)."""
-    if isinstance(x, torch.Tensor):
-        x = x.detach().cpu()
-        return (x.float() if x.dtype == torch.bfloat16 else x).numpy()
-    return np.asarray(x)
+    return _Image(scores=scores, labels=to_numpy(pred["labels"]).astype(np.int64),
+                  gt_labels=to_numpy(target["labels"]).astype(np.int64), crowd=crowd, ious=ious)
 
 
 def _checked_boxes(d: dict, keys: tuple[str, ...], name: str) -> np.ndarray:
@@ -145,7 +139,7 @@ def _checked_boxes(d: dict, keys: tuple[str, ...], name: str) -> np.ndarray:
         raise ValueError(f"{name} lacks {missing} (has {sorted(d)})")
     if not all(isinstance(d[k], torch.Tensor) for k in keys):
         raise ValueError(f"{name}: {', '.join(keys)} must be tensors")
-    boxes = _numpy(d["boxes"]).astype(np.float64)
+    boxes = to_numpy(d["boxes"]).astype(np.float64)
     if boxes.ndim != 2 or boxes.shape[1] != 4:
         raise ValueError(f"{name}: boxes must be a FloatTensor[N, 4], got shape {tuple(boxes.shape)}")
     if not np.isfinite(boxes).all() or (boxes[:, 2:] < boxes[:, :2]).any():
@@ -173,115 +167,6 @@ def _masks(d: dict, name: str) -> torch.Tensor:
     if masks.ndim != 3:
         raise ValueError(f"{name}: masks must have shape [N, 1, H, W] or [N, H, W], got {tuple(d['masks'].shape)}")
     return masks
-
-
-def box_iou_coco(boxes1: torch.Tensor | np.ndarray, boxes2: torch.Tensor | np.ndarray, *,
-                 crowd: np.ndarray | None = None) -> np.ndarray:
-    """Box IoU as pycocotools computes it (``bbIou``): continuous coordinates, no +1.
-
-    Args:
-        boxes1: Float[N, 4] detections, xyxy pixels.
-        boxes2: Float[M, 4] ground truth, xyxy pixels.
-        crowd: Bool[M]; for a crowd box the union is the detection's area.
-
-    Returns:
-        Float64[N, M] IoU.
-    """
-    d = _xywh(boxes1)[:, None, :]  # [N, 1, 4]
-    g = _xywh(boxes2)[None, :, :]  # [1, M, 4]
-    w = np.minimum(d[..., 2] + d[..., 0], g[..., 2] + g[..., 0]) - np.maximum(d[..., 0], g[..., 0])
-    h = np.minimum(d[..., 3] + d[..., 1], g[..., 3] + g[..., 1]) - np.maximum(d[..., 1], g[..., 1])
-    inter = np.where((w > 0) & (h > 0), w * h, 0.0)
-    return _iou_from_counts(inter, d[..., 2] * d[..., 3], g[..., 2] * g[..., 3], crowd)
-
-
-def _xywh(boxes) -> np.ndarray:
-    b = _numpy(boxes).astype(np.float64).reshape(-1, 4)
-    return np.stack([b[:, 0], b[:, 1], b[:, 2] - b[:, 0], b[:, 3] - b[:, 1]], axis=1)
-
-
-def mask_iou_coco(pred_masks: torch.Tensor, gt_masks: torch.Tensor, *, crowd: np.ndarray | None = None,
-                  mask_threshold: float = 0.5) -> np.ndarray:
-    """Mask IoU as pycocotools computes it (``rleIou``), straight from dense masks.
-
-    On CPU every mask is read once in full (its row maxima), then only inside its bounding box, and
-    pixels are only compared where two boxes overlap. On CUDA the intersections are one exact
-    (float64) matrix product over the window that holds all foreground.
-
-    Args:
-        pred_masks: Float/UInt8/Bool[N, H, W]; foreground where ``> mask_threshold``.
-        gt_masks: UInt8/Bool[M, H, W]; foreground where ``> 0``. Same device as ``pred_masks``.
-        crowd: Bool[M]; for a crowd mask the union is the detection's area.
-        mask_threshold: binarisation threshold of ``pred_masks``.
-
-    Returns:
-        Float64[N, M] IoU (0 where the masks do not intersect).
-    """
-    if pred_masks.shape[0] == 0 or gt_masks.shape[0] == 0:
-        return np.zeros((pred_masks.shape[0], gt_masks.shape[0]))
-    count = _intersections_in_window if pred_masks.device.type != "cpu" else _intersections_by_box
-    inter, area_p, area_g = count(pred_masks, gt_masks, mask_threshold)
-    return _iou_from_counts(inter, area_p[:, None], area_g[None, :], crowd)
-
-
-def _iou_from_counts(inter: np.ndarray, area_d: np.ndarray, area_g: np.ndarray, crowd) -> np.ndarray:
-    """intersection / union, the union of a crowd GT being the detection's area; 0 without intersection."""
-    union = area_d + area_g - inter
-    if crowd is not None:
-        union = np.where(np.asarray(crowd, dtype=bool)[None, :], area_d, union)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        return np.where(inter > 0, inter / union, 0.0)
-
-
-def _binary_crops(masks: np.ndarray, threshold: float) -> tuple[list, np.ndarray]:
-    """Each mask's foreground (``> threshold``) cut to its bounding box.
-
-    Returns:
-        K Bool crops (None for an empty mask) and Int64[K, 4] boxes (y0, y1, x0, x1), end exclusive,
-        all zero for an empty mask.
-    """
-    rows = masks.max(axis=2) > threshold  # [K, H]: the one full pass over the masks
-    y0, y1 = rows.argmax(axis=1), rows.shape[1] - rows[:, ::-1].argmax(axis=1)
-    boxes = np.zeros((masks.shape[0], 4), dtype=np.int64)
-    crops = []
-    for k in range(masks.shape[0]):
-        if not rows[k, y0[k]]:
-            crops.append(None)
-            continue
-        band = masks[k, y0[k]:y1[k]]
-        cols = band.max(axis=0) > threshold
-        x0, x1 = cols.argmax(), cols.size - cols[::-1].argmax()
-        crops.append(band[:, x0:x1] > threshold)
-        boxes[k] = y0[k], y1[k], x0, x1
-    return crops, boxes
-
-
-def _intersections_by_box(pred_masks, gt_masks, mask_threshold) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Float64[N, M] intersections and the areas Float64[N], Float64[M], from per-mask crops (CPU)."""
-    p_crops, pb = _binary_crops(_numpy(pred_masks), mask_threshold)
-    g_crops, gb = _binary_crops(_numpy(gt_masks), 0)
-    y0, y1 = np.maximum(pb[:, None, 0], gb[None, :, 0]), np.minimum(pb[:, None, 1], gb[None, :, 1])
-    x0, x1 = np.maximum(pb[:, None, 2], gb[None, :, 2]), np.minimum(pb[:, None, 3], gb[None, :, 3])
-    inter = np.zeros((len(p_crops), len(g_crops)))
-    for n, m in zip(*np.nonzero((y0 < y1) & (x0 < x1))):
-        a = p_crops[n][y0[n, m] - pb[n, 0]:y1[n, m] - pb[n, 0], x0[n, m] - pb[n, 2]:x1[n, m] - pb[n, 2]]
-        b = g_crops[m][y0[n, m] - gb[m, 0]:y1[n, m] - gb[m, 0], x0[n, m] - gb[m, 2]:x1[n, m] - gb[m, 2]]
-        inter[n, m] = np.count_nonzero(a & b)
-    area = lambda crops: np.array([0 if c is None else np.count_nonzero(c) for c in crops], dtype=np.float64)
-    return inter, area(p_crops), area(g_crops)
-
-
-def _intersections_in_window(pred_masks, gt_masks, mask_threshold) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Same as :func:`_intersections_by_box` as one float64 matrix product (exact, no TF32) on any device."""
-    fg = (pred_masks > mask_threshold).any(0) | (gt_masks > 0).any(0)  # [H, W]
-    rows, cols = torch.nonzero(fg.any(1)).flatten(), torch.nonzero(fg.any(0)).flatten()
-    if rows.numel() == 0:
-        return np.zeros((pred_masks.shape[0], gt_masks.shape[0])), np.zeros(pred_masks.shape[0]), \
-            np.zeros(gt_masks.shape[0])
-    window = (slice(None), slice(int(rows[0]), int(rows[-1]) + 1), slice(int(cols[0]), int(cols[-1]) + 1))
-    p = (pred_masks[window] > mask_threshold).flatten(1).double()  # [N, h*w]
-    g = (gt_masks[window] > 0).flatten(1).double()  # [M, h*w]
-    return (p @ g.T).cpu().numpy(), p.sum(1).cpu().numpy(), g.sum(1).cpu().numpy()
 
 
 # --------------------------------------------------------------------------- matching
