@@ -1,6 +1,8 @@
 """covid_cls: lung-region crop, DenseNet121-3D classifier, metrics and GradCAM saliency on the input grid."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import nibabel as nib
 import numpy as np
 import pytest
@@ -164,7 +166,7 @@ def _model_with_head_sign(sign: float) -> torch.nn.Module:
 
 @pytest.mark.parametrize("method", ["gradcam", "gradcampp"])
 def test_saliency_is_nonzero_for_positive_and_negative_predictions(method):
-    image = torch.rand(1, 1, 64, 64, 32)
+    image = torch.rand(1, 1, 64, 32, 32)  # the target layer's grid is 2 x 1 x 1
     positive, negative = _model_with_head_sign(1.0), _model_with_head_sign(-1.0)
     with torch.no_grad():
         assert float(positive(image)) > 0 > float(negative(image))
@@ -194,7 +196,7 @@ def test_explainer_rejects_unknown_layer_and_method():
 def test_saliency_files_are_on_the_input_grid(tmp_path):
     affine = lps_affine()
     case, image, _ = write_case(tmp_path, "lps", affine=affine, shape=(70, 60, 20))
-    config = ClsConfig(roi_size=(64, 64, 32))
+    config = ClsConfig(roi_size=(64, 32, 32))
     model = _model_with_head_sign(-1.0)
     out = predict_case(case, model=model, config=config, device=torch.device("cpu"), saliency="gradcam")
     assert out["prediction"] == 0 and out["probability"] < 0.5 and out["label"] == 1
@@ -207,3 +209,89 @@ def test_saliency_files_are_on_the_input_grid(tmp_path):
     lung = nib.load(case["label_image"]).get_fdata() > 0
     assert saliency[lung].max() > 0  # the map lies over the lung region the network saw
     assert (tmp_path / "infer" / "lps_saliency.png").stat().st_size > 0
+
+
+def _phantom_datalist(root):
+    """dataset.json of phantom chest CTs (RAS and LPS) with lung masks and COVID-19 labels."""
+    import json
+
+    from datasets.synthetic import make_chest_volume
+
+    root.mkdir(parents=True, exist_ok=True)
+
+    def case(i, cls):
+        volume = make_chest_volume(seed=i, shape=(48, 48, 12), spacing=(6.0, 6.0, 20.0), cls=cls,
+                                   orientation="LPS" if i % 2 else "RAS")
+        for key, array in (("image", volume["image"]), ("lung", volume["lung"])):
+            nib.save(nib.Nifti1Image(array, volume["affine"]), root / f"chest{i}_{key}.nii.gz")
+        return {"image": f"chest{i}_image.nii.gz", "label_image": f"chest{i}_lung.nii.gz", "label": int(cls == 2)}
+
+    datalist = {"training": [case(0, 0), case(1, 2)], "validation": [case(2, 2), case(3, 1)]}
+    (root / "dataset.json").write_text(json.dumps(datalist))
+    return root / "dataset.json"
+
+
+def test_train_validate_infer_end_to_end(tmp_path, monkeypatch):
+    import csv
+    import json
+
+    import infer_volumetric
+    import train_volumetric
+    import validate_volumetric
+    from utils.checkpoint import load_checkpoint
+
+    for key, value in TINY_NET.items():
+        monkeypatch.setitem(covid_cls.TASK.network_kwargs, key, value)
+    datalist, run = _phantom_datalist(tmp_path / "data"), tmp_path / "run"
+    train_volumetric.main(train_volumetric.get_args_parser().parse_args(
+        ["--task", "covid_cls", "--datalist", str(datalist), "--epochs", "1", "--batch_size", "2",
+         "--roi_size", "32", "32", "32", "--mask_intensity", "--save_dir", str(run)]))
+    record = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
+    assert {"train_loss", "val_auc", "val_accuracy", "val_sensitivity", "val_specificity"} <= set(record)
+    ckpt = load_checkpoint(run / "checkpoint_best.pth")
+    assert ckpt["task_config"]["mask_intensity"] is True and ckpt["task_config"]["roi_size"] == [32, 32, 32]
+
+    summary = validate_volumetric.main(validate_volumetric.get_args_parser().parse_args(
+        ["--task", "covid_cls", "--ckpt", str(run / "checkpoint_best.pth"), "--datalist", str(datalist),
+         "--output", str(tmp_path / "val")]))
+    rows = list(csv.DictReader((tmp_path / "val" / "predictions.csv").open()))
+    assert [int(r["label"]) for r in rows] == [1, 0]
+    positive, negative = (float(r["probability"]) for r in rows)
+    assert summary["auc"] == (1.0 if positive > negative else 0.5 if positive == negative else 0.0)
+    metrics = dict(csv.reader((tmp_path / "val" / "metrics.csv").open()))
+    assert float(metrics["accuracy"]) == pytest.approx(((positive >= 0.5) + (negative < 0.5)) / 2)
+
+    out = tmp_path / "infer"
+    rows = infer_volumetric.main(infer_volumetric.get_args_parser().parse_args(
+        ["--task", "covid_cls", "--ckpt", str(run / "checkpoint_best.pth"), "--input", str(datalist),
+         "--section", "validation", "--saliency", "gradcampp", "--output", str(out)]))
+    assert len(rows) == 2 and (out / "predictions.csv").is_file()
+    for row in rows:
+        source = nib.load(tmp_path / "data" / f"{row['case']}.nii.gz")
+        saliency = nib.load(row["saliency"])
+        assert saliency.shape == source.shape
+        np.testing.assert_allclose(saliency.affine, source.affine, atol=1e-5)
+        assert np.asarray(saliency.dataobj).max() > 0 and Path(row["overlay"]).is_file()
+
+
+def test_infer_segments_the_lungs_when_no_mask_is_given(tmp_path):
+    from models.volumetric import get_task
+
+    class DarkIsLung(torch.nn.Module):
+        """Logits [x - t, t - x]: "lung" where the windowed intensity is below t."""
+
+        def forward(self, x):
+            return torch.cat([x - 0.4, 0.4 - x], dim=1)
+
+    case, image, _ = write_case(tmp_path, "scan", affine=lps_affine())
+    lung_task = get_task("lung_seg")
+    lung = (DarkIsLung(), lung_task, lung_task.make_config(spacing=(2.0, 2.0, 4.0), roi_size=(32, 32, 32)))
+    model, config = _model_with_head_sign(1.0), ClsConfig(roi_size=(32, 32, 32))
+    scan_only = {"image": case["image"], "case": "scan"}
+    with pytest.raises(ValueError, match="scan.*no lung mask.*--lung_ckpt"):
+        covid_cls.infer_cases([scan_only], model=model, config=config, device=torch.device("cpu"), output=tmp_path)
+    rows = covid_cls.infer_cases([scan_only], model=model, config=config, device=torch.device("cpu"),
+                                 output=tmp_path / "out", lung_model=lung, progress=False)
+    mask = nib.load(rows[0]["lung_mask"])
+    assert mask.shape == image.shape and np.asarray(mask.dataobj).any()
+    assert rows[0]["prediction"] == 1 and rows[0]["saliency"] == ""
