@@ -45,21 +45,21 @@ class ChestAnatomy:
 def sample_anatomy(rng: np.random.Generator) -> ChestAnatomy:
     """Draw one patient's anatomy (plain Python floats, so float32 grids stay float32)."""
     rng = _FloatRng(rng)
-    body_ax, body_ay = rng.uniform(0.80, 0.92), rng.uniform(0.58, 0.70)
+    body_ax, body_ay = rng.uniform(0.82, 0.93), rng.uniform(0.54, 0.64)
     fat, muscle = rng.uniform(0.03, 0.09), rng.uniform(0.04, 0.06)
     cav_ax = body_ax - fat - muscle - 0.03
-    med = rng.uniform(0.09, 0.13)
+    med = rng.uniform(0.05, 0.09)
     half = (cav_ax - med) / 2
-    lung_ax = (half * rng.uniform(0.92, 1.0), half * rng.uniform(0.97, 1.05))
+    lung_ax = (half * rng.uniform(1.02, 1.12), half * rng.uniform(1.06, 1.16))  # clipped by the rib cage
     body_cv = rng.uniform(-0.02, 0.05)
     harmonics = np.stack([rng.normal(0, 0.025, (2, 2, N_FOURIER)), rng.uniform(0, 2 * np.pi, (2, 2, N_FOURIER))], -1)
     return ChestAnatomy(
         body_ax=body_ax, body_ay=body_ay, body_cv=body_cv, fat=fat, muscle=muscle,
         rotation=float(np.deg2rad(rng.uniform(-4, 4))),
-        lung_ax=lung_ax, lung_ay=(body_ay - fat - muscle - 0.03) * rng.uniform(0.86, 0.95),
+        lung_ax=lung_ax, lung_ay=(body_ay - fat - muscle - 0.03) * rng.uniform(0.95, 1.05),
         lung_cu=(med + lung_ax[0], -(med + lung_ax[1])), lung_cv=body_cv + rng.uniform(0.0, 0.05),
         lung_square=rng.uniform(0.03, 0.07), lung_harmonics=harmonics,
-        dome_t=(rng.uniform(0.16, 0.26), rng.uniform(0.24, 0.34)),
+        dome_t=(rng.uniform(0.12, 0.2), rng.uniform(0.18, 0.26)),
         heart=(rng.uniform(0.08, 0.16), body_cv + rng.uniform(-0.26, -0.18), rng.uniform(0.24, 0.32),
                rng.uniform(0.22, 0.27), rng.uniform(0.22, 0.28)),
         spine_v=body_cv + body_ay - fat - muscle - rng.uniform(0.17, 0.21),
@@ -95,6 +95,18 @@ def ellipse_radius(du, dv, ax, ay, p: float = 2.0):
     if p == 2.0:
         return np.sqrt(x * x + y * y)
     return (np.abs(x) ** p + np.abs(y) ** p) ** (1.0 / p)
+
+
+def body_radius(a: ChestAnatomy, u, v, t):
+    """Normalised radius of the body outline (1 = skin); the chest widens toward the shoulders."""
+    pu, pv = rotate(a, u, v)
+    grow = 1.0 + 0.06 * np.clip(np.asarray(t, np.float32) - 0.7, 0, None)
+    return ellipse_radius(pu, pv - a.body_cv, a.body_ax * grow, a.body_ay)
+
+
+def cavity_edge(a: ChestAnatomy) -> float:
+    """Body radius (``body_radius`` units) of the inner chest wall, where the ribs and pleura lie."""
+    return 1.0 - (a.fat + a.muscle) / a.body_ax
 
 
 def lung_scale(t):
@@ -150,19 +162,61 @@ def lung_box(a: ChestAnatomy) -> tuple[float, float, float, float]:
             a.lung_cv - reach * a.lung_ay, a.lung_cv + reach * a.lung_ay)
 
 
+def lung_fields(a: ChestAnatomy, u, v, t) -> np.ndarray:
+    """Smooth fields whose signs make the lungs: float32 [5, ...], a lung where all of a side's are > 0.
+
+    Rows: left level, right level, height above the left and the right diaphragm, and the margin
+    from the structures that no lung enters (heart, spine, the midline band).
+    """
+    pu, pv = rotate(a, u, v)
+    midline = np.abs(pu) - (0.045 + 0.05 * np.clip((a.spine_v - pv) / 0.04, 0, 1))
+    aorta = np.hypot(pu - 0.11, pv - a.spine_v + 0.1) - 0.075
+    margin = np.minimum(np.minimum(-0.25 - heart_level(a, u, v, t), np.hypot(pu, (pv - a.spine_v) * 1.1) - 0.15),
+                        np.minimum(midline, aorta))
+    margin = np.minimum(margin, (cavity_edge(a) - 0.01 - body_radius(a, u, v, t)) * a.body_ax)
+    fields = [lung_level(a, 0, u, v, t), lung_level(a, 1, u, v, t),
+              t - diaphragm_t(a, 0, u, v), t - diaphragm_t(a, 1, u, v), margin]
+    return np.stack(np.broadcast_arrays(*fields)).astype(np.float32)
+
+
+def labels_from_fields(fields: np.ndarray):
+    """Lung labels (0 outside, 1 left, 2 right) and level (positive inside) from ``lung_fields``."""
+    left = (fields[0] > 0) & (fields[2] > 0) & (fields[4] > 0)
+    right = (fields[1] > 0) & (fields[3] > 0) & (fields[4] > 0) & ~left
+    labels = np.where(left, 1, np.where(right, 2, 0)).astype(np.uint8)
+    level = np.where(left, fields[0], np.where(right, fields[1], -1.0)).astype(np.float32)
+    return labels, level
+
+
 def lung_labels(a: ChestAnatomy, u, v, t):
     """Lung label map (0 outside, 1 left, 2 right) and the level (distance-like, positive inside).
 
     Returns:
         (labels uint8, level float32) broadcast to the shape of ``u, v, t``.
     """
-    levels = [lung_level(a, side, u, v, t) for side in (0, 1)]
-    below = [t < diaphragm_t(a, side, u, v) for side in (0, 1)]
-    pu, pv = rotate(a, u, v)
-    excluded = (heart_level(a, u, v, t) > -0.25) | (np.hypot(pu, (pv - a.spine_v) * 1.1) < 0.16)
-    excluded = excluded | (np.abs(pu) < 0.07 + 0.05 * (pv < a.spine_v))
-    left = (levels[0] > 0) & ~below[0] & ~excluded
-    right = (levels[1] > 0) & ~below[1] & ~excluded & ~left
-    labels = np.where(left, 1, np.where(right, 2, 0)).astype(np.uint8)
-    level = np.where(left, levels[0], np.where(right, levels[1], -1.0)).astype(np.float32)
-    return labels, level
+    return labels_from_fields(lung_fields(a, u, v, t))
+
+
+def lung_labels_grid(a: ChestAnatomy, u: np.ndarray, v: np.ndarray, t: float, coarse: int = 96) -> np.ndarray:
+    """Lung labels on the grid ``u`` [W] x ``v`` [H], the smooth fields evaluated on a coarser grid.
+
+    Returns:
+        uint8 [H, W] (0 outside, 1 left, 2 right).
+    """
+    if len(u) <= coarse and len(v) <= coarse:
+        return lung_labels(a, u[None, :], v[:, None], t)[0]
+    uc = np.linspace(u[0], u[-1], min(len(u), coarse), dtype=np.float32)
+    vc = np.linspace(v[0], v[-1], min(len(v), coarse), dtype=np.float32)
+    fields = lung_fields(a, uc[None, :], vc[:, None], t)
+    return labels_from_fields(_resample(_resample(fields, uc, u, 2), vc, v, 1))[0]
+
+
+def _resample(x: np.ndarray, src: np.ndarray, dst: np.ndarray, axis: int) -> np.ndarray:
+    """Linear interpolation of ``x`` along ``axis`` from sample points ``src`` to ``dst`` (both increasing)."""
+    pos = np.interp(dst, src, np.arange(len(src), dtype=np.float32))
+    i0 = np.clip(np.floor(pos).astype(int), 0, len(src) - 2)
+    w = (pos - i0).astype(np.float32)
+    shape = [1] * x.ndim
+    shape[axis] = len(dst)
+    w = w.reshape(shape)
+    return np.take(x, i0, axis) * (1 - w) + np.take(x, i0 + 1, axis) * w

@@ -8,7 +8,7 @@ from scipy import ndimage
 
 from datasets.conventions import MASK_BACKGROUND, MASK_LUNG
 
-from .anatomy import LUNG_HEIGHT, ChestAnatomy, lung_box, lung_labels, sample_anatomy, window
+from .anatomy import LUNG_HEIGHT, ChestAnatomy, lung_box, lung_labels_grid, sample_anatomy, window
 from .lesions import LESION_CONSOLIDATION, LESION_GGO, Lesion, lesion_fields, sample_lesions
 from .tissues import HU_BLOOD, TISSUE_LUNG, paint_tissues
 from .vessels import VesselTree, make_vessel_tree, vessel_fraction
@@ -44,7 +44,7 @@ def make_patient(*, seed: int, cls: int, halo: bool | None = None) -> Patient:
 
 def smooth_noise(rng: np.random.Generator, shape, sigma: float) -> np.ndarray:
     """Gaussian-smoothed white noise with unit standard deviation (float32)."""
-    field = ndimage.gaussian_filter(rng.standard_normal(shape, dtype=np.float32), sigma)
+    field = ndimage.gaussian_filter(rng.standard_normal(shape, dtype=np.float32), sigma, truncate=2.5)
     return field / max(float(field.std()), 1e-6)
 
 
@@ -69,7 +69,7 @@ def render_slice(p: Patient, t: float, u: np.ndarray, v: np.ndarray, rng: np.ran
     hu, tissue, body, cavity = paint_tissues(a, uu, vv, t)
     lung = np.zeros(hu.shape, np.uint8)
     rows, cols = window(uu, vv, lung_box(a))
-    lung[rows, cols] = lung_labels(a, uu[:, cols], vv[rows], t)[0]
+    lung[rows, cols] = lung_labels_grid(a, u[cols], v[rows], t)
     lung[~cavity] = 0
     lesion, lesion_hu, strength = lesion_fields(p.lesions, t, uu, vv)
     lesion[lung == 0] = 0
@@ -84,15 +84,18 @@ def _lung_hu(p: Patient, t, uu, vv, px, rng, lesion, lesion_hu, strength) -> np.
     """Parenchyma (gravity gradient, texture), vessels, then ground-glass and consolidation."""
     a = p.anatomy
     shape = lesion.shape
-    parenchyma = a.lung_hu + 30.0 * (vv - a.lung_cv) / a.lung_ay + 16.0 * smooth_noise(rng, shape, 1.3)
+    texture = smooth_noise(rng, shape, 1.3)
+    # gravity gradient (dependent lung denser), fine texture, sparse sub-resolution vessels
+    parenchyma = a.lung_hu + 30.0 * (vv - a.lung_cv) / a.lung_ay + 16.0 * texture
+    parenchyma = parenchyma + 260.0 * np.clip(texture - 2.4, 0, None)
     frac = vessel_fraction(p.vessels, t, shape, px)
     hu = parenchyma + frac * (HU_BLOOD - parenchyma)
     if not lesion.any():
         return hu
-    texture = smooth_noise(rng, shape, 1.5)
     ggo = parenchyma + strength * (lesion_hu + 35.0 * texture - parenchyma)
     hu = np.where(lesion == LESION_GGO, np.maximum(hu, ggo), hu)
     cons = hu + strength * (lesion_hu + 20.0 * texture - hu)
+    cons = np.where(frac > 0.9, parenchyma + 60.0, cons)  # air bronchograms along the larger branches
     return np.where(lesion == LESION_CONSOLIDATION, cons, hu)
 
 

@@ -77,9 +77,9 @@ def covid_lesions(a: ChestAnatomy, rng) -> list[Lesion]:
     """Bilateral, peripheral, multifocal ground-glass, some with consolidation inside."""
     out = []
     for side in (0, 1):
-        for i in range(rng.integers(1, 6)):
+        for i in range(rng.integers(2, 6)):
             centre = _place(a, side, rng, peripheral=True)
-            radius = float(np.exp(rng.uniform(np.log(0.07 if i == 0 else 0.03), np.log(0.2))))
+            radius = float(np.exp(rng.uniform(np.log(0.09 if i == 0 else 0.03), np.log(0.22))))
             out.append(make_lesion(rng, LESION_GGO, centre, radius, side, _ggo_hu(rng)))
             if rng.random() < 0.35:
                 out.append(make_lesion(rng, LESION_CONSOLIDATION, centre, 0.45 * radius, side, _cons_hu(rng), 0.35))

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .anatomy import ChestAnatomy, diaphragm_t, ellipse_radius, heart_level, rotate, window
+from .anatomy import ChestAnatomy, body_radius, cavity_edge, diaphragm_t, ellipse_radius, heart_level, rotate, window
 
 # Tissue codes of the ``tissue`` map returned with each slice.
 TISSUE_AIR, TISSUE_FAT, TISSUE_SOFT, TISSUE_BONE, TISSUE_LUNG, TISSUE_AIRWAY = range(6)
@@ -27,32 +27,27 @@ def paint_body(a: ChestAnatomy, hu, tissue, u, v, t):
     r = body_radius(a, u, v, t)
     body = r < 1.0
     paint(hu, tissue, body, a.fat_hu, TISSUE_FAT)
-    inner = 1.0 - a.fat / a.body_ax
-    paint(hu, tissue, r < inner, HU_SOFT, TISSUE_SOFT)
-    cavity = r < inner - a.muscle / a.body_ax
+    paint(hu, tissue, r < 1.0 - a.fat / a.body_ax, HU_SOFT, TISSUE_SOFT)
+    cavity = r < cavity_edge(a)
     paint(hu, tissue, cavity, a.fat_hu + 10.0, TISSUE_FAT)
     return body, cavity, r
 
 
-def body_radius(a: ChestAnatomy, u, v, t):
-    """Normalised radius of the body outline (1 = skin); the chest widens toward the shoulders."""
-    pu, pv = rotate(a, u, v)
-    grow = 1.0 + 0.06 * max(t - 0.7, 0.0)
-    return ellipse_radius(pu, pv - a.body_cv, a.body_ax * grow, a.body_ay)
-
-
 def paint_ribs(a: ChestAnatomy, hu, tissue, u, v, t, r) -> None:
     """Rib cross-sections: a broken ring just outside the pleura (``r``: body radius), sternum in front."""
-    pu, pv = rotate(a, u, v)
-    inner = 1.0 - (a.fat + a.muscle) / a.body_ax
-    ring = (r > inner - 0.012) & (r < inner + 0.028)
+    edge = cavity_edge(a)
+    idx = np.nonzero((r > edge - 0.005) & (r < edge + 0.035))
+    pu, pv = rotate(a, np.broadcast_to(u, r.shape)[idx], np.broadcast_to(v, r.shape)[idx])
     theta = np.arctan2(pv - a.body_cv, pu)
-    bands = np.cos(7 * np.abs(theta) + a.rib_phase + 55.0 * t) > 0.25
-    front = (np.abs(pu) < 0.22) & (pv < a.body_cv)
-    paint(hu, tissue, ring & bands & ~front, HU_CORTEX * 0.75, TISSUE_BONE)
+    rib = (np.cos(7 * np.abs(theta) + a.rib_phase + 55.0 * t) > 0.45) & ~((np.abs(pu) < 0.22) & (pv < a.body_cv))
+    hu[idx[0][rib], idx[1][rib]] = HU_CORTEX * 0.75
+    tissue[idx[0][rib], idx[1][rib]] = TISSUE_BONE
     if 0.25 < t < 0.95:
-        sternum = ellipse_radius(pu, pv - (a.body_cv - a.body_ay + a.fat + 0.04), 0.07, 0.028) < 1
-        paint(hu, tissue, sternum, HU_CORTEX * 0.7, TISSUE_BONE)
+        cv = a.body_cv - a.body_ay + a.fat + 0.04
+        rows, cols = window(u, v, (-0.12, 0.12, cv - 0.08, cv + 0.08))
+        pu, pv = rotate(a, u[:, cols], v[rows])
+        sternum = ellipse_radius(pu, pv - cv, 0.07, 0.028) < 1
+        paint(hu[rows, cols], tissue[rows, cols], sternum, HU_CORTEX * 0.7, TISSUE_BONE)
 
 
 def paint_spine(a: ChestAnatomy, hu, tissue, u, v, t) -> None:

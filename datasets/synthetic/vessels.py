@@ -53,9 +53,18 @@ def sample_in_lung(a: ChestAnatomy, side: int, n: int, rng: np.random.Generator)
 
 
 def _segment(p0: np.ndarray, p1: np.ndarray, r: float, out: list) -> None:
-    n = max(2, int(np.ceil(np.linalg.norm(p1 - p0) / STEP)) + 1)
-    w = np.linspace(0.0, 1.0, n)[:, None]
-    out.append((p0 + w * (p1 - p0), np.full(n, r)))
+    out.append((p0, p1, r))
+
+
+def sample_segments(segments: list) -> tuple[np.ndarray, np.ndarray]:
+    """Centre-line points every ``STEP`` along segments ``(p0, p1, radius)``: ([N, 3], [N])."""
+    p0 = np.array([s[0] for s in segments])
+    p1 = np.array([s[1] for s in segments])
+    radius = np.array([s[2] for s in segments])
+    n = np.maximum(2, np.ceil(np.linalg.norm(p1 - p0, axis=1) / STEP).astype(int) + 1)
+    seg = np.repeat(np.arange(len(segments)), n)
+    w = (np.arange(len(seg)) - np.repeat(np.cumsum(n) - n, n)) / np.repeat(n - 1, n)
+    return p0[seg] + w[:, None] * (p1 - p0)[seg], radius[seg]
 
 
 def grow_tree(hilum: np.ndarray, targets: np.ndarray, rng: np.random.Generator, out: list) -> None:
@@ -77,7 +86,7 @@ def grow_tree(hilum: np.ndarray, targets: np.ndarray, rng: np.random.Generator, 
         stack.append((end, pts[order[half:]]))
 
 
-def make_vessel_tree(a: ChestAnatomy, rng: np.random.Generator, *, n_targets: int = 640) -> VesselTree:
+def make_vessel_tree(a: ChestAnatomy, rng: np.random.Generator, *, n_targets: int = 1024) -> VesselTree:
     """Vessel trees of both lungs of one patient."""
     out: list = []
     c, s = np.cos(a.rotation), np.sin(a.rotation)
@@ -85,9 +94,8 @@ def make_vessel_tree(a: ChestAnatomy, rng: np.random.Generator, *, n_targets: in
         pu, pv = 0.6 * a.lung_cu[side], a.spine_v - 0.25
         hilum = np.array([c * pu - s * pv, s * pu + c * pv, 0.55 * LUNG_HEIGHT])
         grow_tree(hilum, sample_in_lung(a, side, n_targets, rng), rng, out)
-    points = np.concatenate([p for p, _ in out]).astype(np.float32)
-    radius = np.concatenate([r for _, r in out]).astype(np.float32)
-    return VesselTree(points=points, radius=radius)
+    points, radius = sample_segments(out)
+    return VesselTree(points=points.astype(np.float32), radius=radius.astype(np.float32))
 
 
 def vessel_fraction(tree: VesselTree, t: float, shape: tuple[int, int], px: float) -> np.ndarray:

@@ -82,7 +82,7 @@ def slice_name(cls: int, pid: int, t: float, used: set) -> str:
 
 
 def _save_png(path: Path, array: np.ndarray) -> None:
-    Image.fromarray(array).save(path, compress_level=3)
+    Image.fromarray(array).save(path, compress_level=1)
 
 
 def _seg_patient(task: dict) -> list[dict]:
