@@ -343,6 +343,19 @@ def test_bad_inputs_name_the_image():
         mean_average_precision(bad, targets)
 
 
+def test_bad_boxes_and_crowd_flags_are_rejected():
+    targets = [_gt([_box(0, 0, 10, 10)], [1])]
+    with pytest.raises(ValueError, match=r"predictions\[0\]: boxes must be finite xyxy"):
+        mean_average_precision([_det([_box(5, 0, 2, 10)], [0.9], [1])], targets, iou_type="bbox")
+    with pytest.raises(ValueError, match=r"predictions\[0\]: boxes must be a FloatTensor\[N, 4\]"):
+        mean_average_precision([{**_det([], [], []), "boxes": torch.zeros(3)}], targets, iou_type="bbox")
+    with pytest.raises(ValueError, match=r"targets\[0\]: iscrowd has 2 entries for 1 boxes"):
+        mean_average_precision([_det([], [], [])], [{**targets[0], "iscrowd": torch.zeros(2)}], iou_type="bbox")
+    with pytest.raises(ValueError, match=r"predictions\[0\]: masks must have shape"):
+        mean_average_precision([{**_det([_box(0, 0, 1, 1)], [0.9], [1]), "masks": torch.zeros(1, 2, 4, 4)}],
+                               [{**targets[0], "masks": torch.zeros(1, 4, 4)}], iou_type="segm")
+
+
 def test_non_finite_scores_are_rejected():
     preds, targets = _random_dataset(5)
     preds = [{**p, "scores": torch.full_like(p["scores"], float("nan"))} for p in preds]

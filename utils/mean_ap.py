@@ -107,7 +107,7 @@ def _check_options(iou_type, iou_thresholds, style, max_detections, n_pred, n_ta
     return thresholds
 
 
-# --------------------------------------------------------------------------- inputs and IoU
+# --------------------------------------------------------------------------- inputs
 
 def _prepare_image(pred: dict, target: dict, *, index: int, iou_type: str, mask_threshold: float) -> _Image:
     """Validate one image's dicts and compute its prediction x GT IoU matrix."""
@@ -125,7 +125,7 @@ def _prepare_image(pred: dict, target: dict, *, index: int, iou_type: str, mask_
         if len(p_masks) and len(g_masks) and p_masks.shape[1:] != g_masks.shape[1:]:
             raise ValueError(f"image {index}: prediction masks are {tuple(p_masks.shape[1:])} but target masks "
                              f"are {tuple(g_masks.shape[1:])}")
-        ious = mask_iou_coco(p_masks, g_masks, crowd=crowd, mask_threshold=mask_threshold)
+        ious = mask_iou_coco(p_masks, g_masks.to(p_masks.device), crowd=crowd, mask_threshold=mask_threshold)
     return _Image(scores=scores, labels=to_numpy(pred["labels"]).astype(np.int64),
                   gt_labels=to_numpy(target["labels"]).astype(np.int64), crowd=crowd, ious=ious)
 
