@@ -88,7 +88,8 @@ def _jitter_box(rng, box: list[float]) -> list[float]:
 
 
 def make_slice(rng, *, size: int, mask_format: str) -> tuple[dict, dict]:
-    """One slice: about 2 GT lesions (none on 15% of slices) and 5 predictions (hits, duplicates, false positives)."""
+    """One slice: about 2 GT lesions (none on 15% of slices) and 5 predictions (hits, duplicates and
+    false positives), as model outputs."""
     lesions = [] if rng.random() < 0.15 else [_lesion(rng, size) for _ in range(int(rng.integers(1, 5)))]
     gt_labels = rng.integers(1, 3, len(lesions))
     shapes, labels, scores = [], [], []
@@ -107,7 +108,8 @@ def make_slice(rng, *, size: int, mask_format: str) -> tuple[dict, dict]:
     boxes = [_jitter_box(rng, _draw_ellipse(probs[i, 0], *shape, soft=True)) for i, shape in enumerate(shapes)]
     masks = torch.from_numpy(probs) if mask_format == "prob" else torch.from_numpy(probs > 0.5).to(torch.uint8)
     prediction = {"boxes": torch.tensor(boxes, dtype=torch.float32), "masks": masks,
-                  "scores": torch.tensor(scores, dtype=torch.float32), "labels": torch.tensor(labels, dtype=torch.int64)}
+                  "scores": torch.tensor(scores, dtype=torch.float32),
+                  "labels": torch.tensor(labels, dtype=torch.int64)}
     target = {"boxes": torch.tensor(gt_boxes, dtype=torch.float32).reshape(-1, 4),
               "labels": torch.tensor(gt_labels, dtype=torch.int64), "masks": torch.from_numpy(gt.astype(np.uint8))}
     return prediction, target
@@ -211,7 +213,7 @@ def compare(predictions, targets, *, iou_type: str, repeat: int, peers: dict) ->
         diff = np.abs(ours - values).max()
         if name == "pycocotools":
             assert diff < 1e-6, f"{iou_type}: ours {ours} differs from pycocotools {values} by {diff:.2e}"
-        line += f" | {name} {peer_s:7.3f} s ({peer_s / ours_s:4.1f}x slower than ours, max |diff| {diff:.1e})"
+        line += f" | {name} {peer_s:7.3f} s, ratio {peer_s / ours_s:4.1f}x (max |diff| {diff:.1e})"
     print(line)
     print(f"      AP@[.5:.95] {ours[0]:.4f}  AP50 {ours[1]:.4f}  AP75 {ours[2]:.4f}")
 
@@ -228,6 +230,7 @@ def main(args: argparse.Namespace) -> None:
     peers = {"pycocotools": run_pycocotools}
     if not args.skip_faster_coco_eval:
         peers["faster-coco-eval"] = run_faster_coco_eval
+    print("ratio = the peer's time / our time (above 1: ours is faster); |diff| = largest AP difference to ours")
     for iou_type in ("segm", "bbox"):
         compare(predictions, targets, iou_type=iou_type, repeat=args.repeat, peers=peers)
 

@@ -16,9 +16,10 @@ convention (``w = x2 - x1``, no +1); crowd IoU divides by the detection's area.
 with its published table. In each image the detections (all classes, top ``max_detections`` by
 score) are matched as above, except a detection only matches GT of its own label; AP is the
 all-point area under the interpolated precision/recall curve (VOC/Matterport style). Unlike the
-original, a detection matches at most one GT. Image conventions, as in the original's evaluation:
-an image with neither GT nor detections scores 1; an image with GT but no detection, or detections
-but no GT, scores 0; every image counts in the overall mean. Per class, the mean is over the images
+original, a detection matches at most one GT, a match needs IoU >= threshold (the original used >),
+and score ties keep their input order (stable sort). Image conventions, as in the original's
+evaluation: an image with neither GT nor detections scores 1; an image with GT but no detection, or
+detections but no GT, scores 0; every image counts in the overall mean. Per class, the mean is over the images
 where that class has GT or a detection (images without the class carry no information about it).
 Crowd GT behaves as in ``"coco"``: not counted as GT; detections matched to it are dropped.
 

@@ -194,8 +194,8 @@ def _xywh(boxes) -> np.ndarray:
     return np.stack([b[:, 0], b[:, 1], b[:, 2] - b[:, 0], b[:, 3] - b[:, 1]], axis=1)
 
 
-def mask_iou_coco(pred_masks: torch.Tensor | np.ndarray, gt_masks: torch.Tensor | np.ndarray, *, crowd: np.ndarray | None = None,
-                  mask_threshold: float = 0.5) -> np.ndarray:
+def mask_iou_coco(pred_masks: torch.Tensor | np.ndarray, gt_masks: torch.Tensor | np.ndarray, *,
+                  crowd: np.ndarray | None = None, mask_threshold: float = 0.5) -> np.ndarray:
     """Mask IoU as pycocotools computes it (``rleIou``), straight from dense masks.
 
     On CPU every mask is read once in full (its row maxima), then only inside its bounding box, and
