@@ -79,8 +79,15 @@ class ClsConfig:
             raise ValueError(f"threshold must lie in (0, 1), got {self.threshold}")
 
     def replace(self, **changes: Any) -> "ClsConfig":
-        """A copy with ``changes`` applied (None values are ignored), validated again."""
-        changes = {k: _as_tuple(v) for k, v in changes.items() if v is not None and k in self._names()}
+        """A copy with ``changes`` applied (None values are ignored), validated again.
+
+        Raises:
+            ValueError: for a given setting the classifier does not have (e.g. ``spacing``).
+        """
+        changes = {k: _as_tuple(v) for k, v in changes.items() if v is not None}
+        unknown = sorted(set(changes) - self._names())
+        if unknown:
+            raise ValueError(f"covid_cls has no setting {unknown}; its settings are {sorted(self._names())}")
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict:
