@@ -43,9 +43,12 @@ def make_patient(*, seed: int, cls: int, halo: bool | None = None) -> Patient:
 
 
 def smooth_noise(rng: np.random.Generator, shape, sigma: float) -> np.ndarray:
-    """Gaussian-smoothed white noise with unit standard deviation (float32)."""
+    """Gaussian-smoothed white noise with unit standard deviation (float32 [H, W])."""
     field = ndimage.gaussian_filter(rng.standard_normal(shape, dtype=np.float32), sigma, truncate=2.5)
-    return field / max(float(field.std()), 1e-6)
+    radius = int(2.5 * sigma + 0.5)
+    kernel = np.exp(-0.5 * (np.arange(-radius, radius + 1) / sigma) ** 2)
+    kernel /= kernel.sum()
+    return field * np.float32(1.0 / float((kernel ** 2).sum()) ** (len(shape) / 2))
 
 
 def render_slice(p: Patient, t: float, u: np.ndarray, v: np.ndarray, rng: np.random.Generator) -> dict:
