@@ -9,6 +9,8 @@ import torchvision
 from torchvision.models.detection.roi_heads import paste_masks_in_image
 
 from models.mask_net import maskrcnn_resnet_fpn
+from models.mask_net.fusion import WinogradConv2d
+from models.mask_net.mask_head import MaskPredictor
 from models.mask_net.paste import paste_masks
 
 LOSS_KEYS = {"loss_objectness", "loss_rpn_box_reg", "loss_classifier", "loss_box_reg", "loss_mask"}
@@ -228,6 +230,7 @@ def test_folded_batchnorm_gives_the_same_detections(norm):
     before = {k: v.clone() for k, v in model.state_dict().items()}
     fused = model.fuse_for_inference()
     assert not any(isinstance(m, (torch.nn.BatchNorm2d, torchvision.ops.FrozenBatchNorm2d)) for m in fused.modules())
+    assert any(isinstance(m, WinogradConv2d) for m in fused.modules())
     image = [torch.rand(3, 64, 72)]
     with torch.inference_mode():
         (want,), (got,) = model(image), fused(image)
@@ -247,6 +250,16 @@ def test_batchnorm_affine_trainable_with_frozen_statistics():
     sum(model([torch.rand(3, 64, 64)], [lesion_target(64, 64, 1)]).values()).backward()
     assert all(torch.equal(s, m.running_mean) for s, m in zip(stats, norms))
     assert all(m.weight.grad is not None for m in norms)
+
+
+def test_mask_logits_for_labels_equal_full_prediction():
+    torch.manual_seed(0)
+    predictor = MaskPredictor(32, 16, num_classes=3)
+    torch.nn.init.normal_(predictor.conv5_mask.bias)
+    torch.nn.init.normal_(predictor.mask_fcn_logits.bias)
+    x, labels = torch.randn(5, 32, 14, 14), torch.tensor([1, 2, 0, 2, 1])
+    full = predictor(x)[torch.arange(5), labels][:, None]
+    torch.testing.assert_close(predictor.forward_for_labels(x, labels), full, atol=1e-5, rtol=1e-5)
 
 
 def test_paste_masks_matches_torchvision():

@@ -6,6 +6,7 @@ In eval mode ``bn(conv(x)) = conv'(x)`` with ``w' = w * g / sqrt(v + eps)`` and
 """
 from __future__ import annotations
 
+import torch
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 from torchvision.ops import FrozenBatchNorm2d
@@ -47,3 +48,36 @@ def _as_batchnorm(frozen: FrozenBatchNorm2d) -> nn.BatchNorm2d:
     for name in ("weight", "bias", "running_mean", "running_var"):
         getattr(bn, name).data.copy_(getattr(frozen, name))
     return bn
+
+
+class WinogradConv2d(nn.Conv2d):
+    """A 3x3, stride-1 convolution that runs NNPACK's Winograd kernels for CPU float32 inference.
+
+    Same parameters and results (to about 1e-5 relative) as ``nn.Conv2d``; about 2-3x fewer
+    multiplications. Falls back to ``nn.Conv2d`` on other devices and dtypes, when NNPACK is not
+    built in, and whenever gradients are needed.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        needs_grad = torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)
+        if x.device.type != "cpu" or x.dtype != torch.float32 or needs_grad or not torch._nnpack_available():
+            return super().forward(x)
+        return torch._nnpack_spatial_convolution(x.contiguous(), self.weight, self.bias, list(self.padding), [1, 1])
+
+
+def _winograd_eligible(conv: nn.Module) -> bool:
+    return (type(conv) is nn.Conv2d and conv.kernel_size == (3, 3) and conv.stride == (1, 1)
+            and conv.dilation == (1, 1) and conv.groups == 1 and conv.padding_mode == "zeros")
+
+
+def use_winograd_convolutions(model: nn.Module) -> nn.Module:
+    """Replace, in place, every eligible 3x3 stride-1 ``nn.Conv2d`` by a :class:`WinogradConv2d` sharing its parameters."""
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if _winograd_eligible(child):
+                fast = WinogradConv2d(child.in_channels, child.out_channels, 3, padding=child.padding,
+                                      bias=child.bias is not None, device="meta")
+                fast.weight = child.weight
+                fast.bias = child.bias
+                setattr(module, name, fast)
+    return model

@@ -80,14 +80,15 @@ class MaskRCNN(nn.Module):
         return self.transform.postprocess(detections, batch.image_sizes, original_sizes)
 
     def fuse_for_inference(self) -> "MaskRCNN":
-        """A copy in eval mode with every BatchNorm folded into the preceding convolution.
+        """A copy for inference: eval mode, BatchNorm folded into the convolutions, Winograd 3x3 convolutions.
 
-        The copy gives the same detections (up to float rounding) faster; it has a different
-        state dict and is not meant for training. This model is left unchanged.
+        The copy gives the same detections (up to float rounding, about 1e-5 relative) faster on
+        CPU; its state dict differs (no BatchNorm entries) and it is not meant for training. This
+        model is unchanged.
         """
-        from .fusion import fold_batchnorm
+        from .fusion import fold_batchnorm, use_winograd_convolutions
 
-        return fold_batchnorm(copy.deepcopy(self).eval())
+        return use_winograd_convolutions(fold_batchnorm(copy.deepcopy(self).eval()))
 
 
 def check_targets(targets: list[dict] | None, num_images: int, *, need_masks: bool) -> None:
