@@ -167,8 +167,12 @@ def test_bad_arguments_are_named():
         make_chest_volume(seed=0, shape=(32, 32), spacing=(1, 1, 1), cls=0)
     with pytest.raises(ValueError, match="spacing"):
         make_abdomen_volume(seed=0, shape=(32, 32, 8), spacing=(1, 0, 1))
+    with pytest.raises(ValueError, match="size must be"):
+        make_chest_slice(seed=0, size=(8, 8), cls=0)
     with pytest.raises(ValueError, match="outputs"):
         generate_dataset("/nonexistent", outputs=("seg", "dicom"))
+    with pytest.raises(ValueError, match="image_size"):
+        generate_dataset("/nonexistent", image_size=16)
 
 
 def test_seg_layout_and_lesion_mix(phantom):
