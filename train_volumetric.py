@@ -69,7 +69,8 @@ def add_config_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--hu_window", type=float, nargs=2, default=None, help="HU clip range (default: -1500 500 lung_seg, -1000 500 lesion_seg)")
     group.add_argument("--overlap", type=float, nargs="+", default=None, help="window overlap, one value or x y z (default: 0.25)")
     group.add_argument("--sw_batch_size", type=int, default=None, help="windows per network call (default: 4)")
-    group.add_argument("--no_body_crop", action="store_true", help="slide windows over the whole volume, not just the body box (default: body box)")
+    group.add_argument("--crop_region", choices=("body", "lung", "none"), default=None,
+                       help="region the windows cover, background elsewhere (default: the task's, body for lung_seg, lung for lesion_seg)")
     group.add_argument("--strict_hu", action="store_true", help="refuse volumes that do not look like HU instead of warning (default: warn)")
 
 
@@ -99,7 +100,7 @@ def config_overrides(args: argparse.Namespace) -> dict:
     """The config flags that were given, as :meth:`Task.make_config` keywords."""
     overlap = args.overlap[0] if args.overlap and len(args.overlap) == 1 else args.overlap
     return {"roi_size": args.roi_size, "spacing": args.spacing, "hu_window": args.hu_window, "overlap": overlap,
-            "sw_batch_size": args.sw_batch_size, "body_crop": False if args.no_body_crop else None,
+            "sw_batch_size": args.sw_batch_size, "crop_region": args.crop_region,
             "strict_hu": True if args.strict_hu else None, **_task_config_overrides(args)}
 
 

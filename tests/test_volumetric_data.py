@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from datasets.io import NotHUWarning
 from models.volumetric import get_task
 from models.volumetric.common import IMAGE_KEY, LABEL_KEY, LoadVolumed, load_cases
 from models.volumetric.inference import predict_case
@@ -29,8 +30,11 @@ def chest_phantom(*, seed: int, shape=TINY_SHAPE, spacing=TINY_SPACING, orientat
     """
     try:
         from datasets.synthetic import make_chest_volume
-    except ImportError:
-        return _ellipsoid_phantom(seed=seed, shape=shape, spacing=spacing, orientation=orientation)
+    except ImportError:  # the package may export it from its volumes module only
+        try:
+            from datasets.synthetic.volumes import make_chest_volume
+        except ImportError:
+            return _ellipsoid_phantom(seed=seed, shape=shape, spacing=spacing, orientation=orientation)
     return make_chest_volume(seed=seed, shape=shape, spacing=spacing, cls=2, orientation=orientation)
 
 
@@ -85,7 +89,7 @@ def test_datalist_paths_are_absolute_and_exist(tmp_path):
 def test_non_hu_volume_is_warned_about_naming_the_case(tmp_path):
     image = np.random.default_rng(0).integers(0, 256, TINY_SHAPE).astype(np.uint8)
     nib.save(nib.Nifti1Image(image, np.eye(4)), tmp_path / "png_like.nii.gz")
-    with pytest.warns(Warning, match="png_like.*(HU|Hounsfield)"):
+    with pytest.warns(NotHUWarning, match="png_like.*(HU|Hounsfield)"):
         LoadVolumed((IMAGE_KEY,))({IMAGE_KEY: str(tmp_path / "png_like.nii.gz"), "case": "png_like"})
     with pytest.raises(ValueError, match="png_like.*(HU|Hounsfield)"):
         LoadVolumed((IMAGE_KEY,), strict_hu=True)({IMAGE_KEY: str(tmp_path / "png_like.nii.gz")})

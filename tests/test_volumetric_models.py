@@ -85,3 +85,29 @@ def test_one_training_step_per_task(tmp_path, name, label):
                            loss_fn=task.loss(), device=torch.device("cpu"), scaler=None, amp=False, progress=False)
     assert 0.0 < loss < 10.0
     assert any(not torch.equal(b, p) for b, p in zip(before, model.parameters()))
+
+
+def test_lung_postprocessing_keeps_the_two_largest_components():
+    labels = torch.zeros((1, 20, 20, 6), dtype=torch.uint8)
+    labels[0, 1:8, 1:8, 1:5] = 1  # left lung
+    labels[0, 11:19, 1:9, 1:5] = 1  # right lung
+    labels[0, 15:17, 15:17, 2:3] = 1  # small false positive
+    kept = get_task("lung_seg").postprocessing(get_task("lung_seg").default_config)(labels)
+    assert int(torch.as_tensor(kept).sum()) == 7 * 7 * 4 + 8 * 8 * 4
+
+
+def test_crop_boxes_cover_the_lungs_and_the_lung_box_is_tighter():
+    from models.volumetric.inference import crop_box
+    from tests.test_volumetric_data import chest_phantom
+
+    volume = chest_phantom(seed=3, shape=(64, 64, 12))
+    config = get_task("lesion_seg").make_config(crop_margin=0)
+    image = torch.as_tensor((volume["image"].astype("float32") + 1000.0) / 1500.0).clamp(0, 1)[None]
+    lung_box = crop_box(image, config=config)
+    body_box = crop_box(image, config=config.replace(crop_region="body"))
+    lungs = torch.as_tensor(volume["lung"] > 0)
+    inside = torch.zeros_like(lungs)
+    inside[lung_box] = True
+    assert bool(inside[lungs].all())
+    assert inside.sum() < torch.zeros_like(lungs)[body_box].numel() or body_box == lung_box
+    assert crop_box(image, config=config.replace(crop_region="none")) is None

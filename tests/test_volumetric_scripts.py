@@ -44,11 +44,11 @@ def _lps_cube_volume(tmp_path):
     return path, image, nib.load(path).affine
 
 
-@pytest.mark.parametrize("body_crop", [True, False])
-def test_mask_has_the_input_grid_and_lands_where_the_structure_is(tmp_path, body_crop):
+@pytest.mark.parametrize("crop_region", ["body", "none"])
+def test_mask_has_the_input_grid_and_lands_where_the_structure_is(tmp_path, crop_region):
     path, image, affine = _lps_cube_volume(tmp_path)
     task = get_task("lesion_seg")
-    config = task.make_config(**TINY_CONFIG["lesion_seg"], body_crop=body_crop)
+    config = task.make_config(**TINY_CONFIG["lesion_seg"], crop_region=crop_region)
     out = predict_case({"image": str(path)}, model=ThresholdNet(0.5), task=task, config=config,
                        device=torch.device("cpu"))
     assert out["mask"].shape == image.shape

@@ -31,6 +31,7 @@ from monai.transforms import (
 )
 
 IMAGE_KEY, LABEL_KEY = "image", "label"
+CROP_REGIONS = ("body", "lung", "none")
 # Any label value above zero is foreground (lung: 1 left / 2 right; lesion: 1 GGO / 2 consolidation).
 FOREGROUND_THRESHOLD = 0.5
 # Messages of optional MONAI DICOM back ends that are not installed; harmless, so kept quiet.
@@ -48,9 +49,11 @@ class SegConfig:
         orientation: axis codes of the working grid, e.g. ``"RAS"``.
         overlap: sliding-window overlap, one value or one per axis.
         sw_batch_size: windows per network call.
-        body_crop: run the windows only inside the body's bounding box (outside is background).
-        body_threshold_hu: HU above which a voxel counts as body for ``body_crop``.
-        body_margin: voxels added around the body box on each side.
+        crop_region: where the windows run, the rest being background: ``"body"`` (bounding box of
+            the voxels above ``body_threshold_hu``), ``"lung"`` (box of the darker voxels enclosed
+            by the body outline in each axial slice: lungs and airways) or ``"none"``.
+        body_threshold_hu: HU above which a voxel counts as body for ``crop_region``.
+        crop_margin: voxels added around the box on each side.
         strict_hu: refuse (instead of warn about) volumes that do not look like HU.
     """
 
@@ -60,9 +63,9 @@ class SegConfig:
     orientation: str = "RAS"
     overlap: float | tuple[float, float, float] = 0.25
     sw_batch_size: int = 4
-    body_crop: bool = True
+    crop_region: str = "body"
     body_threshold_hu: float = -500.0
-    body_margin: int = 8
+    crop_margin: int = 8
     strict_hu: bool = False
 
     def __post_init__(self) -> None:
@@ -74,6 +77,8 @@ class SegConfig:
         overlaps = self.overlap if isinstance(self.overlap, (tuple, list)) else (self.overlap,)
         if not all(0.0 <= o < 1.0 for o in overlaps):
             raise ValueError(f"overlap must lie in [0, 1), got {self.overlap}")
+        if self.crop_region not in CROP_REGIONS:
+            raise ValueError(f"crop_region must be one of {CROP_REGIONS}, got {self.crop_region!r}")
         if self.sw_batch_size < 1:
             raise ValueError(f"sw_batch_size must be >= 1, got {self.sw_batch_size}")
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import torch
+from scipy import ndimage
 from monai.data import MetaTensor
 from monai.transforms import Compose, Invertd
 
@@ -22,7 +23,9 @@ from models.volumetric.common import case_stem, load_cases, sliding_window_infer
 from utils.checkpoint import build_model_from_checkpoint, load_checkpoint
 
 PRED_KEY = "pred"
-NIFTI_SUFFIXES = (".nii", ".nii.gz")
+# Windows [B, 1, x, y, z] are handed to the network channels-last: about 2x faster 3D convolutions
+# on CPU when the weights are channels-last too (see prepare_for_inference).
+CHANNELS_LAST = torch.channels_last_3d
 
 
 def load_task_model(path: str | Path, *, device: torch.device, task_name: str | None = None
@@ -45,31 +48,49 @@ def load_task_model(path: str | Path, *, device: torch.device, task_name: str | 
         raise ValueError(f"{path}: checkpoint is for task {stored!r}, not {task_name!r}")
     task = get_task(stored)
     config = type(task.default_config).from_dict(ckpt["task_config"])  # SegConfig or a task's own
-    model = build_model_from_checkpoint(ckpt).to(device).eval()
+    model = prepare_for_inference(build_model_from_checkpoint(ckpt), device=device)
     return model, task, config, ckpt
 
 
-def body_box(image: torch.Tensor, *, threshold: float, margin: int) -> tuple[slice, slice, slice] | None:
-    """Bounding box of the voxels above ``threshold``, grown by ``margin`` voxels per side.
+def prepare_for_inference(model: torch.nn.Module, *, device: torch.device) -> torch.nn.Module:
+    """Eval mode on ``device`` with channels-last 3D weights (faster convolutions on CPU and CUDA)."""
+    return model.eval().to(device=device, memory_format=torch.channels_last_3d)
+
+
+def crop_box(image: torch.Tensor, *, config: SegConfig) -> tuple[slice, slice, slice] | None:
+    """Bounding box of the region the windows need to cover (``config.crop_region``).
 
     Args:
-        image: Float[1, X, Y, Z] pre-processed image.
-        threshold: value (on the image's scale) above which a voxel is body.
-        margin: voxels added on each side, clipped to the volume.
+        image: Float[1, X, Y, Z] pre-processed image (windowed to [0, 1]).
+        config: ``crop_region``, ``body_threshold_hu`` and ``crop_margin``.
 
     Returns:
-        One slice per spatial axis, or None when no voxel passes the threshold.
+        One slice per spatial axis, grown by ``crop_margin`` and clipped to the volume; None for
+        the whole volume (``"none"``, or nothing found).
     """
-    body = image[0] > threshold
-    if not bool(body.any()):
+    if config.crop_region == "none":
+        return None
+    body = (image[0] > hu_to_unit(config, config.body_threshold_hu)).cpu().numpy()
+    region = _enclosed_dark(body) if config.crop_region == "lung" else body
+    return bounding_box(region, margin=config.crop_margin)
+
+
+def bounding_box(mask: np.ndarray, *, margin: int) -> tuple[slice, slice, slice] | None:
+    """Slices of the box around the True voxels of Bool[X, Y, Z], grown by ``margin`` (None if empty)."""
+    if not mask.any():
         return None
     box = []
     for axis in range(3):
-        other = tuple(a for a in range(3) if a != axis)
-        hits = torch.nonzero(body.any(dim=other)).flatten()
-        start, stop = int(hits[0]) - margin, int(hits[-1]) + 1 + margin
-        box.append(slice(max(start, 0), min(stop, body.shape[axis])))
+        hits = np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != axis)))
+        box.append(slice(max(int(hits[0]) - margin, 0), min(int(hits[-1]) + 1 + margin, mask.shape[axis])))
     return tuple(box)
+
+
+def _enclosed_dark(body: np.ndarray) -> np.ndarray:
+    """Voxels below the body threshold that the body outline encloses in their axial slice."""
+    in_plane = np.zeros((3, 3, 3), bool)
+    in_plane[:, :, 1] = ndimage.generate_binary_structure(2, 1)
+    return ndimage.binary_fill_holes(body, structure=in_plane) & ~body
 
 
 def segment(model: torch.nn.Module, image: torch.Tensor, *, config: SegConfig, device: torch.device,
@@ -77,23 +98,22 @@ def segment(model: torch.nn.Module, image: torch.Tensor, *, config: SegConfig, d
     """Sliding-window segmentation of one pre-processed volume (argmax of the logits).
 
     Args:
-        model: network in eval mode on ``device``, logits Float[B, C, x, y, z].
+        model: network in eval mode on ``device`` (best via :func:`prepare_for_inference`),
+            logits Float[B, C, x, y, z].
         image: Float[1, X, Y, Z] in [0, 1] on the task's working grid.
-        config: ROI, overlap, batch of windows and body restriction.
+        config: ROI, overlap, batch of windows and the region the windows cover.
         device: where the windows run.
         amp: autocast to float16/bfloat16 (CUDA/CPU) inside the network.
 
     Returns:
-        UInt8[1, X, Y, Z] label map on ``image``'s grid (background outside the body box).
+        UInt8[1, X, Y, Z] label map on ``image``'s grid (background outside the crop box).
     """
-    box = body_box(image, threshold=hu_to_unit(config, config.body_threshold_hu),
-                   margin=config.body_margin) if config.body_crop else None
-    box = box or (slice(None),) * 3
+    box = crop_box(image, config=config) or (slice(None),) * 3
     region = image.as_tensor() if hasattr(image, "as_tensor") else image
     region = region[(slice(None), *box)][None].to(device)  # [1, 1, x, y, z]
     inferer = sliding_window_inferer(config)
     with torch.inference_mode(), _autocast(device, amp):
-        logits = inferer(region, model)  # [1, C, x, y, z]
+        logits = inferer(region, lambda windows: model(windows.contiguous(memory_format=CHANNELS_LAST)))
     labels = torch.zeros((1, *image.shape[1:]), dtype=torch.uint8)
     labels[(slice(None), *box)] = logits[0].argmax(dim=0).to("cpu", torch.uint8)
     return labels

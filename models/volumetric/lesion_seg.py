@@ -89,7 +89,9 @@ TASK = Task(
     kind="segmentation",
     builder="models.volumetric.lesion_seg.build_network",
     network_kwargs={"in_channels": 1, "out_channels": 2, "init_filters": 8},
-    default_config=SegConfig(spacing=(0.8, 0.8, 5.0), roi_size=(224, 224, 32), hu_window=(-1000.0, 500.0)),
+    # Lesions lie inside the lungs: windows cover the lung box (plus a margin), not the whole body.
+    default_config=SegConfig(spacing=(0.8, 0.8, 5.0), roi_size=(224, 224, 32), hu_window=(-1000.0, 500.0),
+                             crop_region="lung", crop_margin=12),
     roi_multiple=8,
     preprocessing=seg_preprocessing,
     augmentation=augmentation,
