@@ -70,6 +70,34 @@ def write_case(folder: Path, name: str, *, seed: int, label: str = "lung", orien
     return {IMAGE_KEY: str(image_path), LABEL_KEY: str(label_path), "case": name}
 
 
+def write_dicom_series(folder: Path, hu: np.ndarray, *, spacing=(0.8, 0.9, 3.0)) -> Path:
+    """Write ``hu`` Int16[X, Y, Z] as a CT series, one file per slice, stored with intercept -1024."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+
+    folder.mkdir(parents=True, exist_ok=True)
+    series, study = generate_uid(), generate_uid()
+    for k in range(hu.shape[2]):
+        meta = FileMetaDataset()
+        meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = CTImageStorage, generate_uid()
+        meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds = Dataset()
+        ds.file_meta = meta
+        ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, meta.MediaStorageSOPInstanceUID
+        ds.SeriesInstanceUID, ds.StudyInstanceUID, ds.Modality, ds.PatientID = series, study, "CT", "phantom"
+        ds.InstanceNumber = hu.shape[2] - k  # files not in slice order
+        ds.ImagePositionPatient = [0.0, 0.0, float(k * spacing[2])]
+        ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+        ds.PixelSpacing, ds.SliceThickness = [spacing[1], spacing[0]], spacing[2]
+        ds.Rows, ds.Columns = hu.shape[1], hu.shape[0]
+        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
+        ds.RescaleSlope, ds.RescaleIntercept = 1, -1024
+        ds.PixelData = (hu[:, :, k].T.astype(np.int32) + 1024).astype(np.uint16).tobytes()
+        ds.save_as(folder / f"slice_{(k * 7) % hu.shape[2]:03d}_{k}.dcm", enforce_file_format=True)
+    return folder
+
+
 def write_datalist(root: Path, *, label: str = "lung", n_train: int = 2, n_val: int = 1) -> Path:
     """A dataset.json with relative paths and training/validation/testing sections."""
     cases = [write_case(root / "volumes", f"case{i}", seed=i, label=label) for i in range(n_train + n_val)]

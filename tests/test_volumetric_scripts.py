@@ -15,8 +15,8 @@ import train_volumetric
 import validate_volumetric
 from models.volumetric import get_task
 from models.volumetric.inference import predict_case
-from tests.test_volumetric_data import TINY_CONFIG, write_case, write_datalist
-from utils.checkpoint import load_checkpoint
+from tests.test_volumetric_data import TINY_CONFIG, chest_phantom, write_case, write_datalist, write_dicom_series
+from utils.checkpoint import load_checkpoint, make_checkpoint, save_checkpoint
 
 LESION_FLAGS = ["--roi_size", "32", "32", "16", "--spacing", "2", "2", "4"]
 
@@ -111,3 +111,22 @@ def test_resume_continues_after_the_stored_epoch(tmp_path):
     with pytest.raises(ValueError, match="checkpoint is for task 'lesion_seg', not 'lung_seg'"):
         validate_volumetric.main(validate_volumetric.get_args_parser().parse_args(
             ["--task", "lung_seg", "--ckpt", str(tmp_path / "b" / "checkpoint_last.pth"), "--datalist", str(datalist)]))
+
+
+def test_infer_on_a_dicom_folder_writes_masks_on_the_series_grid(tmp_path):
+    from datasets.io import read_volume
+
+    hu = chest_phantom(seed=2, shape=(48, 40, 10))["image"]
+    folder = write_dicom_series(tmp_path / "series", hu)
+    task = get_task("lesion_seg")
+    model, kwargs = task.build_network()
+    ckpt = make_checkpoint(model=model, builder=task.builder, builder_kwargs=kwargs, epoch=0, task=task.name,
+                           task_config=task.make_config(**TINY_CONFIG["lesion_seg"]).to_dict())
+    save_checkpoint(ckpt, tmp_path / "ckpt.pth")
+    infer_volumetric.main(infer_volumetric.get_args_parser().parse_args(
+        ["--task", "lesion_seg", "--ckpt", str(tmp_path / "ckpt.pth"), "--input", str(folder),
+         "--output", str(tmp_path / "out"), "--no_montage"]))
+    volume, mask = read_volume(folder), nib.load(tmp_path / "out" / "series_lesion_seg.nii.gz")
+    np.testing.assert_array_equal(volume.array, hu)  # the series holds the phantom in HU
+    assert mask.shape == volume.array.shape
+    np.testing.assert_allclose(mask.affine, volume.affine, atol=1e-5)

@@ -19,6 +19,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
+from monai.data import ImageReader
 from monai.inferers import SlidingWindowInferer
 from monai.transforms import (
     AsDiscreted,
@@ -29,6 +30,8 @@ from monai.transforms import (
     ScaleIntensityRanged,
     Spacingd,
 )
+
+from datasets.io import check_hu
 
 IMAGE_KEY, LABEL_KEY = "image", "label"
 CROP_REGIONS = ("body", "lung", "none")
@@ -155,8 +158,35 @@ class Task:
         return resolve_builder(self.builder)(**kwargs), kwargs
 
 
+class DicomSeriesReader(ImageReader):
+    """MONAI image reader for DICOM (a series folder or one file) through ``datasets.io.read_volume``.
+
+    Slices are ordered by ImagePositionPatient and RescaleSlope/Intercept applied, exactly as
+    convert_dicom.py does, so a DICOM input and its converted NIfTI give the same array and affine.
+    """
+
+    def verify_suffix(self, filename) -> bool:
+        paths = filename if isinstance(filename, (list, tuple)) else [filename]
+        return len(paths) == 1 and (Path(paths[0]).is_dir() or str(paths[0]).lower().endswith(".dcm"))
+
+    def read(self, data, **kwargs):
+        from datasets.io import read_volume
+
+        path = data[0] if isinstance(data, (list, tuple)) else data
+        return read_volume(path)
+
+    def get_data(self, img) -> tuple[np.ndarray, dict]:
+        """Float32[X, Y, Z] HU and MONAI metadata (RAS affine)."""
+        affine = np.asarray(img.affine, dtype=np.float64)
+        meta = {"affine": affine, "original_affine": affine.copy(), "spatial_shape": np.asarray(img.array.shape),
+                "original_channel_dim": "no_channel", "space": "RAS"}
+        return np.asarray(img.array, dtype=np.float32), meta
+
+
 class LoadVolumed(MapTransform):
     """MONAI ``LoadImaged`` + ``EnsureChannelFirstd`` with the project's checks on each case.
+
+    NIfTI goes through MONAI's nibabel reader, DICOM through :class:`DicomSeriesReader`.
 
     Checks: the file is readable, the image is a 3D volume (not a 2D slice), its intensities look
     like HU (``datasets.io.check_hu``), and image and label have the same shape. Every message
@@ -168,7 +198,8 @@ class LoadVolumed(MapTransform):
         with warnings.catch_warnings():
             for message in _QUIET_READER_WARNINGS:
                 warnings.filterwarnings("ignore", message=message)
-            self.loader = LoadImaged(keys, image_only=True, allow_missing_keys=allow_missing_keys)
+            self.loader = LoadImaged(keys, reader=DicomSeriesReader(), image_only=True,
+                                     allow_missing_keys=allow_missing_keys)
         self.channel_first = EnsureChannelFirstd(keys, channel_dim="no_channel", allow_missing_keys=allow_missing_keys)
         self.strict_hu = strict_hu
 
@@ -183,7 +214,7 @@ class LoadVolumed(MapTransform):
             _check_3d(out[key], name, key, data[key])
         _check_same_shape(out, name, data)
         if IMAGE_KEY in out:
-            _check_hu(np.asarray(out[IMAGE_KEY][0]), f"case {name} ({data[IMAGE_KEY]})", strict=self.strict_hu)
+            check_hu(np.asarray(out[IMAGE_KEY][0]), f"case {name} ({data[IMAGE_KEY]})", strict=self.strict_hu)
         return out
 
 
@@ -252,34 +283,10 @@ def load_cases(path: str | Path, *, data_root: str | Path | None = None, section
     Raises:
         FileNotFoundError, ValueError: from the datalist reader, naming the file or case.
     """
-    try:
-        from datasets.volumes import load_datalist
-    except ImportError:  # datasets.volumes not available yet: a minimal reader, kept private
-        load_datalist = _fallback_load_datalist
+    from datasets.volumes import load_datalist
+
     cases = load_datalist(path, data_root=data_root, section=section, check_files=True)
     return [{**c, "case": c.get("case") or case_stem(c[IMAGE_KEY])} for c in cases]
-
-
-def _fallback_load_datalist(path, *, data_root=None, section="training", check_files=True) -> list[dict]:
-    import json
-
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"datalist not found: {path}")
-    entries = json.loads(path.read_text()).get(section)
-    if entries is None:
-        raise ValueError(f"{path}: no section {section!r}")
-    root = Path(data_root) if data_root else path.parent
-    cases = []
-    for entry in entries:
-        entry = {IMAGE_KEY: entry} if isinstance(entry, str) else dict(entry)
-        for key in (IMAGE_KEY, LABEL_KEY, "label_image"):
-            if isinstance(entry.get(key), str):
-                entry[key] = str(root / entry[key])
-                if check_files and not Path(entry[key]).exists():
-                    raise FileNotFoundError(f"{path}: {key} file of a {section} case not found: {entry[key]}")
-        cases.append(entry)
-    return cases
 
 
 def case_stem(path: str | Path) -> str:
@@ -289,24 +296,6 @@ def case_stem(path: str | Path) -> str:
         if name.endswith(suffix):
             return name[: -len(suffix)]
     return name
-
-
-def _check_hu(array: np.ndarray, name: str, *, strict: bool) -> None:
-    try:
-        from datasets.io import check_hu
-    except ImportError:  # datasets.io not available yet: the same rule, kept private
-        check_hu = _fallback_check_hu
-    check_hu(array, name, strict=strict)
-
-
-def _fallback_check_hu(array: np.ndarray, name: str, *, strict: bool = False) -> None:
-    low, high = float(array.min()), float(array.max())
-    if low >= 0.0 and high <= 4095.0:
-        message = (f"{name}: intensities span [{low:g}, {high:g}], no value below 0, so they do not look "
-                   "like Hounsfield units (air is about -1000 HU); convert the scan to HU first")
-        if strict:
-            raise ValueError(message)
-        warnings.warn(message, UserWarning, stacklevel=3)
 
 
 def _root_message(err: BaseException) -> str:
