@@ -5,7 +5,8 @@
 Torchvision's ``maskrcnn_resnet50_fpn`` and our ``preset="torchvision"`` model share one random
 state dict (copied). Both see the same 512x512 slice; with ``--num_classes 2`` untrained heads score
 every foreground box near 0.5, so each slice yields the full ``box_detections_per_img`` (100)
-detections and masks: the heaviest realistic case. Our model runs as ``fuse_for_inference()`` (BN
+detections and masks: the heaviest realistic case (``--detections_per_img`` lowers the cap for all
+models alike). Our model runs as ``fuse_for_inference()`` (BN
 folded, channels-last); the unfused model is checked to match torchvision within 1e-4 first. The
 lightweight COVID-CT-Mask-Net models (ResNet18/34, truncation 0-1-2, covid preset) are timed on the
 same slice and reported as ratios to torchvision. Times are medians of interleaved repeats.
@@ -33,6 +34,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--image_size", type=int, default=512, help="side of the square test slice (default: 512)")
     p.add_argument("--num_classes", type=int, default=2, help="classes incl. background (default: 2)")
+    p.add_argument("--detections_per_img", type=int, default=100,
+                   help="box_detections_per_img of every model; untrained 2-class heads fill it (default: 100)")
     p.add_argument("--repeats", type=int, default=3, help="timed runs per model, after one warm-up (default: 3)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's default)")
     p.add_argument("--seed", type=int, default=0, help="seed of weights and image (default: 0)")
@@ -82,11 +85,13 @@ def max_abs_diff(a: dict, b: dict) -> float:
     return max((a[k] - b[k]).abs().max().item() if a[k].numel() else 0.0 for k in ("boxes", "scores", "masks"))
 
 
-def build_pair(num_classes: int, device: torch.device):
+def build_pair(num_classes: int, device: torch.device, detections: int = 100):
     """torchvision's model and ours (torchvision preset) with the same weights, both in eval mode."""
     reference = torchvision.models.detection.maskrcnn_resnet50_fpn(weights=None, weights_backbone=None,
-                                                                   num_classes=num_classes)
-    ours = maskrcnn_resnet_fpn(backbone_name="resnet50", truncation=0, num_classes=num_classes, preset="torchvision")
+                                                                   num_classes=num_classes,
+                                                                   box_detections_per_img=detections)
+    ours = maskrcnn_resnet_fpn(backbone_name="resnet50", truncation=0, num_classes=num_classes, preset="torchvision",
+                               box_detections_per_img=detections)
     ours.load_state_dict(reference.state_dict(), strict=True)
     return reference.eval().to(device), ours.eval().to(device)
 
@@ -101,7 +106,7 @@ def main(args: argparse.Namespace) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    reference, ours = build_pair(args.num_classes, device)
+    reference, ours = build_pair(args.num_classes, device, args.detections_per_img)
     image = torch.rand(3, args.image_size, args.image_size, device=device)
     with torch.inference_mode():
         want, exact = reference([image])[0], ours([image])[0]
@@ -114,7 +119,7 @@ def main(args: argparse.Namespace) -> dict:
     report_agreement("fused ours vs torchvision", agreement)
     models = {"torchvision maskrcnn_resnet50_fpn": reference, "ours, torchvision preset (fused)": fused}
     if not args.skip_light:
-        models.update(light_models(args.num_classes, device, image))
+        models.update(light_models(args.num_classes, device, image, args.detections_per_img))
     times = time_models(models, image, args.repeats)
     base = times["torchvision maskrcnn_resnet50_fpn"]
     print(f"{'model':<40} {'s/slice':>9} {'speed-up vs torchvision':>24}")
@@ -123,11 +128,12 @@ def main(args: argparse.Namespace) -> dict:
     return {"times": times, "agreement": agreement}
 
 
-def light_models(num_classes: int, device: torch.device, image: torch.Tensor) -> dict:
+def light_models(num_classes: int, device: torch.device, image: torch.Tensor, detections: int) -> dict:
     """Fused lightweight models, each checked against its unfused self."""
     models = {}
     for name, truncation in LIGHT_CONFIGS:
-        model = maskrcnn_resnet_fpn(backbone_name=name, truncation=truncation, num_classes=num_classes).eval().to(device)
+        model = maskrcnn_resnet_fpn(backbone_name=name, truncation=truncation, num_classes=num_classes,
+                                    box_detections_per_img=detections).eval().to(device)
         fused = model.fuse_for_inference()
         with torch.inference_mode():
             report_agreement(f"{name} t{truncation} fused vs unfused", compare(model([image])[0], fused([image])[0]))

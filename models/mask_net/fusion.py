@@ -60,9 +60,13 @@ class WinogradConv2d(nn.Conv2d):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         needs_grad = torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)
+        # _nnpack_available() also initialises NNPACK, so it must run before the first call.
         if x.device.type != "cpu" or x.dtype != torch.float32 or needs_grad or not torch._nnpack_available():
             return super().forward(x)
-        return torch._nnpack_spatial_convolution(x.contiguous(), self.weight, self.bias, list(self.padding), [1, 1])
+        try:
+            return torch._nnpack_spatial_convolution(x.contiguous(), self.weight, self.bias, list(self.padding), [1, 1])
+        except RuntimeError:  # a shape NNPACK declines: the reference path gives the same result
+            return super().forward(x)
 
 
 def _winograd_eligible(conv: nn.Module) -> bool:
