@@ -77,12 +77,14 @@ def _check_validate(run, datalist, out):
     summary = validate_volumetric.main(validate_volumetric.get_args_parser().parse_args(
         ["--task", "lesion_seg", "--ckpt", str(run / "checkpoint_best.pth"), "--datalist", str(datalist),
          "--output", str(out), "--save_masks"]))
-    rows = list(csv.DictReader((out / "predictions.csv").open()))
+    with (out / "predictions.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
     assert len(rows) == 1 and summary["cases"] == 1
     mask, label = nib.load(rows[0]["prediction"]).get_fdata(), nib.load(rows[0]["label"]).get_fdata() > 0
     expected = DiceMetric(ignore_empty=False)(torch.as_tensor(mask)[None, None], torch.as_tensor(label)[None, None].float())
     assert float(rows[0]["dice"]) == pytest.approx(expected.item(), abs=1e-6)
-    metrics = dict(csv.reader((out / "metrics.csv").open()))
+    with (out / "metrics.csv").open() as handle:
+        metrics = dict(csv.reader(handle))
     assert float(metrics["mean_dice"]) == pytest.approx(float(rows[0]["dice"]))
 
 

@@ -170,10 +170,15 @@ class DicomSeriesReader(ImageReader):
         return len(paths) == 1 and (Path(paths[0]).is_dir() or str(paths[0]).lower().endswith(".dcm"))
 
     def read(self, data, **kwargs):
-        from datasets.io import read_volume
+        from datasets.io import NotHUWarning, read_volume
 
+        # LoadImage tries a user-given reader on every file: decline others so nibabel reads NIfTI.
+        if not self.verify_suffix(data):
+            raise ValueError(f"{data}: not a DICOM folder or .dcm file")
         path = data[0] if isinstance(data, (list, tuple)) else data
-        return read_volume(path)
+        with warnings.catch_warnings():  # LoadVolumed checks HU itself, naming the case
+            warnings.simplefilter("ignore", NotHUWarning)
+            return read_volume(path)
 
     def get_data(self, img) -> tuple[np.ndarray, dict]:
         """Float32[X, Y, Z] HU and MONAI metadata (RAS affine)."""
