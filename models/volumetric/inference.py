@@ -112,8 +112,9 @@ def segment(model: torch.nn.Module, image: torch.Tensor, *, config: SegConfig, d
     region = image.as_tensor() if hasattr(image, "as_tensor") else image
     region = region[(slice(None), *box)][None].to(device)  # [1, 1, x, y, z]
     inferer = sliding_window_inferer(config)
+    layout = CHANNELS_LAST if _has_channels_last_weights(model) else torch.contiguous_format
     with torch.inference_mode(), _autocast(device, amp):
-        logits = inferer(region, lambda windows: model(windows.contiguous(memory_format=CHANNELS_LAST)))
+        logits = inferer(region, lambda windows: model(windows.contiguous(memory_format=layout)))
     labels = torch.zeros((1, *image.shape[1:]), dtype=torch.uint8)
     labels[(slice(None), *box)] = logits[0].argmax(dim=0).to("cpu", torch.uint8)
     return labels
@@ -197,6 +198,11 @@ def _affine(volume: torch.Tensor) -> np.ndarray:
     return np.asarray(volume.affine.detach().cpu().numpy(), dtype=np.float64)
 
 
+def _has_channels_last_weights(model: torch.nn.Module) -> bool:
+    weight = next((p for p in model.parameters() if p.ndim == 5 and p.shape[1] > 1 and p.shape[2:].numel() > 1), None)
+    return weight is not None and weight.is_contiguous(memory_format=CHANNELS_LAST) and not weight.is_contiguous()
+
+
 def _autocast(device: torch.device, amp: bool):
     if not amp:
         return contextlib.nullcontext()
@@ -229,10 +235,13 @@ def validate_cases(cases: list[dict], *, model: torch.nn.Module, task: Task, con
             raise ValueError(f"case {case_name(case)}: validation needs a 'label' file")
         out = predict_case(case, model=model, task=task, config=config, device=device, amp=amp)
         dice = dice_per_class(out["mask"] > 0, out["label"] > 0, num_classes=2, ignore_empty=ignore_empty)[0]
-        mask_path = save_mask(out["mask"], out["affine"], Path(mask_dir) / f"{out['case']}_{task.name}.nii.gz") if mask_dir else ""
-        rows.append({"case": out["case"], "image": case[IMAGE_KEY], "label": case[LABEL_KEY], "prediction": str(mask_path),
-                     "dice": dice, "label_voxels": int(out["label"].sum()), "predicted_voxels": int((out["mask"] > 0).sum())})
-    scores = [r["dice"] for r in rows]
-    summary = {"task": task.name, "cases": len(rows), "empty_ground_truth_cases": sum(r["label_voxels"] == 0 for r in rows),
-               "mean_dice": mean_ignoring_nan(scores), "ignore_empty": ignore_empty}
+        mask_path = ""
+        if mask_dir:
+            mask_path = save_mask(out["mask"], out["affine"], Path(mask_dir) / f"{out['case']}_{task.name}.nii.gz")
+        rows.append({"case": out["case"], "image": case[IMAGE_KEY], "label": case[LABEL_KEY],
+                     "prediction": str(mask_path), "dice": dice, "label_voxels": int(out["label"].sum()),
+                     "predicted_voxels": int((out["mask"] > 0).sum())})
+    summary = {"task": task.name, "cases": len(rows),
+               "empty_ground_truth_cases": sum(r["label_voxels"] == 0 for r in rows),
+               "mean_dice": mean_ignoring_nan(r["dice"] for r in rows), "ignore_empty": ignore_empty}
     return rows, summary
