@@ -37,11 +37,6 @@ def segmentation_rows(num_classes: int = 2) -> list[dict]:
     return rows
 
 
-def classifier_rows() -> list[dict]:
-    """Rows of the COVID-CT-Mask-Net classifier table (filled in by the classifier module)."""
-    return []
-
-
 def _row(model: str, total: int, trainable: int, published: float | None) -> dict:
     diff = None if published is None else (total / 1e6 - published) / published
     return {"model": model, "total": total, "trainable": trainable, "published_M": published, "rel_diff": diff}
@@ -67,10 +62,10 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def main(args: argparse.Namespace) -> None:
     print(format_table("Segmentation models (Mask R-CNN)", segmentation_rows(args.num_classes)))
-    rows = classifier_rows()
-    if rows:
-        print()
-        print(format_table("COVID-CT-Mask-Net classifiers", rows))
+    from models.mask_net.covid_mask_net import format_parameter_table, parameter_table
+
+    print("\nCOVID-CT-Mask-Net classifiers (total and trainable: S + backbone BatchNorm affine)")
+    print(format_parameter_table(parameter_table(num_classes=args.num_classes)))
 
 
 if __name__ == "__main__":

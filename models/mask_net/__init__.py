@@ -3,6 +3,7 @@
 transform -> backbone (+FPN) -> anchors / RPN -> RoI heads (box head, mask head) -> postprocess,
 wired by :class:`MaskRCNN` and built by :func:`maskrcnn_resnet_fpn`.
 """
+from .covid_mask_net import CovidMaskNet, covid_mask_net
 from .mask_rcnn import COVID_DEFAULTS, TORCHVISION_DEFAULTS, MaskRCNN, maskrcnn_resnet_fpn
 
-__all__ = ["COVID_DEFAULTS", "TORCHVISION_DEFAULTS", "MaskRCNN", "maskrcnn_resnet_fpn"]
+__all__ = ["COVID_DEFAULTS", "TORCHVISION_DEFAULTS", "CovidMaskNet", "MaskRCNN", "covid_mask_net", "maskrcnn_resnet_fpn"]

@@ -1,0 +1,119 @@
+"""The 2D segmentation scripts end to end on a tiny phantom: train -> resume -> infer -> mAP."""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import evaluation_mean_ap
+import inference_segmentation
+import train_segmentation
+from datasets.synthetic import generate_dataset
+from utils.checkpoint import load_checkpoint
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def seg_root(tmp_path_factory):
+    out = tmp_path_factory.mktemp("phantom")
+    generate_dataset(out, seed=1, n_seg_patients=3, slices_per_patient=2, image_size=64, outputs=("seg",),
+                     montage=False)
+    return out / "seg"
+
+
+def _train_args(seg_root, save_dir, *extra):
+    return train_segmentation.get_args_parser().parse_args([
+        # the original README's command, shortened to one tiny epoch
+        "--num_epochs", "1", "--mask_type", "merge", "--save_every", "1", "--backbone_name", "resnet18",
+        "--truncation", "1", "--device", "cpu",
+        "--train_data_dir", str(seg_root / "train"), "--val_data_dir", str(seg_root / "test"),
+        "--save_dir", str(save_dir), "--image_size", "64", "--max_steps", "2", "--batch_size", "2",
+        "--lrate", "1e-4", "--no_progress", *extra])
+
+
+@pytest.fixture(scope="module")
+def trained(seg_root, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("run")
+    train_segmentation.main(_train_args(seg_root, run_dir))
+    return run_dir
+
+
+def test_training_writes_the_run_directory(trained):
+    names = {p.name for p in trained.iterdir()}
+    assert {"args.json", "env.txt", "metrics.jsonl", "checkpoint_last.pth", "checkpoint_best.pth",
+            "mrcnn_covid_segmentation_model_ckpt_1.pth"} <= names
+    record = json.loads((trained / "metrics.jsonl").read_text().splitlines()[0])
+    assert record["epoch"] == 0 and record["train_loss"] > 0 and record["val_loss"] > 0
+    ckpt = load_checkpoint(trained / "checkpoint_last.pth")
+    assert ckpt["builder_kwargs"]["truncation"] == 1 and ckpt["mask_type"] == "merge"
+    assert ckpt["builder_kwargs"]["num_classes"] == 2
+
+
+def test_resume_continues_at_the_next_epoch(seg_root, trained, tmp_path):
+    last = load_checkpoint(trained / "checkpoint_last.pth")
+    args = _train_args(seg_root, tmp_path, "--resume", str(trained / "checkpoint_last.pth"))
+    args.num_epochs = 2
+    train_segmentation.main(args)
+    epochs = [json.loads(l)["epoch"] for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert epochs == [1]
+    resumed = load_checkpoint(tmp_path / "checkpoint_last.pth")
+    assert resumed["epoch"] == 1
+    assert resumed["optimizer"]["state"][0]["step"] > last["optimizer"]["state"][0]["step"]
+
+
+def test_inference_writes_overlays_and_coco_results(seg_root, trained, tmp_path):
+    args = inference_segmentation.get_args_parser().parse_args([
+        "--ckpt", str(trained / "checkpoint_last.pth"), "--test_data_dir", str(seg_root / "test"),
+        "--save_dir", str(tmp_path), "--confidence_th", "0.0"])
+    out = inference_segmentation.main(args)
+    results = json.loads(out.read_text())
+    n_images = len(list((seg_root / "test" / "imgs").glob("*.png")))
+    assert len(list(tmp_path.glob("*_overlay.png"))) == n_images
+    assert results, "a threshold of 0 keeps the untrained model's detections"
+    first = results[0]
+    assert {"image_id", "file_name", "category_id", "score", "bbox", "segmentation"} <= set(first)
+    assert first["segmentation"]["size"] == [64, 64]
+
+
+def test_contradicting_architecture_flag_is_refused(seg_root, trained, tmp_path):
+    args = inference_segmentation.get_args_parser().parse_args([
+        "--ckpt", str(trained / "checkpoint_last.pth"), "--test_data_dir", str(seg_root / "test"),
+        "--save_dir", str(tmp_path), "--truncation", "2"])
+    with pytest.raises(ValueError, match="--truncation 2 contradicts"):
+        inference_segmentation.main(args)
+
+
+def test_missing_image_folder_is_named(trained, tmp_path):
+    args = inference_segmentation.get_args_parser().parse_args([
+        "--ckpt", str(trained / "checkpoint_last.pth"), "--test_data_dir", str(tmp_path / "nowhere")])
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        inference_segmentation.main(args)
+
+
+def test_evaluation_matches_metric_on_same_outputs(seg_root, trained, tmp_path):
+    # the original README's command, with data and output folders added
+    args = evaluation_mean_ap.get_args_parser().parse_args([
+        "--backbone_name", "resnet18", "--ckpt", str(trained / "checkpoint_last.pth"), "--mask_type", "merge",
+        "--truncation", "1", "--rpn_nms_th", "0.75", "--roi_nms_th", "0.75", "--confidence_th", "0.0",
+        "--test_data_dir", str(seg_root / "test"), "--save_dir", str(tmp_path)])
+    results = evaluation_mean_ap.main(args)
+    saved = json.loads((tmp_path / "metrics.json").read_text())
+    assert set(saved) >= {"segm", "bbox"}
+    for iou_type in ("segm", "bbox"):
+        assert len(results[iou_type]["AP"]) == 10
+        assert results[iou_type]["num_images"] == len(list((seg_root / "test" / "imgs").glob("*.png")))
+        assert 0.0 <= results[iou_type]["mAP"] <= 1.0
+
+
+@pytest.mark.parametrize("script", ["train_segmentation.py", "inference_segmentation.py", "evaluation_mean_ap.py"])
+def test_help(script):
+    out = subprocess.run([sys.executable, script, "--help"], capture_output=True, text=True, check=True)
+    assert "default" in out.stdout and "--device" in out.stdout
