@@ -11,6 +11,7 @@ on the page are read from the files the scripts wrote; nothing is fixed in advan
 from __future__ import annotations
 
 import argparse
+import glob
 import html
 import json
 import os
@@ -51,10 +52,26 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def demo_steps(data: Path, out: Path, seed: int, device: str) -> list[Step]:
     """The demo's steps, in order."""
+    seg, run = data / "seg", out / "segmentation"
+    ckpt = str(run / "checkpoint_best.pth")
     return [
         Step("data", "Phantom data set",
              ["make_synthetic_data.py", "--out", str(data), "--seed", str(seed)],
              [f"{data}/montage*.png"]),
+        Step("train_seg", "2D lesion segmentation: Mask R-CNN, ResNet18 truncation 1, brief training",
+             ["train_segmentation.py", "--backbone_name", "resnet18", "--truncation", "1", "--mask_type", "both",
+              "--num_epochs", "3", "--save_every", "3", "--batch_size", "2", "--lrate", "1e-3",
+              "--image_size", "256", "--train_data_dir", str(seg / "train"), "--val_data_dir", str(seg / "test"),
+              "--save_dir", str(run), "--seed", str(seed), "--device", device, "--no_progress"],
+             [f"{run}/metrics.jsonl"]),
+        Step("eval_seg", "2D lesion segmentation: COCO mask and box AP on the test split",
+             ["evaluation_mean_ap.py", "--ckpt", ckpt, "--test_data_dir", str(seg / "test"),
+              "--confidence_th", "0.05", "--save_dir", str(run / "eval"), "--device", device],
+             [f"{run}/eval/metrics.json"]),
+        Step("infer_seg", "2D lesion segmentation: overlays of the test slices",
+             ["inference_segmentation.py", "--ckpt", ckpt, "--test_data_dir", str(seg / "test"),
+              "--confidence_th", "0.3", "--save_dir", str(run / "inference"), "--device", device],
+             [f"{run}/inference/*CP*_overlay.png", f"{run}/inference/predictions.json"]),
     ]
 
 
@@ -101,7 +118,7 @@ def _section(rec: dict, out: Path) -> str:
             f"<pre>$ {html.escape(shlex.join(['python', *step.argv]))}</pre>",
             f"<p>{rec['seconds']:.0f} s &middot; <a href='{rel(rec['log'])}'>log</a></p>"]
     for pattern in step.outputs:
-        for path in sorted(Path().glob(pattern))[:6]:
+        for path in sorted(Path(p) for p in glob.glob(pattern))[:6]:
             body.append(_embed(path, rel(path)))
     return "\n".join(body)
 
