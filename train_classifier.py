@@ -30,7 +30,7 @@ from datasets.classification import SliceClassificationDataset
 from datasets.conventions import CLASS_NAMES
 from evaluate_classifier import BUILDER, add_architecture_args, check_architecture, collate_slices, predict_logits
 from models.mask_net.covid_mask_net import covid_mask_net, load_segmentation_weights
-from utils.checkpoint import load_checkpoint, make_checkpoint
+from utils.checkpoint import load_checkpoint, make_checkpoint, restore_training_state
 from utils.cli import add_device_args, add_seed_args, args_to_dict, resolve_device
 from utils.engine import train_one_epoch
 from utils.reproducibility import seed_everything, worker_init_fn
@@ -182,14 +182,7 @@ def _setting_overrides(args: argparse.Namespace) -> dict:
 
 
 def _restore(resume: str | None, model, optimizer, start_epoch: int) -> int:
-    if not resume:
-        return start_epoch
-    ckpt = load_checkpoint(resume)
-    model.load_state_dict(ckpt["model"], strict=True)
-    if ckpt["optimizer"] is not None:
-        optimizer.load_state_dict(ckpt["optimizer"])
-    print(f"resumed from {resume}: epoch {ckpt['epoch']} done, continuing at epoch {ckpt['epoch'] + 1}")
-    return ckpt["epoch"] + 1
+    return restore_training_state(resume, model, optimizer) if resume else start_epoch
 
 
 def main(args: argparse.Namespace) -> RunDir:

@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader
 from datasets.conventions import MASK_TYPE_LABELS, class_names_for, num_detection_classes
 from datasets.segmentation import CNCBSegmentationDataset
 from models.mask_net import maskrcnn_resnet_fpn
-from utils.checkpoint import load_checkpoint, make_checkpoint
+from utils.checkpoint import load_checkpoint, make_checkpoint, restore_training_state
 from utils.cli import add_device_args, add_seed_args, args_to_dict, resolve_device
 from utils.engine import train_one_epoch, validation_loss
 from utils.reproducibility import seed_everything, worker_init_fn
@@ -109,14 +109,7 @@ def main(args: argparse.Namespace) -> RunDir:
 
 
 def _restore(resume: str | None, model, optimizer, start_epoch: int) -> int:
-    if not resume:
-        return start_epoch
-    ckpt = load_checkpoint(resume)
-    model.load_state_dict(ckpt["model"], strict=True)
-    if ckpt["optimizer"] is not None:
-        optimizer.load_state_dict(ckpt["optimizer"])
-    print(f"resumed from {resume}: epoch {ckpt['epoch']} done, continuing at epoch {ckpt['epoch'] + 1}")
-    return ckpt["epoch"] + 1
+    return restore_training_state(resume, model, optimizer) if resume else start_epoch
 
 
 def train_epochs(args, *, model, optimizer, loaders, run: RunDir, builder_kwargs: dict, first_epoch: int,

@@ -27,14 +27,6 @@ SEG_KWARGS = dict(backbone_name="resnet34", truncation=1, num_classes=2, min_siz
                   rpn_pre_nms_top_n_test=100, rpn_post_nms_top_n_test=50)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """Tiny inputs run fastest on one thread, especially on a shared machine; restored afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.mark.parametrize("script", ["train_classifier.py", "evaluate_classifier.py"])
 def test_help_states_every_default(script, capsys, monkeypatch):

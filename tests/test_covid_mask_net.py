@@ -13,14 +13,6 @@ TINY = dict(backbone_name="resnet18", truncation=1, num_classes=3, min_size=64, 
             rpn_pre_nms_top_n_test=200, rpn_post_nms_top_n_test=100)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """Tiny inputs run fastest on one thread, especially on a shared machine; restored afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def tiny_model(roi_batch_size=16, s_features=32, **overrides):
     torch.manual_seed(0)

@@ -21,14 +21,6 @@ CONFIGS = [("resnet18", 0), ("resnet18", 1), ("resnet18", 2), ("resnet34", 0), (
            ("resnet50", 0)]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """Tiny inputs run fastest on one thread, especially on a shared machine; restored afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def small_model(backbone_name="resnet18", truncation=1, num_classes=3, **kw):
     return maskrcnn_resnet_fpn(backbone_name=backbone_name, truncation=truncation, num_classes=num_classes,

@@ -4,7 +4,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 import evaluation_mean_ap
 import inference_segmentation
@@ -12,13 +11,6 @@ import train_segmentation
 from datasets.synthetic import generate_dataset
 from utils.checkpoint import load_checkpoint
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

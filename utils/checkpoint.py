@@ -104,6 +104,21 @@ def load_checkpoint(path: str | os.PathLike, *, map_location: str | torch.device
     return checkpoint
 
 
+def restore_training_state(path: str | os.PathLike, model: torch.nn.Module,
+                           optimizer: torch.optim.Optimizer | None) -> int:
+    """Load model (strictly) and optimizer state from a checkpoint for ``--resume``.
+
+    Returns:
+        The epoch to continue at: the checkpoint's epoch + 1.
+    """
+    ckpt = load_checkpoint(path)
+    model.load_state_dict(ckpt["model"], strict=True)
+    if optimizer is not None and ckpt["optimizer"] is not None:
+        optimizer.load_state_dict(ckpt["optimizer"])
+    print(f"resumed from {path}: epoch {ckpt['epoch']} done, continuing at epoch {ckpt['epoch'] + 1}")
+    return ckpt["epoch"] + 1
+
+
 def resolve_builder(name: str):
     """Import the builder function named by a dotted path under ``models.``."""
     if not name.startswith(_BUILDER_PREFIX):
