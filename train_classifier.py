@@ -31,7 +31,7 @@ from datasets.conventions import CLASS_NAMES
 from evaluate_classifier import BUILDER, add_architecture_args, check_architecture, collate_slices, predict_logits
 from models.mask_net.covid_mask_net import covid_mask_net, load_segmentation_weights
 from utils.checkpoint import load_checkpoint, make_checkpoint, restore_training_state
-from utils.cli import add_device_args, add_seed_args, args_to_dict, resolve_device
+from utils.cli import add_device_args, add_optimisation_args, add_seed_args, args_to_dict, resolve_device
 from utils.engine import train_one_epoch
 from utils.reproducibility import seed_everything, worker_init_fn
 from utils.run_dir import RunDir
@@ -69,12 +69,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="bce: binary cross-entropy with logits on one-hot labels, as the original; ce: cross-entropy (default: bce)")
     p.add_argument("--class_balance", action="store_true",
                    help="weight each slice's loss by the inverse frequency of its class in the training set (default: off)")
-    p.add_argument("--batch_size", type=int, default=8, help="slices per step (default: 8)")
-    p.add_argument("--lrate", type=float, default=1e-5, help="Adam learning rate (default: 1e-5)")
-    p.add_argument("--weight_decay", type=float, default=1e-3, help="Adam weight decay (default: 1e-3)")
-    p.add_argument("--num_workers", type=int, default=0, help="DataLoader worker processes (default: 0)")
-    p.add_argument("--max_steps", type=int, default=None, help="stop each epoch after this many batches, for smoke runs (default: all)")
-    p.add_argument("--no_progress", action="store_true", help="hide progress bars (default: shown)")
+    add_optimisation_args(p, batch_size=8, unit="slices")
     add_device_args(p)
     add_seed_args(p)
     return p

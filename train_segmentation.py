@@ -22,7 +22,7 @@ from datasets.conventions import MASK_TYPE_LABELS, class_names_for, num_detectio
 from datasets.segmentation import CNCBSegmentationDataset
 from models.mask_net import maskrcnn_resnet_fpn
 from utils.checkpoint import load_checkpoint, make_checkpoint, restore_training_state
-from utils.cli import add_device_args, add_seed_args, args_to_dict, resolve_device
+from utils.cli import add_device_args, add_optimisation_args, add_seed_args, args_to_dict, resolve_device
 from utils.engine import train_one_epoch, validation_loss
 from utils.reproducibility import seed_everything, worker_init_fn
 from utils.run_dir import RunDir
@@ -48,12 +48,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--val_data_dir", default="data/phantom/seg/test", help="validation data root (default: data/phantom/seg/test)")
     p.add_argument("--imgs_dir", default="imgs", help="image folder inside each data root (default: imgs)")
     p.add_argument("--gt_dir", default="masks", help="mask folder inside each data root (default: masks)")
-    p.add_argument("--batch_size", type=int, default=1, help="images per step (default: 1)")
-    p.add_argument("--lrate", type=float, default=1e-5, help="Adam learning rate (default: 1e-5)")
-    p.add_argument("--weight_decay", type=float, default=1e-3, help="Adam weight decay (default: 1e-3)")
-    p.add_argument("--num_workers", type=int, default=0, help="DataLoader worker processes (default: 0)")
-    p.add_argument("--max_steps", type=int, default=None, help="stop each epoch after this many batches, for smoke runs (default: all)")
-    p.add_argument("--no_progress", action="store_true", help="hide progress bars (default: shown)")
+    add_optimisation_args(p, batch_size=1, unit="images")
     add_device_args(p)
     add_seed_args(p)
     return p

@@ -28,6 +28,22 @@ def add_run_args(parser: argparse.ArgumentParser, *, default_save_dir: str) -> N
                        help="checkpoint to resume from: restores model, optimizer and epoch (default: none)")
 
 
+def add_optimisation_args(parser: argparse.ArgumentParser, *, batch_size: int, unit: str) -> None:
+    """``--batch_size --lrate --weight_decay --num_workers --max_steps --no_progress`` of the 2D trainers.
+
+    Args:
+        batch_size: the script's default batch size.
+        unit: what one batch item is, for the help text ("images", "slices").
+    """
+    parser.add_argument("--batch_size", type=int, default=batch_size, help=f"{unit} per step (default: {batch_size})")
+    parser.add_argument("--lrate", type=float, default=1e-5, help="Adam learning rate (default: 1e-5)")
+    parser.add_argument("--weight_decay", type=float, default=1e-3, help="Adam weight decay (default: 1e-3)")
+    parser.add_argument("--num_workers", type=int, default=0, help="DataLoader worker processes (default: 0)")
+    parser.add_argument("--max_steps", type=int, default=None,
+                        help="stop each epoch after this many batches, for smoke runs (default: all)")
+    parser.add_argument("--no_progress", action="store_true", help="hide progress bars (default: shown)")
+
+
 def resolve_device(name: str) -> torch.device:
     """Turn ``--device`` into a ``torch.device`` and check it is usable.
 

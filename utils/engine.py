@@ -84,7 +84,7 @@ def train_one_epoch(model: torch.nn.Module, loader: Iterable, optimizer: torch.o
             if not torch.isfinite(total):
                 raise FloatingPointError(f"loss is {total.item()} at epoch {epoch}, step {step}: {_fmt(losses)}")
             optimizer.zero_grad(set_to_none=True)
-            _backward_step(total, optimizer, scaler)
+            backward_step(total, optimizer, scaler)
             _accumulate(totals, losses, total)
             bar.set_postfix({k: f"{v / totals['steps']:.3f}" for k, v in totals.items() if k != "steps"})
     return _means(totals)
@@ -127,7 +127,9 @@ def _forward_losses(model, batch, device, loss_fn, *, amp: bool) -> dict[str, to
         return loss_fn(model, images, targets) if loss_fn else model(images, targets)
 
 
-def _backward_step(total: torch.Tensor, optimizer, scaler) -> None:
+def backward_step(total: torch.Tensor, optimizer: torch.optim.Optimizer,
+                  scaler: torch.amp.GradScaler | None) -> None:
+    """Backward pass and optimizer step, through ``scaler`` when mixed precision is on."""
     if scaler is None:
         total.backward()
         optimizer.step()

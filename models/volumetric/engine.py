@@ -17,6 +17,7 @@ from tqdm import tqdm
 from models.volumetric.common import IMAGE_KEY, LABEL_KEY, SegConfig, Task, unwrap_transform_error
 from models.volumetric.inference import _autocast, segment
 from utils.dice import dice_per_class, mean_ignoring_nan
+from utils.engine import backward_step
 
 
 @dataclass(frozen=True)
@@ -108,7 +109,7 @@ def train_one_epoch(model: torch.nn.Module, loader: DataLoader, *, optimizer: to
             loss = loss_fn(model(images), labels)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"{desc}: loss is {loss.item()} at step {steps}")
-        _backward_step(loss, optimizer, scaler)
+        backward_step(loss, optimizer, scaler)
         total, steps = total + loss.item(), steps + 1
     return total / max(steps, 1)
 
@@ -147,14 +148,3 @@ def _batches(loader: DataLoader):
             return
         except RuntimeError as err:
             raise unwrap_transform_error(err) from err
-
-
-def _backward_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer,
-                   scaler: torch.amp.GradScaler | None) -> None:
-    if scaler is None:
-        loss.backward()
-        optimizer.step()
-        return
-    scaler.scale(loss).backward()
-    scaler.step(optimizer)
-    scaler.update()
