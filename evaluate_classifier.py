@@ -27,8 +27,7 @@ from tqdm import tqdm
 
 from datasets.classification import SliceClassificationDataset
 from datasets.conventions import CLASS_NAMES
-from models.mask_net.covid_mask_net import covid_mask_net
-from utils.checkpoint import load_checkpoint
+from utils import model_io
 from utils.classification_metrics import (aggregate_probabilities, classification_report, format_report,
                                           roc_curve, to_jsonable)
 from utils.cli import add_device_args, resolve_device
@@ -79,28 +78,17 @@ def add_architecture_args(p: argparse.ArgumentParser) -> None:
 
 def check_architecture(path: str, builder_kwargs: dict, flags: dict) -> None:
     """Raise ValueError when a given architecture flag contradicts the checkpoint at ``path``."""
-    for key in ARCHITECTURE_FLAGS:
-        given, stored = flags.get(key), builder_kwargs.get(key)
-        if given is not None and stored is not None and given != stored:
-            raise ValueError(f"--{key} {given} contradicts the checkpoint {path}, which has {key}={stored}; "
-                             "drop the flag or pass the matching checkpoint")
+    model_io.check_architecture(path, builder_kwargs, flags, ARCHITECTURE_FLAGS)
 
 
-def load_classifier(path: str, *, flags: dict) -> tuple[torch.nn.Module, dict]:
-    """Rebuild a classification checkpoint's model strictly, with threshold flags applied.
+def load_classifier(path: str, *, flags: dict, device: torch.device) -> tuple[torch.nn.Module, dict]:
+    """Rebuild a classification checkpoint's model strictly, in eval mode, with threshold flags applied.
 
     Raises:
         ValueError: when ``path`` is not a classification checkpoint or a flag contradicts it.
     """
-    ckpt = load_checkpoint(path)
-    if ckpt["builder"] != BUILDER:
-        raise ValueError(f"{path}: built by {ckpt['builder']}, not a classification checkpoint ({BUILDER}); "
-                         "train one with train_classifier.py")
-    check_architecture(path, ckpt["builder_kwargs"], flags)
-    overrides = {kw: flags[flag] for flag, kw in THRESHOLD_FLAGS.items() if flags.get(flag) is not None}
-    model = covid_mask_net(**{**ckpt["builder_kwargs"], **overrides})
-    model.load_state_dict(ckpt["model"], strict=True)
-    return model, ckpt
+    return model_io.load_model_for_inference(path, device=device, flags=flags, builder=BUILDER, kind="classification",
+                                             architecture_flags=ARCHITECTURE_FLAGS, threshold_flags=THRESHOLD_FLAGS)
 
 
 @torch.inference_mode()
@@ -205,8 +193,7 @@ def make_loader(args: argparse.Namespace) -> DataLoader:
 
 def main(args: argparse.Namespace) -> dict:
     device = resolve_device(args.device)
-    model, _ = load_classifier(args.ckpt, flags=vars(args))
-    model.to(device)
+    model, _ = load_classifier(args.ckpt, flags=vars(args), device=device)
     probs, labels, metas = predict(model, make_loader(args), device=device, progress=not args.no_progress)
     save_dir = Path(args.save_dir)
     save_dir.mkdir(parents=True, exist_ok=True)

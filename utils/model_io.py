@@ -5,6 +5,8 @@ contradicts the architecture stored in the checkpoint is an error naming both va
 """
 from __future__ import annotations
 
+from typing import Iterable
+
 import torch
 
 from utils.checkpoint import build_model_from_checkpoint, load_checkpoint
@@ -12,35 +14,44 @@ from utils.checkpoint import build_model_from_checkpoint, load_checkpoint
 # Command-line flag -> builder keyword of models.mask_net.maskrcnn_resnet_fpn.
 THRESHOLD_FLAGS = {"rpn_nms_th": "rpn_nms_thresh", "roi_nms_th": "box_nms_thresh",
                    "confidence_th": "box_score_thresh"}
-ARCHITECTURE_FLAGS = ("backbone_name", "truncation")
+ARCHITECTURE_FLAGS = ("backbone_name", "truncation", "mask_type")
 
 
-def load_model_for_inference(path: str, *, device: torch.device, flags: dict) -> tuple[torch.nn.Module, dict]:
+def load_model_for_inference(path: str, *, device: torch.device, flags: dict, builder: str | None = None,
+                             kind: str = "segmentation",
+                             architecture_flags: Iterable[str] = ARCHITECTURE_FLAGS,
+                             threshold_flags: dict[str, str] = THRESHOLD_FLAGS) -> tuple[torch.nn.Module, dict]:
     """Load ``path`` and build its model in eval mode on ``device``.
 
     Args:
         path: a checkpoint in the project's schema.
         device: target device.
-        flags: parsed flags; ``None`` values mean "take it from the checkpoint". Keys among
-            ``THRESHOLD_FLAGS`` override builder settings; ``backbone_name``, ``truncation`` and
-            ``mask_type`` are checked against the checkpoint.
+        flags: parsed flags; ``None`` values mean "take it from the checkpoint".
+        builder: the builder the checkpoint must name (e.g. ``models.mask_net.covid_mask_net``), or
+            None to accept any.
+        kind: what such a checkpoint is called in the error message.
+        architecture_flags: flags checked against the checkpoint's builder kwargs (and ``mask_type``).
+        threshold_flags: flag -> builder keyword; a given flag overrides the stored setting.
 
     Returns:
         The model and the checkpoint dict.
 
     Raises:
-        ValueError: when a flag contradicts the checkpoint's architecture.
+        ValueError: when the checkpoint has another builder, or a flag contradicts its architecture.
     """
     ckpt = load_checkpoint(path)
-    _check_architecture(path, ckpt, flags)
-    overrides = {kw: flags[flag] for flag, kw in THRESHOLD_FLAGS.items() if flags.get(flag) is not None}
+    if builder is not None and ckpt["builder"] != builder:
+        raise ValueError(f"{path}: built by {ckpt['builder']}, not a {kind} checkpoint ({builder})")
+    stored = {**ckpt["builder_kwargs"], "mask_type": ckpt.get("mask_type")}
+    check_architecture(path, stored, flags, architecture_flags)
+    overrides = {kw: flags[flag] for flag, kw in threshold_flags.items() if flags.get(flag) is not None}
     model = build_model_from_checkpoint(ckpt, **overrides)
     return model.eval().to(device), ckpt
 
 
-def _check_architecture(path: str, ckpt: dict, flags: dict) -> None:
-    stored = {**ckpt["builder_kwargs"], "mask_type": ckpt.get("mask_type")}
-    for key in (*ARCHITECTURE_FLAGS, "mask_type"):
+def check_architecture(path: str, stored: dict, flags: dict, keys: Iterable[str]) -> None:
+    """Raise ValueError when a given flag among ``keys`` contradicts the value stored in ``path``."""
+    for key in keys:
         given = flags.get(key)
         if given is not None and stored.get(key) is not None and given != stored[key]:
             raise ValueError(f"--{key} {given} contradicts the checkpoint {path}, which was trained with "
