@@ -1,0 +1,150 @@
+"""analyze_scan.py end to end on tiny phantoms: outputs on the input grid, quantities, report, bad input."""
+from __future__ import annotations
+
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import analyze_scan
+from datasets.synthetic.chest import LUNG_WINDOW, hu_to_png
+from models.mask_net.covid_mask_net import covid_mask_net
+from models.volumetric import get_task
+from models.volumetric.covid_cls import ClsConfig
+from tests.test_volumetric_data import TINY_CONFIG, chest_phantom
+from utils.checkpoint import make_checkpoint, save_checkpoint
+from utils.quantify import voxel_volume_ml
+
+CLS_KWARGS = dict(backbone_name="resnet18", truncation=2, num_classes=3, roi_batch_size=8, s_features=16,
+                  min_size=64, max_size=64, rpn_pre_nms_top_n_test=50, rpn_post_nms_top_n_test=20)
+VOLUMETRIC = {"lung_seg": {"psp_block_num": 0}, "lesion_seg": {"init_filters": 8},
+              "covid_cls": {"init_features": 8, "growth_rate": 4}}
+
+
+def _volumetric_checkpoint(name: str, path):
+    task = get_task(name)
+    model, kwargs = task.build_network(**VOLUMETRIC[name])
+    if name == "covid_cls":
+        config = ClsConfig(roi_size=(32, 32, 32)).to_dict()
+    else:
+        config = task.make_config(**TINY_CONFIG[name]).to_dict()
+    save_checkpoint(make_checkpoint(model=model, builder=task.builder, builder_kwargs=kwargs, epoch=0,
+                                    task=name, task_config=config), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    """Randomly initialised, tiny checkpoints of the four models, in the project's schema."""
+    folder = tmp_path_factory.mktemp("models")
+    torch.manual_seed(0)
+    paths = {name: _volumetric_checkpoint(name, folder / f"{name}.pth") for name in VOLUMETRIC}
+    model = covid_mask_net(**CLS_KWARGS)
+    paths["mask_net_classifier"] = save_checkpoint(make_checkpoint(
+        model=model, builder="models.mask_net.covid_mask_net", builder_kwargs=CLS_KWARGS, epoch=0,
+        mask_type="both"), folder / "mask_net_classifier.pth")
+    return paths
+
+
+def _flags(checkpoints) -> list[str]:
+    return ["--lung_ckpt", str(checkpoints["lung_seg"]), "--lesion_ckpt", str(checkpoints["lesion_seg"]),
+            "--covid3d_ckpt", str(checkpoints["covid_cls"]), "--covid2d_ckpt", str(checkpoints["mask_net_classifier"])]
+
+
+def _run(argv: list[str]) -> dict:
+    return analyze_scan.main(analyze_scan.get_args_parser().parse_args(argv))
+
+
+def _write_scan(path, *, orientation="LPS", seed=0):
+    volume = chest_phantom(seed=seed, orientation=orientation)
+    nib.save(nib.Nifti1Image(volume["image"].astype(np.int16), volume["affine"]), path)
+    return volume, nib.load(path).affine
+
+
+def test_outputs_are_on_the_input_grid_and_the_report_matches_the_masks(tmp_path, checkpoints):
+    volume, affine = _write_scan(tmp_path / "scan.nii.gz")
+    out = tmp_path / "out"
+    report = _run([str(tmp_path / "scan.nii.gz"), "--out", str(out), "--models_dir", str(tmp_path / "none"),
+                   *_flags(checkpoints)])
+    masks = {}
+    for name in ("lungs", "lesions"):
+        image = nib.load(out / f"{name}.nii.gz")
+        assert image.shape == volume["image"].shape
+        np.testing.assert_allclose(image.affine, affine, atol=1e-5)
+        masks[name] = np.asarray(image.dataobj)
+    ml = voxel_volume_ml(affine)
+    quantities = json.loads((out / "report.json").read_text())["quantities"]
+    assert quantities["left"]["lung_ml"] == pytest.approx((masks["lungs"] == 1).sum() * ml)
+    assert quantities["total"]["ggo_ml"] == pytest.approx(((masks["lesions"] == 1) & (masks["lungs"] > 0)).sum() * ml)
+    assert set(report["covid"]) == {"covid_cls", "mask_net_classifier"}
+    assert all(0.0 <= c["probability"] <= 1.0 for c in report["covid"].values())
+    assert [m["name"] for m in report["models"]] == ["lung_seg", "lesion_seg", "covid_cls", "mask_net_classifier"]
+    assert all(len(m["sha256"]) == 64 for m in report["models"])
+    page = (out / "report.html").read_text()
+    for picture in ("montage_lungs.png", "montage_lesions.png", "slice_profile.png", "scan_saliency.png"):
+        assert (out / picture).stat().st_size > 1000 and picture in page
+
+
+@pytest.mark.parametrize("orientation", ["RAS", "LPS"])
+def test_quantities_from_known_masks(tmp_path, monkeypatch, checkpoints, orientation):
+    """With the segmentation step giving the phantom's truth, the report gives the truth's volumes."""
+    volume, affine = _write_scan(tmp_path / "scan.nii.gz", orientation=orientation, seed=4)
+    truth = {"lung_seg": (volume["lung"] > 0).astype(np.uint8), "lesion_seg": (volume["lesion"] > 0).astype(np.uint8)}
+    monkeypatch.setattr(analyze_scan, "segment", lambda name, *a, **k: (truth[name], affine))
+    monkeypatch.setattr(analyze_scan, "resolve_model_paths", lambda args: {k: checkpoints[k] for k in truth})
+    report = _run([str(tmp_path / "scan.nii.gz"), "--out", str(tmp_path / "out"),
+                   "--skip", "covid_cls", "mask_net_classifier"])
+    q, ml = report["quantities"], voxel_volume_ml(affine)
+    assert q["left"]["lung_ml"] == pytest.approx((volume["lung"] == 1).sum() * ml)
+    assert q["right"]["lung_ml"] == pytest.approx((volume["lung"] == 2).sum() * ml)
+    assert q["total"]["lesion_ml"] == pytest.approx((volume["lesion"] > 0).sum() * ml)
+    assert q["total"]["ggo_ml"] == pytest.approx((volume["lesion"] == 1).sum() * ml, rel=0.1)
+    percent = 100.0 * (volume["lesion"] > 0).sum() / (volume["lung"] > 0).sum()
+    assert q["total"]["involvement_percent"] == pytest.approx(percent)
+
+
+def test_png_folder_is_stacked_and_its_assumptions_reported(tmp_path, checkpoints):
+    volume = chest_phantom(seed=1, orientation="LPS")
+    folder = tmp_path / "slices"
+    folder.mkdir()
+    for z in range(volume["image"].shape[2]):
+        Image.fromarray(hu_to_png(volume["image"][:, :, z].T, LUNG_WINDOW)).save(folder / f"NCP_5_1_{z:04d}.png")
+    out = tmp_path / "out"
+    report = _run([str(folder), "--out", str(out), *_flags(checkpoints), "--png_spacing", "1.5", "1.5", "4",
+                   "--skip", "covid_cls"])
+    scan = nib.load(out / "scan.nii.gz")
+    assert scan.shape == volume["image"].shape
+    assert nib.load(out / "lungs.nii.gz").shape == scan.shape
+    assert report["assumed"] == {"png_window_hu": list(LUNG_WINDOW), "png_spacing_mm": [1.5, 1.5, 4.0]}
+    assert "mask_net_classifier" in report["covid"] and "covid_cls" not in report["covid"]
+
+
+def test_missing_model_names_it_and_how_to_produce_it(tmp_path, checkpoints):
+    _write_scan(tmp_path / "scan.nii.gz")
+    out = tmp_path / "out"
+    argv = [str(tmp_path / "scan.nii.gz"), "--out", str(out), "--models_dir", str(tmp_path / "no_models"),
+            "--lung_ckpt", str(checkpoints["lung_seg"])]
+    with pytest.raises(FileNotFoundError) as err:
+        _run(argv)
+    message = str(err.value)
+    assert "lesion_seg model missing" in message and "--lesion_ckpt" in message and "train_volumetric.py" in message
+    assert not out.exists()  # nothing is written before every model is found
+    with pytest.raises(FileNotFoundError, match="--lung_ckpt .*nope.pth does not exist"):
+        _run([str(tmp_path / "scan.nii.gz"), "--out", str(out), "--lung_ckpt", str(tmp_path / "nope.pth")])
+
+
+def test_bad_inputs_are_named(tmp_path, checkpoints, capsys):
+    with pytest.raises(FileNotFoundError, match="input not found: .*missing.nii.gz"):
+        _run([str(tmp_path / "missing.nii.gz"), "--out", str(tmp_path / "o1"), *_flags(checkpoints)])
+    flat = tmp_path / "flat.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros((16, 16), np.int16), np.eye(4)), flat)
+    with pytest.raises(ValueError, match="flat.nii.gz"):
+        _run([str(flat), "--out", str(tmp_path / "o2"), *_flags(checkpoints)])
+    volume = chest_phantom(seed=2)
+    grey = tmp_path / "grey.nii.gz"  # 0-255 intensities, not Hounsfield units
+    nib.save(nib.Nifti1Image(hu_to_png(volume["image"]).astype(np.int16), volume["affine"]), grey)
+    _run([str(grey), "--out", str(tmp_path / "o3"), *_flags(checkpoints), "--skip", "covid_cls", "mask_net_classifier"])
+    assert "grey.nii.gz" in capsys.readouterr().out.split("warning:")[1]
