@@ -334,3 +334,20 @@ def test_help_names_every_default():
     out = subprocess.run([sys.executable, "convert_checkpoint.py", "--help"], cwd=ROOT, capture_output=True,
                          text=True, check=True).stdout
     assert "python convert_checkpoint.py" in out and out.count("default:") >= 2
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit:FutureWarning")
+def test_torchscript_archives_are_refused_before_torch_jit_load(tmp_path):
+    torch.jit.save(torch.jit.script(nn.Linear(2, 2)), tmp_path / "scripted.pth")
+    with pytest.raises(ValueError, match=r"scripted\.pth: a TorchScript archive"):
+        convert(tmp_path / "scripted.pth", tmp_path / "new.pth")
+
+
+@pytest.mark.parametrize("field,message", [
+    ({"epoch": "last"}, r"'epoch' must be a non-negative whole number of epochs, got 'last'"),
+    ({"anchor_generator": {"sizes": (2,)}}, r"'anchor_generator' is a dict, not an AnchorGenerator"),
+])
+def test_bad_epoch_and_anchor_generator_fields(tmp_path, field, message):
+    old = write_original(tmp_path / "old.pth", seg_model(), anchor_module=None, **field)
+    with pytest.raises(ValueError, match=r"old\.pth: " + message):
+        convert(old, tmp_path / "new.pth")

@@ -1,15 +1,13 @@
 """Checkpoints of the original COVID-CT-Mask-Net, read safely and mapped onto this project's models.
 
-The original (torch 1.1, torchvision 0.3) saves ``torch.save`` dicts with ``model_weights`` (a state
-dict in torchvision 0.3's names; the classifier's module S under ``s2new.*``), ``anchor_generator``
-(a pickled ``AnchorGenerator`` object from ``models.mask_net.rpn`` or
-``models.mask_net.rpn_segmentation``), ``optimizer_state``, ``epoch`` (a string, the number of
-epochs done), ``model_name`` and ``lrate``.
+The original (torch 1.1, torchvision 0.3) saves dicts of ``model_weights`` (torchvision 0.3's names;
+the classifier's S under ``s2new.*``), ``anchor_generator`` (a pickled ``AnchorGenerator`` of
+``models.mask_net.rpn`` or ``rpn_segmentation``), ``optimizer_state``, ``epoch`` (a string: epochs
+done), ``model_name`` and ``lrate``.
 
-Reading: :class:`RestrictedUnpickler` resolves only tensor and storage rebuilding, a few harmless
-containers, and the two anchor-generator paths, which it maps to :class:`LegacyAnchorGenerator`, a
-stand-in that keeps the anchor sizes and aspect ratios and nothing else. Any other global is refused
-before anything is called, so a file cannot run code while it is read.
+Reading: :class:`RestrictedUnpickler` resolves only tensor rebuilding, a few harmless containers and
+the anchor generator, as :class:`LegacyAnchorGenerator` (sizes and aspect ratios only). Any other
+global is refused before anything is called, so reading a file cannot run code.
 
 Mapping: :func:`map_legacy_keys` renames torchvision 0.3's names to ours (see ``KEY_RULES``);
 :func:`infer_config` reads the architecture from tensor shapes.
@@ -22,6 +20,7 @@ import functools
 import pickle
 import re
 import types
+import zipfile
 from pathlib import Path
 
 import torch
@@ -42,9 +41,7 @@ LEGACY_S_PREFIX = "s2new."
 class LegacyAnchorGenerator:
     """Stand-in for the original's pickled ``AnchorGenerator``: keeps ``sizes`` and ``aspect_ratios`` only.
 
-    Attributes:
-        sizes, aspect_ratios: as pickled (per level, tuples of numbers), or None when absent.
-        source: the pickled class's ``module.name``.
+    Attributes: ``sizes``, ``aspect_ratios`` (as pickled, or None) and ``source`` (the class's ``module.name``).
     """
 
     source = "models.mask_net.rpn.AnchorGenerator"
@@ -119,6 +116,14 @@ restricted_pickle.Unpickler = RestrictedUnpickler
 restricted_pickle.load = _restricted_load
 
 
+def _is_torchscript(path: Path) -> bool:
+    """TorchScript archives hold constants.pkl; torch.load would pass them to torch.jit.load, past our unpickler."""
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as archive:
+        return any(name.rpartition("/")[2] == "constants.pkl" for name in archive.namelist())
+
+
 def read_legacy_file(path: str | Path) -> dict:
     """Read an original checkpoint with :class:`RestrictedUnpickler` (zip or torch 1.1 legacy format), on the CPU.
 
@@ -127,12 +132,14 @@ def read_legacy_file(path: str | Path) -> dict:
 
     Raises:
         FileNotFoundError: when ``path`` does not exist.
-        ValueError: naming the file when it holds a refused global, is not a torch file, is not a
-            dict, or has no ``model_weights`` state dict.
+        ValueError: naming the file when it holds a refused global, is TorchScript or no torch file,
+            is not a dict, or has no ``model_weights`` state dict.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"original checkpoint not found: {path}")
+    if _is_torchscript(path):
+        raise ValueError(f"{path}: a TorchScript archive, not an original COVID-CT-Mask-Net checkpoint")
     try:
         data = torch.load(path, map_location="cpu", pickle_module=restricted_pickle, weights_only=False)
     except RefusedGlobalError as err:
@@ -348,9 +355,9 @@ def anchor_settings(generator: LegacyAnchorGenerator | None, *, num_levels: int,
         raise ValueError(f"{source}: the anchor settings ({origin}) give {per_level} anchors per position, but the "
                          f"RPN head predicts {anchors_per_position}")
     overrides = {}
-    if not _same(sizes, COVID_DEFAULTS["anchor_sizes"]):
+    if _floats(sizes) != _floats(COVID_DEFAULTS["anchor_sizes"]):
         overrides["anchor_sizes"] = sizes
-    if not _same(ratios, COVID_DEFAULTS["aspect_ratios"]):
+    if _floats(ratios) != _floats(COVID_DEFAULTS["aspect_ratios"]):
         overrides["aspect_ratios"] = ratios
     return {"overrides": overrides, "sizes": sizes, "aspect_ratios": ratios, "from": origin}
 
@@ -361,10 +368,6 @@ def _flatten_equal(levels: tuple[tuple, ...]) -> tuple:
 
 def _as_levels(value: tuple, num_levels: int) -> tuple[tuple, ...]:
     return value if isinstance(value[0], tuple) else (value,) * num_levels
-
-
-def _same(a, b) -> bool:
-    return _floats(a) == _floats(b)
 
 
 def _floats(value):
@@ -428,10 +431,10 @@ def legacy_epoch(value, *, source: str) -> int:
         return 0
     try:
         done = int(str(value).strip())
+        if done < 0:
+            raise ValueError
     except ValueError:
-        raise ValueError(f"{source}: 'epoch' must be a whole number of epochs, got {value!r}") from None
-    if done < 0:
-        raise ValueError(f"{source}: 'epoch' must not be negative, got {value!r}")
+        raise ValueError(f"{source}: 'epoch' must be a non-negative whole number of epochs, got {value!r}") from None
     return max(done - 1, 0)
 
 
@@ -468,8 +471,7 @@ def convert_legacy_checkpoint(*, source: str | Path, mask_type: str | None = Non
         ``tensors`` and ``filled_num_batches_tracked``.
 
     Raises:
-        FileNotFoundError, ValueError: see :func:`read_legacy_file`, :func:`map_legacy_keys`,
-            :func:`infer_config`, :func:`anchor_settings` and :func:`build_and_load`.
+        FileNotFoundError, ValueError: from :func:`read_legacy_file` and the mapping, inference and loading steps.
     """
     src = str(source)
     data = read_legacy_file(source)
