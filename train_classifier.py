@@ -192,7 +192,7 @@ def main(args: argparse.Namespace) -> RunDir:
     optimizer = torch.optim.Adam(trainable, lr=args.lrate, weight_decay=args.weight_decay)
     first_epoch = _restore(args.resume, model, optimizer, args.start_epoch)
     weights = inverse_frequency_weights(train_loader.dataset.labels) if args.class_balance else None
-    run = RunDir(args.save_dir, args=args_to_dict(args), seed=args.seed)
+    run = RunDir(args.save_dir, args=args_to_dict(args), seed=args.seed, resume=bool(args.resume))
     train_epochs(args, model=model, optimizer=optimizer, loaders=(train_loader, val_loader), run=run, builder_kwargs=kwargs,
                  first_epoch=first_epoch, device=device, class_weights=weights)
     return run

@@ -97,7 +97,7 @@ def main(args: argparse.Namespace) -> RunDir:
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad],
                                  lr=args.lrate, weight_decay=args.weight_decay)
     first_epoch = _restore(args.resume, model, optimizer, args.start_epoch)
-    run = RunDir(args.save_dir, args=args_to_dict(args), seed=args.seed)
+    run = RunDir(args.save_dir, args=args_to_dict(args), seed=args.seed, resume=bool(args.resume))
     train_epochs(args, model=model, optimizer=optimizer, loaders=(train_loader, val_loader), run=run,
                  builder_kwargs=kwargs, first_epoch=first_epoch, device=device)
     return run

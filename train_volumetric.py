@@ -167,7 +167,7 @@ def train(args: argparse.Namespace, ctx) -> dict:
     start, best = resume(args.resume, model, optimizer, task.name)
     model.to(ctx.device)
     net = DistributedDataParallel(model) if ctx.distributed else model
-    run_dir = RunDir(args.save_dir, args=args_to_dict(args), seed=args.seed) if ctx.is_main else None
+    run_dir = RunDir(args.save_dir, args=args_to_dict(args), seed=args.seed, resume=bool(args.resume)) if ctx.is_main else None
     if run_dir is not None:
         run_dir.best_value = best
     scaler = torch.amp.GradScaler("cuda") if args.amp and ctx.device.type == "cuda" else None

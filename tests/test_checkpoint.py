@@ -115,3 +115,12 @@ def test_resolve_device_errors_clearly():
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="CUDA is not available"):
             resolve_device("cuda")
+
+
+def test_run_dir_starts_metrics_afresh_unless_resuming(tmp_path):
+    RunDir(tmp_path / "run", args={}).log_metrics({"epoch": 0, "loss": 1.0})
+    RunDir(tmp_path / "run", args={}, resume=True).log_metrics({"epoch": 1, "loss": 0.5})
+    assert len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == 2
+    RunDir(tmp_path / "run", args={}).log_metrics({"epoch": 0, "loss": 0.9})
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["loss"] for line in lines] == [0.9]

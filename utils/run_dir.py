@@ -20,9 +20,16 @@ class RunDir:
         save_dir/args.json  env.txt  metrics.jsonl  checkpoint_last.pth  checkpoint_best.pth
     """
 
-    def __init__(self, save_dir: str | Path, *, args: dict, seed: int | None = None):
+    def __init__(self, save_dir: str | Path, *, args: dict, seed: int | None = None, resume: bool = False):
+        """Create the folder and write ``args.json`` and ``env.txt``.
+
+        A new run (``resume`` False) in a folder used before starts ``metrics.jsonl`` afresh, as it
+        overwrites the checkpoints; a resumed run appends to it.
+        """
         self.path = Path(save_dir)
         self.path.mkdir(parents=True, exist_ok=True)
+        if not resume:
+            (self.path / "metrics.jsonl").unlink(missing_ok=True)
         (self.path / "args.json").write_text(json.dumps(args, indent=2, sort_keys=True, default=str) + "\n")
         (self.path / "env.txt").write_text(environment_report(seed=seed))
         self.best_value: float | None = None
