@@ -20,7 +20,8 @@ def test_torchrun_two_cpu_processes(tmp_path):
                str(REPO / "train_volumetric.py"), "--task", "lesion_seg", "--datalist", str(datalist),
                "--epochs", "2", "--batch_size", "1", "--roi_size", "32", "32", "16", "--spacing", "2", "2", "4",
                "--device", "cpu", "--save_dir", str(run)]
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))  # keep the caller's entries
+    env = {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
