@@ -16,6 +16,7 @@ from models.volumetric import get_task
 from models.volumetric.covid_cls import ClsConfig
 from tests.test_volumetric_data import TINY_CONFIG, chest_phantom
 from utils.checkpoint import make_checkpoint, save_checkpoint
+from utils.manifest import load_manifest, register
 from utils.quantify import voxel_volume_ml
 
 CLS_KWARGS = dict(backbone_name="resnet18", truncation=2, num_classes=3, roi_batch_size=8, s_features=16,
@@ -120,6 +121,17 @@ def test_png_folder_is_stacked_and_its_assumptions_reported(tmp_path, checkpoint
     assert nib.load(out / "lungs.nii.gz").shape == scan.shape
     assert report["assumed"] == {"png_window_hu": list(LUNG_WINDOW), "png_spacing_mm": [1.5, 1.5, 4.0]}
     assert "mask_net_classifier" in report["covid"] and "covid_cls" not in report["covid"]
+
+
+def test_models_come_from_the_manifest(tmp_path, checkpoints):
+    models = tmp_path / "models"
+    for name in ("lung_seg", "lesion_seg"):
+        register(models, name=name, ckpt=checkpoints[name])
+    _write_scan(tmp_path / "scan.nii.gz")
+    report = _run([str(tmp_path / "scan.nii.gz"), "--out", str(tmp_path / "out"), "--models_dir", str(models),
+                   "--skip", "covid_cls", "mask_net_classifier"])
+    assert [m["path"] for m in report["models"]] == [str(models / "lung_seg.pth"), str(models / "lesion_seg.pth")]
+    assert report["models"][0]["sha256"] == load_manifest(models)["models"][0]["sha256"]
 
 
 def test_missing_model_names_it_and_how_to_produce_it(tmp_path, checkpoints):

@@ -159,3 +159,9 @@ def _plain(value: Any) -> Any:
     if value is None or isinstance(value, (bool, int, float, str, torch.Tensor)):
         return value
     raise TypeError(f"checkpoint values must be plain Python values or tensors, got {type(value).__name__}")
+
+
+if __name__ == "__main__":  # python -m utils.checkpoint verify|register ... (see utils.manifest)
+    from utils.manifest import main
+
+    raise SystemExit(main())
