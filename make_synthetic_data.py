@@ -25,7 +25,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--n_seg_patients", type=int, default=15, help="patients of the segmentation set (default: 15)")
     p.add_argument("--slices_per_patient", type=int, default=8, help="slices per 2D patient (default: 8)")
     p.add_argument("--image_size", type=int, default=512, help="side of the 2D slices in pixels (default: 512)")
-    p.add_argument("--n_volumes", type=int, default=10, help="chest volumes (default: 10)")
+    p.add_argument("--n_volumes", type=int, default=12,
+                   help="chest volumes; 12 put every class in the validation split (default: 12)")
     p.add_argument("--volume_shape", type=int, nargs=3, default=[128, 128, 40], metavar=("X", "Y", "Z"),
                    help="chest volume shape; Z is the slice count at 2.5 mm spacing (default: 128 128 40)")
     p.add_argument("--n_abdomen", type=int, default=4, help="abdomen volumes (default: 4)")

@@ -24,7 +24,7 @@ def _check(outputs, image_size: int, volume_shape, counts: dict) -> None:
 
 def generate_dataset(out_dir: str | Path, *, seed: int = 0, n_patients: int = 30, n_seg_patients: int = 15,
                      slices_per_patient: int = 8, image_size: int = 512, volume_shape=(128, 128, 40),
-                     n_volumes: int = 10, n_abdomen: int = 4, abdomen_shape=(96, 96, 48),
+                     n_volumes: int = 12, n_abdomen: int = 4, abdomen_shape=(96, 96, 48),
                      outputs=OUTPUTS, workers: int = 1, montage: bool = True) -> dict:
     """Generate the phantom data set under ``out_dir`` (layouts: see the package docstring).
 
@@ -37,7 +37,7 @@ def generate_dataset(out_dir: str | Path, *, seed: int = 0, n_patients: int = 30
         image_size: side of the square 2D slices, in pixels.
         volume_shape: (X, Y, Z) of chest volumes; Z is the slice count at 2.5 mm spacing (thinner
             slices give proportionally more).
-        n_volumes: chest volumes (one patient each).
+        n_volumes: chest volumes (one patient each); 12 give every class in the validation split.
         n_abdomen: abdomen volumes.
         abdomen_shape: (X, Y, Z) of abdomen volumes.
         outputs: any of ``"seg"``, ``"cls"``, ``"volumes"``, ``"abdomen"``.
