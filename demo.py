@@ -51,13 +51,24 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def demo_steps(data: Path, out: Path, seed: int, device: str) -> list[Step]:
-    """The demo's steps, in order."""
-    seg, run = data / "seg", out / "segmentation"
-    ckpt = str(run / "checkpoint_best.pth")
+    """The demo's steps, in order: 2D track, 3D track, model registry, then the scans."""
     return [
         Step("data", "Phantom data set",
              ["make_synthetic_data.py", "--out", str(data), "--seed", str(seed)],
              [f"{data}/montage*.png"]),
+        *segmentation_2d_steps(data, out, seed, device),
+        *classifier_2d_steps(data, out, seed, device),
+        *volumetric_steps(data, out, seed, device),
+        *register_steps(data, out),
+        *analysis_steps(data, out, device),
+    ]
+
+
+def segmentation_2d_steps(data: Path, out: Path, seed: int, device: str) -> list[Step]:
+    """Brief Mask R-CNN training (ResNet18, truncation 1), COCO AP and overlays on the test slices."""
+    seg, run = data / "seg", out / "segmentation"
+    ckpt = str(run / "checkpoint_best.pth")
+    return [
         Step("train_seg", "2D lesion segmentation: Mask R-CNN, ResNet18 truncation 1, brief training",
              ["train_segmentation.py", "--backbone_name", "resnet18", "--truncation", "1", "--mask_type", "both",
               "--num_epochs", "6", "--save_every", "6", "--batch_size", "2", "--lrate", "1e-3",
@@ -75,6 +86,78 @@ def demo_steps(data: Path, out: Path, seed: int, device: str) -> list[Step]:
               "--confidence_th", "0.1", "--save_dir", str(run / "inference"), "--device", device],
              [f"{run}/inference/*CP*_overlay.png", f"{run}/inference/predictions.json"]),
     ]
+
+
+def classifier_2d_steps(data: Path, out: Path, seed: int, device: str) -> list[Step]:
+    """COVID-CT-Mask-Net's classifier S on the segmentation model, and its confusion matrix and ROC."""
+    cls, run = data / "cls", out / "classifier"
+    return [
+        Step("train_cls", "2D COVID-CT-Mask-Net classifier: S trained on the segmentation model (brief)",
+             ["train_classifier.py", "--pretrained_segmentation_model", str(out / "segmentation" / "checkpoint_best.pth"),
+              "--backbone_name", "resnet18", "--truncation", "1", "--num_epochs", "1", "--save_every", "1",
+              "--batch_size", "4", "--lrate", "1e-3", "--image_size", "256", "--train_data_dir", str(cls / "train"),
+              "--val_data_dir", str(cls / "val"), "--save_dir", str(run), "--seed", str(seed), "--device", device,
+              "--no_progress"],
+             [f"{run}/metrics.jsonl"]),
+        Step("eval_cls", "2D classifier: confusion matrix, sensitivity, AUC on the test slices (and per scan)",
+             ["evaluate_classifier.py", "--ckpt", str(run / "checkpoint_best.pth"), "--test_data_dir", str(cls / "test"),
+              "--aggregate", "scan", "--save_dir", str(run / "eval"), "--device", device],
+             [f"{run}/eval/confusion_matrix.png", f"{run}/eval/roc.png"]),
+    ]
+
+
+# 3D settings for a few minutes on two CPU cores: coarse grids and small windows.
+VOLUMETRIC = {
+    "lung_seg": (["--epochs", "30", "--lr", "1e-3", "--spacing", "2", "2", "4", "--roi_size", "64", "64", "32"], "lung"),
+    "lesion_seg": (["--epochs", "200", "--val_every", "20", "--lr", "2e-3", "--spacing", "1.5", "1.5", "3",
+                    "--roi_size", "64", "64", "16"], "lesion"),
+    "covid_cls": (["--epochs", "10", "--lr", "1e-4", "--roi_size", "64", "64", "32"], "covid"),
+}
+
+
+def volumetric_steps(data: Path, out: Path, seed: int, device: str) -> list[Step]:
+    """Train lung_seg, lesion_seg and covid_cls briefly; validate each on the test scans."""
+    volumes, steps = data / "volumes", []
+    for task, (flags, datalist) in VOLUMETRIC.items():
+        run, listing = out / task, str(volumes / f"dataset_{datalist}.json")
+        steps.append(Step(f"train_{task}", f"3D {task}: brief training",
+                          ["train_volumetric.py", "--task", task, "--datalist", listing, *flags, "--batch_size", "2",
+                           "--save_dir", str(run), "--seed", str(seed), "--device", device],
+                          [f"{run}/metrics.jsonl"]))
+        steps.append(Step(f"validate_{task}", f"3D {task}: metrics on the test scans",
+                          ["validate_volumetric.py", "--task", task, "--ckpt", str(run / "checkpoint_best.pth"),
+                           "--datalist", listing, "--section", "test", "--output", str(run / "test"),
+                           "--device", device],
+                          [f"{run}/test/metrics.json"]))
+    return steps
+
+
+def register_steps(data: Path, out: Path) -> list[Step]:
+    """Put the demo's models into a manifest folder of their own, with hashes and test metrics."""
+    models = out / "models"
+    entries = [("mask_net_segmentation", out / "segmentation", "eval/metrics.json", "phantom 2D test slices"),
+               ("mask_net_classifier", out / "classifier", "eval/metrics.json", "phantom 2D test slices"),
+               *((task, out / task, "test/metrics.json", "phantom test scans") for task in VOLUMETRIC)]
+    return [Step(f"register_{name}", f"Register {name} in {models}/manifest.json",
+                 ["-m", "utils.checkpoint", "register", str(models), "--name", name,
+                  "--ckpt", str(run / "checkpoint_best.pth"), "--metrics", str(run / metrics),
+                  "--data", f"{text} ({data})", "--command", f"python demo.py (step train of {name})"],
+                 [f"{models}/manifest.json"] if name == "covid_cls" else [])
+            for name, run, metrics, text in entries]
+
+
+def analysis_steps(data: Path, out: Path, device: str) -> list[Step]:
+    """analyze_scan.py on the held-out scans (the datalist's test section), models from the manifest."""
+    listing = json.loads((data / "volumes" / "dataset_covid.json").read_text()) if (data / "volumes").exists() else {}
+    steps = []
+    for case in listing.get("test", []):
+        name = Path(case["image"]).name.split(".")[0]
+        report = out / "analysis" / name
+        steps.append(Step(f"analyze_{name}", f"One scan in, a report out: {name} ({case.get('class', '')})",
+                          ["analyze_scan.py", str(data / "volumes" / case["image"]), "--out", str(report),
+                           "--models_dir", str(out / "models"), "--device", device],
+                          [f"{report}/report.html", f"{report}/montage_lesions.png", f"{report}/slice_profile.png"]))
+    return steps
 
 
 def run_step(step: Step, logs: Path) -> dict:
@@ -137,15 +220,22 @@ def _embed(path: Path, href: str) -> str:
 def main(args: argparse.Namespace) -> Path:
     out, data = Path(args.out), Path(args.data_dir)
     (out / "logs").mkdir(parents=True, exist_ok=True)
-    steps = [s for s in demo_steps(data, out, args.seed, args.device) if not args.only or s.name in args.only]
-    start, records = time.time(), []
-    for i, step in enumerate(steps, 1):
-        print(f"\n[{i}/{len(steps)}] {step.name} ({(time.time() - start) / 60:.1f} min so far)", flush=True)
+    start, records, done = time.time(), [], set()
+    while pending := _pending(args, data, out, done):  # re-planned: the scans are known once the data exist
+        step = pending[0]
+        print(f"\n[{len(done) + 1}/{len(done) + len(pending)}] {step.name} "
+              f"({(time.time() - start) / 60:.1f} min so far)", flush=True)
         records.append(run_step(step, out / "logs"))
+        done.add(step.name)
         write_index(records, out, time.time() - start)
     page = write_index(records, out, time.time() - start)
     print(f"\nDemo finished in {(time.time() - start) / 60:.1f} min. Open {page}")
     return page
+
+
+def _pending(args: argparse.Namespace, data: Path, out: Path, done: set[str]) -> list[Step]:
+    steps = demo_steps(data, out, args.seed, args.device)
+    return [s for s in steps if s.name not in done and (not args.only or s.name in args.only)]
 
 
 if __name__ == "__main__":
