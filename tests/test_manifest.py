@@ -56,6 +56,15 @@ def test_register_updates_the_entry_and_keeps_other_fields(tmp_path):
     assert first["sha256"] == sha256_file(tmp_path / "b.pth")
 
 
+def test_register_names_the_task_of_a_2d_checkpoint(tmp_path):
+    from models.mask_net import maskrcnn_resnet_fpn
+
+    kwargs = dict(backbone_name="resnet18", truncation=2, num_classes=2, min_size=64, max_size=64)
+    path = save_checkpoint(make_checkpoint(model=maskrcnn_resnet_fpn(**kwargs), builder="models.mask_net.maskrcnn_resnet_fpn",
+                                           builder_kwargs=kwargs, epoch=0), tmp_path / "seg.pth")
+    assert register(tmp_path / "models", name="mask_net_segmentation", ckpt=path)["task"] == "segmentation_2d"
+
+
 def test_cli_exit_codes_and_lines(tmp_path):
     models = tmp_path / "models"
     metrics = tmp_path / "metrics.json"

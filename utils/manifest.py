@@ -35,6 +35,9 @@ SCHEMA_VERSION = 1
 ENTRY_KEYS = ("name", "task", "builder", "builder_kwargs", "file", "sha256", "metrics", "data", "command",
               "description")
 STATUSES = ("OK", "FAILED", "MISSING", "UNRELEASED")
+# Task of a 2D checkpoint, by builder (volumetric checkpoints name their task themselves).
+TASK_BY_BUILDER = {"models.mask_net.maskrcnn_resnet_fpn": "segmentation_2d",
+                   "models.mask_net.covid_mask_net": "classification_2d"}
 
 
 class MissingModelError(FileNotFoundError):
@@ -151,7 +154,8 @@ def register(folder: str | Path, *, name: str, ckpt: str | Path, metrics: dict |
     target = folder / old.get("file", f"{name}.pth")
     if target.resolve() != ckpt.resolve():
         shutil.copyfile(ckpt, target)
-    entry = {"name": name, "task": checkpoint.get("task", old.get("task", name)), "builder": checkpoint["builder"],
+    task = checkpoint.get("task") or TASK_BY_BUILDER.get(checkpoint["builder"]) or old.get("task", name)
+    entry = {"name": name, "task": task, "builder": checkpoint["builder"],
              "builder_kwargs": checkpoint["builder_kwargs"], "file": target.name, "sha256": sha256_file(target),
              "metrics": metrics if metrics is not None else old.get("metrics"),
              "data": data if data is not None else old.get("data"),
