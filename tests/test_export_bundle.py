@@ -147,6 +147,9 @@ def test_bundle_parses_and_its_network_is_the_checkpoints(bundles):
     parser.read_config(bundle / "configs" / "inference.json")
     parser.read_meta(bundle / "configs" / "metadata.json")
     assert tuple(parser.get_parsed_content("inferer").roi_size) == (32, 32, 16)
+    # Channels-last weights as infer_volumetric.py uses them; a contiguous layout rounds differently.
+    weight = next(p for p in parser.get_parsed_content("network").parameters() if p.ndim == 5 and p.shape[1] > 1)
+    assert weight.is_contiguous(memory_format=torch.channels_last_3d) and not weight.is_contiguous()
     verify_net_in_out(net_id="network_def", meta_file=str(bundle / "configs" / "metadata.json"),
                       config_file=str(bundle / "configs" / "inference.json"), device="cpu")
     assert (bundle / "docs" / "README.md").read_text().count("python -m monai.bundle run") == 2

@@ -126,13 +126,15 @@ def inference_config(task: Task, config: Any, *, network_def: dict) -> dict:
     """``configs/inference.json`` of the task (see the module docstring)."""
     body = _seg_config(task, config) if task.kind == "segmentation" else _cls_config(config)
     return {
-        "imports": ["$import glob", "$import os", *body.pop("imports", [])],
+        "imports": body.pop("imports"),
         "bundle_root": ".",
         "device": "$torch.device('cuda:0' if torch.cuda.is_available() else 'cpu')",
         "ckpt_path": "$@bundle_root + '/models/model.pt'",
         "output_dir": "$@bundle_root + '/eval'",
         "network_def": network_def,
-        "network": "$@network_def.to(@device)",
+        # Channels-last weights (and windows) as infer_volumetric.py uses them: the same numbers, and
+        # about 2x faster 3D convolutions on CPU.
+        "network": "$@network_def.to(@device, memory_format=torch.channels_last_3d)",
         **body,
         "dataset": {"_target_": "Dataset", "data": "@datalist", "transform": "@preprocessing"},
         "initialize": ["$@network.load_state_dict(torch.load(@ckpt_path, map_location=@device, weights_only=True))",
@@ -162,7 +164,7 @@ def _seg_config(task: Task, config: SegConfig) -> dict:
              "output_ext": ".nii.gz", "output_dtype": "$numpy.uint8", "resample": False,
              "separate_folder": False, "print_log": True}]
     return {
-        "imports": imports,
+        "imports": ["$import glob", "$import os", *imports],
         "input_file": "",
         "dataset_dir": "",
         "datalist": "$(lambda files: [{'image': f} for f in files] if files else (_ for _ in ()).throw("
@@ -173,7 +175,7 @@ def _seg_config(task: Task, config: SegConfig) -> dict:
         "inferer": {"_target_": "SlidingWindowInferer", "roi_size": list(config.roi_size),
                     "sw_batch_size": config.sw_batch_size, "overlap": _plain(config.overlap), "mode": "gaussian"},
         "predict": "$torch.no_grad()(lambda d: dict(d, pred=@inferer(d['image'].as_tensor()[None].to(@device), "
-                   "@network)[0].cpu()))",
+                   "lambda w: @network(w.contiguous(memory_format=torch.channels_last_3d)))[0].cpu()))",
         "postprocessing": {"_target_": "Compose", "transforms": post},
     }
 
@@ -237,6 +239,7 @@ def _cls_config(config: Any) -> dict:
             {"_target_": "SaveClassificationd", "keys": "pred", "meta_keys": "image_meta_dict",
              "output_dir": "@output_dir", "filename": "predictions.csv"}]
     return {
+        "imports": [],
         "input_file": "",
         "lung_mask_file": "",
         "datalist": "$[{'image': @input_file, 'label_image': @lung_mask_file}] if @input_file and @lung_mask_file "
@@ -400,16 +403,20 @@ def readme(task: Task, config: Any, meta: dict, *, network_def: dict) -> str:
                                 f"{', scikit-image' if task.name == 'lung_seg' else ''}; "
                                 "`python -m monai.bundle` needs the `fire` package):", "", "```bash"]
     lines += _command_lines(task) + ["```", "", "Add `--device cpu` to stay on the CPU (default: the first GPU "
-                                     "when there is one); from another folder add `--bundle_root PATH`.", "",
+                                     "when there is one). From another folder, give the full path of "
+                                     "`configs/inference.json` and add `--bundle_root PATH_OF_THE_BUNDLE`.", "",
                                      "## Pre-processing", ""]
     lines += [f"- {step}" for step in (_seg_steps(task, config) if segmentation else _cls_steps(config))]
     lines += ["", "## Agreement with the project's inference", "",
               "On phantom scans the bundle's masks equal `infer_volumetric.py`'s voxel for voxel, with the same "
-              "shape and affine (tests/test_export_bundle.py)" if segmentation else
-              "On phantom scans the bundle's probability equals `infer_volumetric.py`'s to 1e-6 "
-              "(tests/test_export_bundle.py).",
+              "shape and affine, on CPU and CUDA; the network runs with channels-last weights and windows as "
+              "there (other layouts round differently and flip a few near-tie voxels)." if segmentation else
+              "On phantom scans the bundle's probability equals `infer_volumetric.py`'s to 1e-6, on CPU and CUDA.",
+              "",
               "Not carried over: the project reads DICOM series and checks that intensities look like HU; the "
-              "bundle reads NIfTI only (convert DICOM first, e.g. with the project's convert_dicom.py).", ""]
+              "bundle reads NIfTI only (convert DICOM first, e.g. with the project's convert_dicom.py)"
+              + ("." if segmentation else "; an empty lung mask, which the project refuses by name, makes the "
+                 "bundle fail at the resize (an empty crop)."), ""]
     return "\n".join(lines)
 
 
