@@ -18,7 +18,6 @@ COVID-19 probability with ``SaveClassificationd``.
 """
 from __future__ import annotations
 
-import hashlib
 import inspect
 import json
 from pathlib import Path
@@ -30,6 +29,7 @@ from monai.transforms import Identity, KeepLargestConnectedComponent
 
 from models.volumetric.common import SegConfig, Task, hu_to_unit
 from utils.checkpoint import resolve_builder
+from utils.manifest import sha256_file
 
 EXPORTABLE_TASKS = ("lung_seg", "lesion_seg", "covid_cls")
 # Project builder -> (MONAI network the builder returns, constructor arguments the builder fixes).
@@ -357,7 +357,7 @@ def export_bundle(*, ckpt_path: str | Path, task_name: str, out_dir: str | Path,
         (out / sub).mkdir(parents=True, exist_ok=True)
     meta = metadata(task, config, ckpt, network_def=network_def, version=version, authors=authors,
                     copyright=copyright)
-    meta["source_checkpoint"]["sha256"] = _sha256(ckpt_path)
+    meta["source_checkpoint"]["sha256"] = sha256_file(ckpt_path)
     _write_json(out / "configs" / "metadata.json", meta)
     _write_json(out / "configs" / "inference.json", inference_config(task, config, network_def=network_def))
     (out / "configs" / "logging.conf").write_text(LOGGING_CONF)
@@ -471,14 +471,6 @@ def _cls_steps(config: Any) -> list[str]:
 
 def _write_json(path: Path, value: dict) -> None:
     path.write_text(json.dumps(value, indent=4) + "\n")
-
-
-def _sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _plain(value: Any) -> Any:
