@@ -2,7 +2,7 @@
 
 Canonical command (models from the ``pretrained_models/`` manifest, or each from its flag)::
 
-    python analyze_scan.py data/phantom/volumes/imagesTr/chest_000.nii.gz --out runs/analyze/chest_000 \\
+    python analyze_scan.py data/phantom/volumes/imagesTr/chest_2003.nii.gz --out runs/analyze/chest_2003 \\
         --lung_ckpt L.pth --lesion_ckpt S.pth --covid3d_ckpt C.pth --covid2d_ckpt M.pth
 
 INPUT is a NIfTI file, a DICOM folder (one series) or a folder of PNG/JPG slices of one scan. The
