@@ -119,10 +119,10 @@ def _sample_voxels(features: torch.Tensor, image: torch.Tensor, label: torch.Ten
     return feats[pick], targets[pick]
 
 
-def reference(model: torch.nn.Module, image: torch.Tensor, roi) -> torch.Tensor:
-    """The MONAI tutorial default over the whole volume; UInt8[1, X, Y, Z]."""
+def reference(model: torch.nn.Module, image: torch.Tensor, roi, mode: str = "constant") -> torch.Tensor:
+    """The MONAI tutorial default over the whole volume (``mode`` of blending); UInt8[1, X, Y, Z]."""
     with torch.no_grad():
-        logits = sliding_window_inference(image.as_tensor()[None], roi, 4, model, overlap=0.25)
+        logits = sliding_window_inference(image.as_tensor()[None], roi, 4, model, overlap=0.25, mode=mode)
     return logits[0].argmax(dim=0, keepdim=True).to(torch.uint8)
 
 
@@ -157,6 +157,8 @@ def main(args: argparse.Namespace) -> dict:
         print(f"fit {t_fit:.0f} s; lung box {crop_box(image, config=config)}")
     model.eval()
     ref, t_ref = timed(lambda: reference(model, image, setting["roi"]))
+    gaussian = reference(model, image, setting["roi"], mode="gaussian")
+    print(f"reference with Gaussian blending only: Dice agreement {dice_per_class(gaussian, ref, num_classes=2)[0]:.4f}")
     model = prepare_for_inference(model, device=torch.device("cpu"))
     ours, t_ours = timed(lambda: segment(model, image, config=config, device=torch.device("cpu")))
     whole = config.replace(crop_region="none")
