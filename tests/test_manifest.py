@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import json
+import os
+import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -9,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from utils.checkpoint import make_checkpoint, resolve_builder, save_checkpoint
+from utils.checkpoint import build_model_from_checkpoint, load_checkpoint, make_checkpoint, resolve_builder, save_checkpoint
 from utils.manifest import MissingModelError, load_manifest, register, resolve_model, sha256_file, verify
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -17,11 +20,11 @@ BUILDER = "models.volumetric.lesion_seg.build_network"
 KWARGS = {"in_channels": 1, "out_channels": 2, "init_filters": 8}
 
 
-def _checkpoint(path: Path, seed: int = 0) -> Path:
+def _checkpoint(path: Path, seed: int = 0, task: str = "lesion_seg") -> Path:
     torch.manual_seed(seed)
     model = resolve_builder(BUILDER)(**KWARGS)
     return save_checkpoint(make_checkpoint(model=model, builder=BUILDER, builder_kwargs=KWARGS, epoch=3,
-                                           task="lesion_seg", task_config={}), path)
+                                           task=task, task_config={}), path)
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
@@ -36,6 +39,10 @@ def test_register_then_verify_ok_failed_missing(tmp_path):
     assert entry["sha256"] == sha256_file(models / "lesion_seg.pth")
     assert verify(models) == [{"name": "lesion_seg", "file": "lesion_seg.pth", "status": "OK"}]
     assert resolve_model(models, "lesion_seg") == models / "lesion_seg.pth"
+    rebuilt = build_model_from_checkpoint(load_checkpoint(resolve_model(models, "lesion_seg")))
+    torch.manual_seed(0)
+    reference = resolve_builder(BUILDER)(**KWARGS)
+    assert all(torch.equal(a, b) for a, b in zip(rebuilt.state_dict().values(), reference.state_dict().values()))
     _checkpoint(models / "lesion_seg.pth", seed=1)  # same name, other weights
     assert verify(models)[0]["status"] == "FAILED"
     with pytest.raises(ValueError, match="does not match the sha256"):
@@ -81,23 +88,108 @@ def test_cli_exit_codes_and_lines(tmp_path):
 
 
 def test_missing_model_message_says_how_to_produce_it(tmp_path):
-    with pytest.raises(MissingModelError, match="lung_seg: no manifest.json"):
-        resolve_model(tmp_path, "lung_seg")
     with pytest.raises(MissingModelError) as err:
-        resolve_model(ROOT / "pretrained_models", "lung_seg")
+        resolve_model(tmp_path, "lung_seg")
     message = str(err.value)
-    assert "lung_seg.pth does not exist" in message and "train_volumetric.py --task lung_seg" in message
-    assert "utils.checkpoint register" in message
-    with pytest.raises(MissingModelError, match="no such entry"):
-        resolve_model(ROOT / "pretrained_models", "unknown")
+    assert message.startswith("lung_seg: no manifest.json") and str(tmp_path / "manifest.json") in message
+    assert f"python -m utils.checkpoint register {tmp_path} --name lung_seg --ckpt" in message
+    shutil.copy(ROOT / "pretrained_models" / "manifest.json", tmp_path / "manifest.json")
+    with pytest.raises(MissingModelError) as err:
+        resolve_model(tmp_path, "lung_seg")
+    message = str(err.value)
+    assert f"lung_seg: {tmp_path / 'lung_seg.pth'} does not exist" in message
+    assert message.index("train_volumetric.py --task lung_seg") < message.index("utils.checkpoint register")
+    assert isinstance(err.value, FileNotFoundError)
+    with pytest.raises(MissingModelError, match=r"unknown: no such entry .* \(it lists \['mask_net_segmentation'"):
+        resolve_model(tmp_path, "unknown")
 
 
-@pytest.mark.parametrize("text,match", [("{", "not valid JSON"), ('{"models": 3}', "expected"),
-                                        ('{"models": [{"name": "a"}]}', r"entry 0 \('a'\) lacks keys")])
+def test_unreleased_entry_verifies_only_under_strict(tmp_path):
+    (tmp_path / "manifest.json").write_text(_manifest_text())
+    assert verify(tmp_path) == [{"name": "a", "file": "a.pth", "status": "UNRELEASED"}]
+    assert _cli("verify", str(tmp_path)).returncode == 0
+    strict = _cli("verify", str(tmp_path), "--strict")
+    assert strict.returncode == 1 and strict.stdout.strip() == "a.pth: UNRELEASED"
+    _checkpoint(tmp_path / "a.pth")  # a file dropped in without registering: nothing to check it against
+    assert verify(tmp_path)[0]["status"] == "UNRELEASED" and resolve_model(tmp_path, "a") == tmp_path / "a.pth"
+    assert "present but has no sha256" in _cli("verify", str(tmp_path)).stderr
+
+
+def test_missing_file_fails_only_under_strict(tmp_path):
+    register(tmp_path, name="lesion_seg", ckpt=_checkpoint(tmp_path / "run" / "best.pth"))
+    (tmp_path / "lesion_seg.pth").unlink()
+    lenient, strict = _cli("verify", str(tmp_path)), _cli("verify", str(tmp_path), "--strict")
+    assert lenient.returncode == 0 and lenient.stdout.strip() == "lesion_seg.pth: MISSING"
+    assert strict.returncode == 1 and "1 of 1 files did not verify" in strict.stderr
+
+
+def test_register_copies_or_hard_links(tmp_path):
+    source = _checkpoint(tmp_path / "best.pth")
+    register(tmp_path / "copied", name="lesion_seg", ckpt=source)
+    register(tmp_path / "linked", name="lesion_seg", ckpt=source, copy=False)
+    inode = os.stat(source).st_ino
+    assert os.stat(tmp_path / "copied" / "lesion_seg.pth").st_ino != inode
+    assert os.stat(tmp_path / "linked" / "lesion_seg.pth").st_ino == inode
+    again = register(tmp_path / "linked", name="lesion_seg", ckpt=tmp_path / "linked" / "lesion_seg.pth")
+    assert again["sha256"] == sha256_file(source)  # registering the folder's own file in place
+    assert sorted(p.name for p in (tmp_path / "linked").iterdir()) == ["lesion_seg.pth", "manifest.json"]
+
+
+def test_register_rejects_bad_inputs_naming_them(tmp_path):
+    models = tmp_path / "models"
+    register(models, name="lung_seg", ckpt=_checkpoint(tmp_path / "a.pth", task="lung_seg"), command="cmd")
+    lesion = _checkpoint(tmp_path / "lesion.pth")
+    with pytest.raises(ValueError, match=r"lesion.pth: a 'lesion_seg' checkpoint cannot be registered as 'lung_seg', "
+                                         r"whose task in .*manifest.json is 'lung_seg'"):
+        register(models, name="lung_seg", ckpt=lesion)
+    with pytest.raises(ValueError, match=r"model name must be .* got '../x'"):
+        register(models, name="../x", ckpt=lesion)
+    with pytest.raises(FileNotFoundError, match="checkpoint not found: .*nothing.pth"):
+        register(models, name="b", ckpt=tmp_path / "nothing.pth")
+    (tmp_path / "notes.pth").write_text("not a checkpoint")
+    with pytest.raises(ValueError, match="notes.pth: cannot be read"):
+        register(models, name="b", ckpt=tmp_path / "notes.pth")
+    assert [e["name"] for e in load_manifest(models)["models"]] == ["lung_seg"]
+
+
+def test_cli_errors_exit_2_with_a_message(tmp_path):
+    no_manifest = _cli("verify", str(tmp_path))
+    assert no_manifest.returncode == 2 and f"error: no manifest.json in {tmp_path}" in no_manifest.stderr
+    (tmp_path / "metrics.json").write_text("[0.5]")
+    bad_metrics = _cli("register", str(tmp_path / "m"), "--name", "lesion_seg", "--ckpt",
+                       str(_checkpoint(tmp_path / "a.pth")), "--metrics", str(tmp_path / "metrics.json"))
+    assert bad_metrics.returncode == 2 and "metrics.json: expected a JSON object, got list" in bad_metrics.stderr
+    assert "Traceback" not in no_manifest.stderr + bad_metrics.stderr
+    assert not (tmp_path / "m" / "manifest.json").exists()
+
+
+GOOD_ENTRY = {"name": "a", "task": "lesion_seg", "builder": BUILDER, "builder_kwargs": {}, "file": "a.pth",
+              "sha256": None, "metrics": None, "data": None, "command": None, "description": ""}
+
+
+def _manifest_text(**changes) -> str:
+    return json.dumps({"schema_version": 1, "models": [{**GOOD_ENTRY, **changes}]})
+
+
+@pytest.mark.parametrize("text,match", [
+    ("{", "not valid JSON"),
+    ('{"schema_version": 1, "models": 3}', "expected"),
+    ('{"models": []}', "schema_version must be an integer 1..1, got None"),
+    ('{"schema_version": 2, "models": []}', "schema_version must be an integer 1..1, got 2"),
+    ('{"schema_version": 1, "models": [{"name": "a"}]}', r"entry 0 \('a'\) lacks keys \['task'"),
+    ('{"schema_version": 1, "models": [7]}', r"entry 0 \(not an object\) lacks keys"),
+    (_manifest_text(sha256="abc"), r"entry 0 \('a'\): sha256 must be 64 lowercase hex digits or null, got 'abc'"),
+    (_manifest_text(file="../elsewhere.pth"), "file must be a path inside the manifest's folder"),
+    (_manifest_text(file="/tmp/a.pth"), "file must be a path inside the manifest's folder"),
+    (_manifest_text(metrics=[0.5]), "metrics must be an object or null"),
+    (_manifest_text(builder_kwargs=None, name=""), "name must be a non-empty string; builder_kwargs must be an object"),
+    (json.dumps({"schema_version": 1, "models": [GOOD_ENTRY, GOOD_ENTRY]}), "model name 'a' appears twice"),
+])
 def test_malformed_manifest_is_named(tmp_path, text, match):
     (tmp_path / "manifest.json").write_text(text)
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(ValueError, match=match) as err:
         load_manifest(tmp_path)
+    assert str(tmp_path / "manifest.json") in str(err.value)
 
 
 def test_committed_manifest_lists_the_five_models_with_resolvable_builders():
@@ -109,3 +201,26 @@ def test_committed_manifest_lists_the_five_models_with_resolvable_builders():
         assert callable(builder) and entry["command"].startswith("python ")
     statuses = {row["status"] for row in verify(ROOT / "pretrained_models")}
     assert statuses <= {"UNRELEASED", "OK"}
+
+
+def test_committed_builder_kwargs_are_what_the_commands_save():
+    """Each entry's command parses with its script's parser, and the script saves exactly the entry's builder_kwargs."""
+    import train_classifier
+    import train_segmentation
+    import train_volumetric
+    from datasets.conventions import num_detection_classes
+    from models.volumetric import get_task
+
+    entries = {e["name"]: e for e in load_manifest(ROOT / "pretrained_models")["models"]}
+    argv = {name: shlex.split(e["command"])[2:] for name, e in entries.items()}
+    seg = train_segmentation.get_args_parser().parse_args(argv["mask_net_segmentation"])
+    seg_kwargs = train_segmentation.builder_kwargs_from_args(seg, num_detection_classes(seg.mask_type))
+    assert seg_kwargs == entries["mask_net_segmentation"]["builder_kwargs"]
+    cls = train_classifier.get_args_parser().parse_args(argv["mask_net_classifier"])
+    assert train_classifier._kwargs_from_segmentation(cls, seg_kwargs) == entries["mask_net_classifier"]["builder_kwargs"]
+    for name in ("lung_seg", "lesion_seg", "covid_cls"):
+        args = train_volumetric.get_args_parser().parse_args(argv[name])
+        task = get_task(args.task)
+        config = task.make_config(**train_volumetric.config_overrides(args))
+        kwargs = {**task.network_kwargs, **train_volumetric.network_overrides(task, config, args)}
+        assert (task.name, task.builder, kwargs) == (name, entries[name]["builder"], entries[name]["builder_kwargs"])

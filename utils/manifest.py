@@ -16,13 +16,18 @@ Command line (``python -m utils.checkpoint ...`` delegates here)::
     python -m utils.checkpoint verify pretrained_models/           # like `sha256sum -c`
     python -m utils.checkpoint register pretrained_models/ --name lung_seg --ckpt runs/lung_seg/checkpoint_best.pth \\
         --metrics runs/lung_seg/test/metrics.json --data "..." --command "..."
+
+Statuses of ``verify``: OK (hash matches), FAILED (hash differs), MISSING (hashed file absent),
+UNRELEASED (the manifest records no hash: nothing to check against, whether or not a file is there).
 """
 from __future__ import annotations
 
 import argparse
 import hashlib
 import json
+import errno
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -35,6 +40,8 @@ SCHEMA_VERSION = 1
 ENTRY_KEYS = ("name", "task", "builder", "builder_kwargs", "file", "sha256", "metrics", "data", "command",
               "description")
 STATUSES = ("OK", "FAILED", "MISSING", "UNRELEASED")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 # Task of a 2D checkpoint, by builder (volumetric checkpoints name their task themselves).
 TASK_BY_BUILDER = {"models.mask_net.maskrcnn_resnet_fpn": "segmentation_2d",
                    "models.mask_net.covid_mask_net": "classification_2d"}
@@ -47,51 +54,77 @@ class MissingModelError(FileNotFoundError):
 def load_manifest(folder: str | Path) -> dict:
     """Read and check ``<folder>/manifest.json``.
 
+    Returns:
+        ``{"schema_version": 1, "models": [entry, ...]}`` with every entry's keys and types checked.
+
     Raises:
         FileNotFoundError: when the folder has no manifest.
-        ValueError: naming the file and the entry for malformed JSON, a missing key or a duplicate name.
+        ValueError: naming the file and the entry for malformed JSON, a missing key, a value of the wrong
+            type, a file outside the folder or a duplicate name.
     """
     path = Path(folder) / MANIFEST
     if not path.is_file():
-        raise FileNotFoundError(f"no {MANIFEST} in {folder}")
+        raise FileNotFoundError(f"no {MANIFEST} in {folder} (looked for {path})")
     try:
         manifest = json.loads(path.read_text())
     except json.JSONDecodeError as err:
         raise ValueError(f"{path}: not valid JSON ({err})") from err
     if not isinstance(manifest, dict) or not isinstance(manifest.get("models"), list):
         raise ValueError(f"{path}: expected {{'schema_version': 1, 'models': [...]}}")
-    if manifest.get("schema_version", 0) > SCHEMA_VERSION:
-        raise ValueError(f"{path}: schema_version {manifest['schema_version']} is newer than {SCHEMA_VERSION}")
+    version = manifest.get("schema_version")
+    if not isinstance(version, int) or not 1 <= version <= SCHEMA_VERSION:
+        raise ValueError(f"{path}: schema_version must be an integer 1..{SCHEMA_VERSION}, got {version!r}")
     names = set()
     for i, entry in enumerate(manifest["models"]):
-        missing = [k for k in ENTRY_KEYS if not isinstance(entry, dict) or k not in entry]
-        if missing:
-            raise ValueError(f"{path}: entry {i} ({_entry_name(entry)}) lacks keys {missing}")
+        _check_entry(entry, where=f"{path}: entry {i} ({_entry_name(entry)})")
         if entry["name"] in names:
             raise ValueError(f"{path}: model name {entry['name']!r} appears twice")
         names.add(entry["name"])
     return manifest
 
 
+def _check_entry(entry, *, where: str) -> None:
+    """Raise ValueError (prefixed with ``where``) unless ``entry`` has every key with a value of the right type."""
+    missing = [k for k in ENTRY_KEYS if not isinstance(entry, dict) or k not in entry]
+    if missing:
+        raise ValueError(f"{where} lacks keys {missing}")
+    problems = [f"{k} must be a non-empty string" for k in ("name", "task", "builder", "file")
+                if not isinstance(entry[k], str) or not entry[k]]
+    problems += [f"{k} must be a string or null" for k in ("data", "command", "description")
+                 if entry[k] is not None and not isinstance(entry[k], str)]
+    if not isinstance(entry["builder_kwargs"], dict):
+        problems.append("builder_kwargs must be an object")
+    if entry["metrics"] is not None and not isinstance(entry["metrics"], dict):
+        problems.append("metrics must be an object or null")
+    if entry["sha256"] is not None and not (isinstance(entry["sha256"], str) and _SHA256.fullmatch(entry["sha256"])):
+        problems.append(f"sha256 must be 64 lowercase hex digits or null, got {entry['sha256']!r}")
+    if isinstance(entry["file"], str) and (Path(entry["file"]).is_absolute() or ".." in Path(entry["file"]).parts):
+        problems.append(f"file must be a path inside the manifest's folder, got {entry['file']!r}")
+    if problems:
+        raise ValueError(f"{where}: {'; '.join(problems)}")
+
+
 def model_entry(folder: str | Path, name: str) -> dict:
     """The manifest entry named ``name``.
 
     Raises:
-        MissingModelError: when the manifest or the entry is absent.
+        MissingModelError: when the manifest or the entry is absent; the message says how to add it.
+        ValueError: when the manifest is malformed.
     """
     try:
         models = load_manifest(folder)["models"]
     except FileNotFoundError as err:
-        raise MissingModelError(f"{name}: {err}") from err
+        raise MissingModelError(f"{name}: {err}. Train the model (pretrained_models/README.md gives each "
+                                f"model's command), then {_register_hint(folder, name)}") from err
     for entry in models:
         if entry["name"] == name:
             return entry
-    raise MissingModelError(f"{name}: no such entry in {Path(folder) / MANIFEST} "
-                            f"(it lists {[e['name'] for e in models]})")
+    raise MissingModelError(f"{name}: no such entry in {Path(folder) / MANIFEST} (it lists "
+                            f"{[e['name'] for e in models]}). Train the model, then {_register_hint(folder, name)}")
 
 
 def resolve_model(folder: str | Path, name: str) -> Path:
-    """Path of the checkpoint of model ``name``, checked against the manifest's sha256.
+    """Path of the checkpoint of model ``name``, checked against the manifest's sha256 when it has one.
 
     Raises:
         MissingModelError: naming the model, where it was looked for and how to produce it.
@@ -100,13 +133,16 @@ def resolve_model(folder: str | Path, name: str) -> Path:
     entry = model_entry(folder, name)
     path = Path(folder) / entry["file"]
     if not path.is_file():
-        raise MissingModelError(
-            f"{name}: {path} does not exist. Produce it with `{entry['command']}`, then "
-            f"`python -m utils.checkpoint register {folder} --name {name} --ckpt <checkpoint>`")
+        recipe = f"Produce it with `{entry['command']}`, then" if entry["command"] else "Train it, then"
+        raise MissingModelError(f"{name}: {path} does not exist. {recipe} {_register_hint(folder, name)}")
     if entry["sha256"] and sha256_file(path) != entry["sha256"]:
         raise ValueError(f"{name}: {path} does not match the sha256 in {Path(folder) / MANIFEST}; "
                          f"run `python -m utils.checkpoint verify {folder}`")
     return path
+
+
+def _register_hint(folder: str | Path, name: str) -> str:
+    return f"`python -m utils.checkpoint register {folder} --name {name} --ckpt <checkpoint>`"
 
 
 def sha256_file(path: str | Path) -> str:
@@ -122,49 +158,102 @@ def verify(folder: str | Path) -> list[dict]:
     """Check every entry's file against its hash.
 
     Returns:
-        One row per entry: ``name``, ``file``, ``status`` (one of :data:`STATUSES`: UNRELEASED when the
-        manifest has no hash and no file is present, MISSING when a hashed file is absent).
+        One row per entry, in manifest order: ``name``, ``file``, ``status`` (one of :data:`STATUSES`:
+        UNRELEASED when the manifest has no hash, MISSING when a hashed file is absent).
     """
     rows = []
     for entry in load_manifest(folder)["models"]:
         path = Path(folder) / entry["file"]
-        if not path.is_file():
-            status = "MISSING" if entry["sha256"] else "UNRELEASED"
+        if not entry["sha256"]:
+            status = "UNRELEASED"
+        elif not path.is_file():
+            status = "MISSING"
         else:
-            status = "OK" if entry["sha256"] and sha256_file(path) == entry["sha256"] else "FAILED"
+            status = "OK" if sha256_file(path) == entry["sha256"] else "FAILED"
         rows.append({"name": entry["name"], "file": entry["file"], "status": status})
     return rows
 
 
 def register(folder: str | Path, *, name: str, ckpt: str | Path, metrics: dict | None = None,
-             data: str | None = None, command: str | None = None, description: str | None = None) -> dict:
-    """Copy a checkpoint into ``folder`` as ``<name>.pth`` and add or update its manifest entry.
+             data: str | None = None, command: str | None = None, copy: bool = True,
+             description: str | None = None) -> dict:
+    """Put a checkpoint into ``folder`` as the entry's file and add or update its manifest entry.
 
-    Builder, builder_kwargs and task come from the checkpoint; values not given keep the existing
-    entry's. The manifest is written atomically; a folder without one gets a new manifest.
+    Builder, builder_kwargs and task come from the checkpoint (volumetric checkpoints carry ``task``;
+    2D ones get theirs from the builder); metrics, data, command and description not given keep the
+    existing entry's. The file is placed and the manifest written atomically; a folder without a
+    manifest gets a new one.
+
+    Args:
+        folder: the models folder (created when missing).
+        name: model name; a new entry's file is ``<name>.pth``.
+        ckpt: checkpoint in the project's schema (utils.checkpoint).
+        metrics: metrics to record, or None to keep the entry's.
+        data: what the metrics were measured on, or None to keep the entry's.
+        command: the command that produced the checkpoint, or None to keep the entry's.
+        copy: copy the file (True) or hard-link it (False; copies when the folders lie on different
+            file systems).
+        description: free text, or None to keep the entry's.
 
     Returns:
         The entry written.
+
+    Raises:
+        FileNotFoundError, ValueError: for a missing or foreign checkpoint (naming it), a bad name,
+            malformed metrics, or a checkpoint whose task differs from the existing entry's.
     """
     folder, ckpt = Path(folder), Path(ckpt)
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
+        raise ValueError(f"model name must be letters, digits, '_', '-' or '.', got {name!r}")
+    if metrics is not None and not isinstance(metrics, dict):
+        raise ValueError(f"{name}: metrics must be a dict, got {type(metrics).__name__}")
     checkpoint = load_checkpoint(ckpt)
-    folder.mkdir(parents=True, exist_ok=True)
     manifest = load_manifest(folder) if (folder / MANIFEST).is_file() else {"schema_version": SCHEMA_VERSION, "models": []}
     old = next((e for e in manifest["models"] if e["name"] == name), {})
-    target = folder / old.get("file", f"{name}.pth")
-    if target.resolve() != ckpt.resolve():
-        shutil.copyfile(ckpt, target)
     task = checkpoint.get("task") or TASK_BY_BUILDER.get(checkpoint["builder"]) or old.get("task", name)
+    if old and old["task"] != task:
+        raise ValueError(f"{ckpt}: a {task!r} checkpoint cannot be registered as {name!r}, whose task in "
+                         f"{folder / MANIFEST} is {old['task']!r}")
+    target = folder / old.get("file", f"{name}.pth")
+    _place_file(ckpt, target, copy=copy)
+    given = {"metrics": metrics, "data": data, "command": command, "description": description}
     entry = {"name": name, "task": task, "builder": checkpoint["builder"],
-             "builder_kwargs": checkpoint["builder_kwargs"], "file": target.name, "sha256": sha256_file(target),
-             "metrics": metrics if metrics is not None else old.get("metrics"),
-             "data": data if data is not None else old.get("data"),
-             "command": command if command is not None else old.get("command"),
-             "description": description if description is not None else old.get("description", "")}
-    manifest["models"] = [entry if e["name"] == name else e for e in manifest["models"]] if old else \
-        [*manifest["models"], entry]
+             "builder_kwargs": checkpoint["builder_kwargs"], "file": old.get("file", target.name),
+             "sha256": sha256_file(target),
+             **{k: v if v is not None else old.get(k, "" if k == "description" else None) for k, v in given.items()}}
+    manifest["models"] = ([entry if e["name"] == name else e for e in manifest["models"]] if old
+                          else [*manifest["models"], entry])
     _write_json_atomic(folder / MANIFEST, manifest)
     return entry
+
+
+def _place_file(source: Path, target: Path, *, copy: bool) -> None:
+    """Copy or hard-link ``source`` to ``target`` through a temp name in the target's folder, then rename."""
+    if target.exists() and target.resolve() == source.resolve():
+        return
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    os.close(fd)
+    try:
+        if copy:
+            shutil.copyfile(source, tmp)
+        else:
+            _link_or_copy(source, Path(tmp))
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _link_or_copy(source: Path, tmp: Path) -> None:
+    tmp.unlink()
+    try:
+        os.link(source, tmp)
+    except OSError as err:
+        if err.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK):
+            raise
+        print(f"cannot hard-link {source} into {tmp.parent} ({err.strerror}); copying it", file=sys.stderr)
+        shutil.copyfile(source, tmp)
 
 
 def _write_json_atomic(path: Path, value: dict) -> None:
@@ -179,38 +268,68 @@ def _write_json_atomic(path: Path, value: dict) -> None:
 
 
 def _entry_name(entry) -> str:
-    return repr(entry.get("name")) if isinstance(entry, dict) else "not a dict"
+    return repr(entry.get("name")) if isinstance(entry, dict) else "not an object"
 
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m utils.checkpoint", description="Verify or register pretrained models.")
     sub = p.add_subparsers(dest="command", required=True)
     v = sub.add_parser("verify", help="check the files of a models folder against manifest.json")
-    v.add_argument("folder", help="folder with manifest.json (e.g. pretrained_models/)")
+    v.add_argument("folder", help="folder with manifest.json, e.g. pretrained_models/ (required)")
     v.add_argument("--strict", action="store_true", help="also fail on missing or unreleased files (default: off)")
     r = sub.add_parser("register", help="copy a checkpoint into a models folder and record it in manifest.json")
-    r.add_argument("folder", help="models folder; created with a new manifest.json when missing")
+    r.add_argument("folder", help="models folder; created with a new manifest.json when missing (required)")
     r.add_argument("--name", required=True, help="model name, e.g. lung_seg (required)")
     r.add_argument("--ckpt", required=True, help="checkpoint in the project's schema (required)")
     r.add_argument("--metrics", default=None, help="JSON file of metrics to record (default: keep the entry's)")
     r.add_argument("--data", default=None, help="what the metrics were measured on (default: keep the entry's)")
-    r.add_argument("--command", dest="recipe", default=None,
+    r.add_argument("--command", dest="recipe", metavar="TEXT", default=None,
                    help="the command that produced the checkpoint (default: keep the entry's)")
+    r.add_argument("--description", default=None, help="free text about the model (default: keep the entry's)")
+    r.add_argument("--link", action="store_true",
+                   help="hard-link the checkpoint instead of copying it (default: off, copy)")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Command-line entry; returns the exit status (1 when a file FAILED, or with --strict any not OK)."""
+    """Command-line entry; returns the exit status (1 when a file FAILED, or with --strict any not OK;
+    2 for a missing or malformed manifest, checkpoint or metrics file)."""
     args = get_args_parser().parse_args(argv)
-    if args.command == "register":
-        metrics = json.loads(Path(args.metrics).read_text()) if args.metrics else None
-        entry = register(args.folder, name=args.name, ckpt=args.ckpt, metrics=metrics, data=args.data,
-                         command=args.recipe)
-        print(f"{entry['file']}: registered in {Path(args.folder) / MANIFEST} (sha256 {entry['sha256'][:12]})")
-        return 0
+    try:
+        return _register_cli(args) if args.command == "register" else _verify_cli(args)
+    except (FileNotFoundError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+def _register_cli(args: argparse.Namespace) -> int:
+    entry = register(args.folder, name=args.name, ckpt=args.ckpt, metrics=_read_metrics(args.metrics),
+                     data=args.data, command=args.recipe, copy=not args.link, description=args.description)
+    print(f"{entry['file']}: registered in {Path(args.folder) / MANIFEST} (sha256 {entry['sha256'][:12]})")
+    return 0
+
+
+def _read_metrics(path: str | None) -> dict | None:
+    if path is None:
+        return None
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"--metrics {path} does not exist")
+    try:
+        metrics = json.loads(Path(path).read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"--metrics {path}: not valid JSON ({err})") from err
+    if not isinstance(metrics, dict):
+        raise ValueError(f"--metrics {path}: expected a JSON object, got {type(metrics).__name__}")
+    return metrics
+
+
+def _verify_cli(args: argparse.Namespace) -> int:
     rows = verify(args.folder)
     for row in rows:
         print(f"{row['file']}: {row['status']}")
+        if row["status"] == "UNRELEASED" and (Path(args.folder) / row["file"]).is_file():
+            print(f"note: {row['file']} is present but has no sha256 in the manifest; register it",
+                  file=sys.stderr)
     bad = [r for r in rows if r["status"] == "FAILED" or (args.strict and r["status"] != "OK")]
     if bad:
         print(f"WARNING: {len(bad)} of {len(rows)} files did not verify", file=sys.stderr)
