@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 import torchvision
+from torch.utils.flop_counter import FlopCounterMode
 from torchvision.ops import box_iou
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -125,7 +126,28 @@ def main(args: argparse.Namespace) -> dict:
     print(f"{'model':<40} {'s/slice':>9} {'speed-up vs torchvision':>24}")
     for name, seconds in times.items():
         print(f"{name:<40} {seconds:>9.3f} {base / seconds:>23.2f}x")
-    return {"times": times, "agreement": agreement}
+    bound = arithmetic_bound(reference, image, base)
+    return {"times": times, "agreement": agreement, **bound}
+
+
+def arithmetic_bound(reference: torch.nn.Module, image: torch.Tensor, seconds: float) -> dict:
+    """Print what a speed-up over torchvision asks of the machine: its FLOPs per slice against the
+    float32 matrix-multiply rate measured here, the ceiling of direct (non-Winograd) convolution."""
+    with torch.inference_mode(), FlopCounterMode(display=False) as counter:
+        reference([image])
+    flops = counter.get_total_flops()
+    a = torch.randn(2048, 2048, device=image.device)
+    a @ a  # warm-up
+    start = time.perf_counter()
+    for _ in range(5):
+        a @ a
+    if image.is_cuda:
+        torch.cuda.synchronize()
+    peak = 5 * 2 * 2048 ** 3 / (time.perf_counter() - start)
+    print(f"torchvision runs {flops / 1e9:.0f} GFLOP per slice ({flops / seconds / 1e9:.0f} GFLOP/s); this machine's "
+          f"float32 matmul runs {peak / 1e9:.0f} GFLOP/s, so direct convolution cannot beat {flops / peak:.2f} s/slice "
+          f"({seconds * peak / flops:.2f}x torchvision); beyond that only Winograd's fewer multiplications help")
+    return {"gflop_per_slice": flops / 1e9, "matmul_gflops": peak / 1e9}
 
 
 def light_models(num_classes: int, device: torch.device, image: torch.Tensor, detections: int) -> dict:

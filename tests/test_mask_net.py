@@ -222,7 +222,11 @@ def test_folded_batchnorm_gives_the_same_detections(norm):
     before = {k: v.clone() for k, v in model.state_dict().items()}
     fused = model.fuse_for_inference()
     assert not any(isinstance(m, (torch.nn.BatchNorm2d, torchvision.ops.FrozenBatchNorm2d)) for m in fused.modules())
-    assert any(isinstance(m, WinogradConv2d) for m in fused.modules())
+    assert not any(isinstance(m, WinogradConv2d) for m in fused.backbone.body.modules())
+    assert all(m.weight.is_contiguous(memory_format=torch.channels_last)
+               for m in fused.backbone.body.modules() if isinstance(m, torch.nn.Conv2d))
+    assert any(isinstance(m, WinogradConv2d) for m in fused.backbone.fpn.modules())
+    assert any(isinstance(m, WinogradConv2d) for m in fused.roi_heads.mask_head.modules())
     image = [torch.rand(3, 64, 72)]
     with torch.inference_mode():
         (want,), (got,) = model(image), fused(image)

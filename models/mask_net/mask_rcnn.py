@@ -12,12 +12,12 @@ import copy
 
 import torch
 from torch import nn
-from torchvision.ops import MultiScaleRoIAlign
 
 from .anchors import AnchorGenerator
 from .backbone import RESNETS, load_resnet_weights, resnet_fpn_backbone
 from .box_head import FastRCNNPredictor, TwoMLPHead
 from .mask_head import MaskHead, MaskPredictor
+from .poolers import ParallelMultiScaleRoIAlign
 from .roi_heads import RoIHeads
 from .rpn import RegionProposalNetwork, RPNHead
 from .transform import IMAGENET_MEAN, IMAGENET_STD, DetectionTransform
@@ -80,7 +80,14 @@ class MaskRCNN(nn.Module):
         return self.transform.postprocess(detections, batch.image_sizes, original_sizes)
 
     def fuse_for_inference(self) -> "MaskRCNN":
-        """A copy for inference: eval mode, BatchNorm folded into the convolutions, Winograd 3x3 convolutions.
+        """A copy for inference: eval mode, BatchNorm folded into the convolutions, each stage in the
+        convolution layout that is fastest on CPU.
+
+        - ResNet body: channels-last weights (oneDNN's direct kernels run its 1x1 and strided
+          convolutions about 1.3x faster in NHWC than in NCHW);
+        - FPN, RPN head and mask head: Winograd 3x3 convolutions (NNPACK, NCHW), 2-4x faster than
+          oneDNN on their 256-channel maps. They stay out of the body: switching layout around every
+          bottleneck costs more than Winograd saves there.
 
         The copy gives the same detections (up to float rounding, about 1e-5 relative) faster on
         CPU; its state dict differs (no BatchNorm entries) and it is not meant for training. This
@@ -88,7 +95,11 @@ class MaskRCNN(nn.Module):
         """
         from .fusion import fold_batchnorm, use_winograd_convolutions
 
-        return use_winograd_convolutions(fold_batchnorm(copy.deepcopy(self).eval()))
+        fused = fold_batchnorm(copy.deepcopy(self).eval())
+        fused.backbone.body.to(memory_format=torch.channels_last)
+        for stage in (fused.backbone.fpn, fused.rpn, fused.roi_heads):
+            use_winograd_convolutions(stage)
+        return fused
 
 
 def check_targets(targets: list[dict] | None, num_images: int, *, need_masks: bool) -> None:
@@ -163,7 +174,8 @@ def _build_rpn(cfg: dict, channels: int, num_levels: int) -> RegionProposalNetwo
 
 def _build_roi_heads(cfg: dict, channels: int, level_names: list[str], num_classes: int) -> RoIHeads:
     def pool(size):
-        return MultiScaleRoIAlign(featmap_names=level_names, output_size=size, sampling_ratio=cfg["sampling_ratio"])
+        return ParallelMultiScaleRoIAlign(featmap_names=level_names, output_size=size,
+                                          sampling_ratio=cfg["sampling_ratio"])
 
     rep = cfg["representation_size"]
     mask_head = MaskHead(channels, tuple(cfg["mask_layers"])) if cfg["with_masks"] else None

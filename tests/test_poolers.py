@@ -1,0 +1,80 @@
+"""The threaded multi-scale RoIAlign gives torchvision's result exactly."""
+from collections import OrderedDict
+
+import pytest
+import torch
+from torchvision.ops import MultiScaleRoIAlign
+
+from models.mask_net.poolers import ParallelMultiScaleRoIAlign, split_boxes
+
+LEVELS = ["0", "1", "2"]
+
+
+@pytest.fixture
+def two_threads():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _features(requires_grad: bool = False) -> OrderedDict:
+    torch.manual_seed(0)
+    return OrderedDict((name, torch.randn(2, 8, 64 // 2 ** i, 48 // 2 ** i, requires_grad=requires_grad))
+                       for i, name in enumerate(LEVELS))
+
+
+def _boxes(counts) -> list[torch.Tensor]:
+    """Per image Float[n, 4] xyxy inside a 256 x 192 image, sizes spread over the levels."""
+    gen = torch.Generator().manual_seed(1)
+    out = []
+    for n in counts:
+        xy = torch.rand(n, 2, generator=gen) * torch.tensor([150.0, 200.0])
+        wh = 4 + torch.rand(n, 2, generator=gen) * 150
+        out.append(torch.cat([xy, xy + wh], dim=1))
+    return out
+
+
+def _poolers(size: int = 7):
+    ours = ParallelMultiScaleRoIAlign(featmap_names=LEVELS, output_size=size, sampling_ratio=2)
+    ours.min_rois_per_thread = 4
+    return ours, MultiScaleRoIAlign(featmap_names=LEVELS, output_size=size, sampling_ratio=2)
+
+
+@pytest.mark.parametrize("counts", [(5, 7), (0, 9), (9, 0), (1, 1), (0, 0)])
+@pytest.mark.parametrize("parts", [1, 2, 3])
+def test_split_boxes_keeps_every_roi_in_order(counts, parts):
+    boxes = _boxes(counts)
+    runs = split_boxes(boxes, parts)
+    assert len(runs) == parts and all(len(run) == len(boxes) for run in runs)
+    lengths = [sum(int(b.shape[0]) for b in run) for run in runs]
+    assert sum(lengths) == sum(counts) and max(lengths) - min(lengths) <= 1
+    for image in range(len(boxes)):  # each image's RoIs, run after run, are its RoIs in order
+        assert torch.equal(torch.cat([run[image] for run in runs]), boxes[image])
+
+
+@pytest.mark.parametrize("mode", ["inference", "no_grad"])
+@pytest.mark.parametrize("counts", [(40, 25), (0, 30), (17, 0)])
+def test_threaded_pooling_equals_torchvision(two_threads, mode, counts):
+    ours, reference = _poolers()
+    features, boxes, shapes = _features(), _boxes(counts), [(256, 192), (256, 192)]
+    assert ours._threads(features, boxes) == 2
+    context = torch.inference_mode if mode == "inference" else torch.no_grad
+    with context():
+        got, want = ours(features, boxes, shapes), reference(features, boxes, shapes)
+    assert got.shape == (sum(counts), 8, 7, 7)
+    assert torch.equal(got, want)
+
+
+def test_few_rois_or_gradients_use_the_parent_path(two_threads):
+    ours, reference = _poolers(size=5)
+    assert ours._threads(_features(), _boxes((3, 2))) == 1  # under min_rois_per_thread per thread
+    features, boxes, shapes = _features(requires_grad=True), _boxes((30, 30)), [(256, 192), (256, 192)]
+    assert ours._threads(features, boxes) == 1
+    got = ours(features, boxes, shapes)
+    got.sum().backward()
+    grads = [features[name].grad.clone() for name in LEVELS]
+    for name in LEVELS:
+        features[name].grad = None
+    reference(features, boxes, shapes).sum().backward()
+    assert all(torch.equal(g, features[name].grad) for g, name in zip(grads, LEVELS))
