@@ -230,3 +230,27 @@ def test_checkpoint_with_another_builder_is_refused(tmp_path):
     path = save_checkpoint(ckpt, tmp_path / "odd.pth")
     with pytest.raises(ValueError, match=r"odd.pth: builder 'models.volumetric.covid_cls.build_network' is not lesion_seg's"):
         _export(path, "lesion_seg", tmp_path / "out")
+
+
+@pytest.mark.parametrize("crop_region", ["lung", "body"])
+@pytest.mark.parametrize("margin, roi", [(0, (48, 48, 8)), (3, (16, 16, 24)), (12, (32, 32, 16))])
+def test_bundle_crops_to_the_region_infer_volumetric_windows_cover(tmp_path, crop_region, margin, roi):
+    """The bundle's ``crop_select`` marks exactly :func:`window_region` of :func:`crop_box`."""
+    from models.volumetric.inference import crop_box, window_region
+    from tests.test_volumetric_data import chest_phantom
+
+    config = get_task("lesion_seg").make_config(crop_region=crop_region, crop_margin=margin, roi_size=roi)
+    ckpt = tmp_path / "lesion.pth"
+    torch.manual_seed(0)
+    model, kwargs = get_task("lesion_seg").build_network()
+    save_checkpoint(make_checkpoint(model=model, builder=get_task("lesion_seg").builder, builder_kwargs=kwargs,
+                                    epoch=1, task="lesion_seg", task_config=config.to_dict(), metrics={}), ckpt)
+    parser = ConfigParser()
+    parser.read_config(_export(ckpt, "lesion_seg", tmp_path / "bundle") / "configs" / "inference.json")
+    volume = chest_phantom(seed=3, shape=(64, 64, 12))
+    image = torch.as_tensor((volume["image"].astype("float32") + 1000.0) / 1500.0).clamp(0, 1)[None]
+    want = torch.zeros(image.shape, dtype=torch.bool)
+    want[(slice(None), *window_region(crop_box(image, config=config), image.shape[1:], roi))] = True
+    got = parser.get_parsed_content("crop_select")(image)
+    assert got.shape == want.shape and torch.equal(got, want)
+    assert not want.all() or crop_region == "body"  # the lung cases crop something

@@ -111,3 +111,39 @@ def test_crop_boxes_cover_the_lungs_and_the_lung_box_is_tighter():
     assert bool(inside[lungs].all())
     assert inside.sum() < torch.zeros_like(lungs)[body_box].numel() or body_box == lung_box
     assert crop_box(image, config=config.replace(crop_region="none")) is None
+
+
+@pytest.mark.parametrize("box, shape, roi, want", [
+    ((slice(10, 20), slice(0, 64), slice(2, 6)), (64, 64, 12), (32, 32, 16), ((0, 32), (0, 64), (0, 12))),
+    ((slice(30, 40), slice(50, 60), slice(0, 12)), (64, 64, 40), (16, 32, 8), ((27, 43), (32, 64), (0, 12))),
+    ((slice(5, 9), slice(20, 50), slice(4, 5)), (70, 64, 30), (20, 16, 6), ((0, 20), (20, 50), (2, 8))),
+])
+def test_window_region_grows_short_sides_to_the_roi_inside_the_volume(box, shape, roi, want):
+    from models.volumetric.inference import window_region
+
+    region = window_region(box, shape, roi)
+    assert tuple((s.start, s.stop) for s in region) == want
+    for s, b, n, w in zip(region, box, shape, roi):
+        assert s.start <= b.start and s.stop >= b.stop and 0 <= s.start and s.stop <= n  # covers the box, inside
+        assert s.stop - s.start == max(b.stop - b.start, min(w, n))
+    assert window_region(None, shape, roi) == tuple(slice(0, n) for n in shape)
+
+
+def test_segment_windows_hold_the_image_around_a_small_box():
+    """A box narrower than the ROI is segmented with the image around it, not zero padding."""
+    from models.volumetric.inference import segment
+
+    seen = []
+
+    class Recorder(torch.nn.Module):  # records what each window holds; predicts background
+        def forward(self, windows):
+            seen.append(windows.clone())
+            return torch.zeros((windows.shape[0], 2, *windows.shape[2:]))
+
+    image = torch.full((1, 40, 40, 8), 0.9)
+    image[0, 16:24, 16:24, 2:6] = 0.1  # a dark "lung" enclosed by bright "body"
+    config = get_task("lesion_seg").make_config(roi_size=(32, 32, 8), crop_margin=0, spacing=(1.0, 1.0, 1.0))
+    segment(Recorder(), image, config=config, device=torch.device("cpu"))
+    (windows,) = seen
+    assert windows.shape == (1, 1, 32, 32, 8)
+    torch.testing.assert_close(windows[0, 0], image[0, 4:36, 4:36, :])

@@ -11,7 +11,8 @@ A bundle is a folder that a MONAI user runs without this repository::
 ``inference.json`` rebuilds what ``infer_volumetric.py`` does from the checkpoint's settings, with
 MONAI components referenced by ``_target_`` and short ``$`` expressions (torch, numpy, scipy):
 orientation, spacing and HU window; windows restricted to the body or lung bounding box
-(``CropForegroundd`` with the same selection and margin as :func:`inference.crop_box`); the task's
+(``CropForegroundd`` to the same region as :func:`inference.crop_box` and
+:func:`inference.window_region`: selection, margin, grown to at least the ROI); the task's
 sliding-window inferer; argmax and the task's post-processing; ``Invertd`` back to the input's grid;
 ``SaveImaged``. covid_cls crops the lung box from the given lung mask, resizes, and writes the
 COVID-19 probability with ``SaveClassificationd``.
@@ -156,7 +157,7 @@ def _seg_config(task: Task, config: SegConfig) -> dict:
     ]
     if crop:
         transforms.append({"_target_": "CropForegroundd", "keys": "image", "source_key": "image",
-                           "select_fn": "@crop_select", "margin": config.crop_margin, "allow_smaller": True})
+                           "select_fn": "@crop_select", "margin": 0, "allow_smaller": True})
     post = [{"_target_": "AsDiscreted", "keys": "pred", "argmax": True}, *_task_postprocessing(task, config),
             {"_target_": "Invertd", "keys": "pred", "transform": "@preprocessing", "orig_keys": "image",
              "nearest_interp": True, "to_tensor": True},
@@ -181,24 +182,38 @@ def _seg_config(task: Task, config: SegConfig) -> dict:
 
 
 def _crop_entries(config: SegConfig) -> tuple[dict, list[str]]:
-    """``crop_select`` (foreground of the window box, whole volume when empty) and the imports it needs.
+    """``crop_select`` (a mask of the windows' region) and the imports it needs.
 
-    Mirrors :func:`models.volumetric.inference.crop_box`: ``body`` is the windowed image above the
-    body threshold; ``lung`` is the darker voxels that the body outline encloses in their axial slice.
+    Mirrors :func:`models.volumetric.inference.crop_box` and :func:`inference.window_region`:
+    ``region_select`` is the body (the windowed image above the body threshold) or the lung region
+    (the darker voxels that the body outline encloses in their axial slice), the whole volume when
+    empty; its bounding box grows by the margin, then to at least the ROI inside the volume.
     """
     if config.crop_region == "none":
         return {}, []
-    entries = {"body_threshold": hu_to_unit(config, config.body_threshold_hu)}
+    entries = {"body_threshold": hu_to_unit(config, config.body_threshold_hu), "crop_margin": config.crop_margin,
+               "roi_size": list(config.roi_size)}
     whole_if_empty = "(lambda r: r if bool(r.any()) else torch.ones_like(r))"
     if config.crop_region == "body":
-        entries["crop_select"] = f"$lambda x: {whole_if_empty}(x > @body_threshold)"
-        return entries, []
-    entries["in_plane_structure"] = ("$numpy.pad(ndimage.generate_binary_structure(2, 1)[:, :, None], "
-                                     "((0, 0), (0, 0), (1, 1)))")
-    entries["lung_region"] = "$lambda body: ndimage.binary_fill_holes(body, structure=@in_plane_structure) & ~body"
-    entries["crop_select"] = (f"$lambda x: {whole_if_empty}(torch.as_tensor("
-                              "@lung_region((x[0] > @body_threshold).cpu().numpy()))[None])")
-    return entries, ["$from scipy import ndimage"]
+        entries["region_select"] = f"$lambda x: {whole_if_empty}(x > @body_threshold)"
+        imports = []
+    else:
+        entries["in_plane_structure"] = ("$numpy.pad(ndimage.generate_binary_structure(2, 1)[:, :, None], "
+                                         "((0, 0), (0, 0), (1, 1)))")
+        entries["lung_region"] = "$lambda body: ndimage.binary_fill_holes(body, structure=@in_plane_structure) & ~body"
+        entries["region_select"] = (f"$lambda x: {whole_if_empty}(torch.as_tensor("
+                                    "@lung_region((x[0] > @body_threshold).cpu().numpy()))[None])")
+        imports = ["$from scipy import ndimage"]
+    # (start, stop) of one axis grown to the ROI about its centre, inside an axis of n voxels.
+    entries["grow_to_roi"] = ("$lambda a, b, n, w: (a, b) if b - a >= w else (0, n) if n <= w else "
+                              "(lambda s: (s, s + w))(min(max(a - (w - b + a) // 2, 0), n - w))")
+    entries["box_mask"] = ("$lambda box, shape: torch.nn.functional.pad(torch.ones([b - a for a, b in box], "
+                           "dtype=torch.uint8), [p for (a, b), n in zip(box[::-1], shape[::-1]) for p in (a, n - b)]"
+                           ")[None] > 0")
+    entries["crop_select"] = ("$lambda x: (lambda r: @box_mask([@grow_to_roi(a, b, n, w) for a, b, n, w in zip("
+                              "*monai.transforms.utils.generate_spatial_bounding_box(r, margin=@crop_margin), "
+                              "r.shape[1:], @roi_size)], r.shape[1:]))(@region_select(x))")
+    return entries, imports
 
 
 def _task_postprocessing(task: Task, config: SegConfig) -> list[dict]:
@@ -446,10 +461,12 @@ def _seg_steps(task: Task, config: SegConfig) -> list[str]:
     low, high = config.hu_window
     crop = {"none": "Windows cover the whole volume.",
             "body": f"Windows cover the bounding box of the body (voxels above {config.body_threshold_hu:g} HU) "
-                    f"plus {config.crop_margin} voxels; the rest is background.",
+                    f"plus {config.crop_margin} voxels, grown to at least the window size inside the volume; the rest "
+                    "is background.",
             "lung": f"Windows cover the bounding box of the darker voxels (below {config.body_threshold_hu:g} HU) "
                     f"that the body outline encloses in their axial slice (lungs and airways) plus "
-                    f"{config.crop_margin} voxels; the rest is background."}[config.crop_region]
+                    f"{config.crop_margin} voxels, grown to at least the window size inside the volume; the rest is "
+                    "background."}[config.crop_region]
     post = ("Post-processing: argmax, then the two largest connected lung components are kept."
             if task.name == "lung_seg" else "Post-processing: argmax.")
     return [f"Orientation {config.orientation}; resampling to {list(config.spacing)} mm (bilinear).",

@@ -86,6 +86,36 @@ def bounding_box(mask: np.ndarray, *, margin: int) -> tuple[slice, slice, slice]
     return tuple(box)
 
 
+def window_region(box: tuple[slice, slice, slice] | None, shape, roi_size) -> tuple[slice, slice, slice]:
+    """The part of the volume the sliding windows run over: ``box`` grown to at least the ROI.
+
+    Along an axis where ``box`` is shorter than the ROI it is grown about its centre (shifted to
+    stay inside the volume) to the ROI, or to the whole axis when the volume is shorter. The number
+    of windows is the same, but each window holds the image around the box, as it does when the
+    whole volume is segmented, instead of zero padding; the networks' outputs depend on that context
+    (GroupNorm statistics, receptive field), so this keeps the box's result close to the whole
+    volume's.
+
+    Args:
+        box: one slice per axis with explicit bounds (from :func:`crop_box`), or None for everything.
+        shape: (X, Y, Z) of the volume.
+        roi_size: sliding-window size (x, y, z).
+
+    Returns:
+        One slice per axis.
+    """
+    if box is None:
+        return tuple(slice(0, n) for n in shape)
+    region = []
+    for axis, n, roi in zip(box, shape, roi_size):
+        start, stop = axis.start, axis.stop
+        if stop - start < roi:
+            start = 0 if n <= roi else min(max(start - (roi - (stop - start)) // 2, 0), n - roi)
+            stop = min(start + roi, n)
+        region.append(slice(start, stop))
+    return tuple(region)
+
+
 def _enclosed_dark(body: np.ndarray) -> np.ndarray:
     """Voxels below the body threshold that the body outline encloses in their axial slice."""
     in_plane = np.zeros((3, 3, 3), bool)
@@ -106,9 +136,10 @@ def segment(model: torch.nn.Module, image: torch.Tensor, *, config: SegConfig, d
         amp: autocast to float16/bfloat16 (CUDA/CPU) inside the network.
 
     Returns:
-        UInt8[1, X, Y, Z] label map on ``image``'s grid (background outside the crop box).
+        UInt8[1, X, Y, Z] label map on ``image``'s grid (background outside the windows' region,
+        :func:`window_region` of :func:`crop_box`).
     """
-    box = crop_box(image, config=config) or (slice(None),) * 3
+    box = window_region(crop_box(image, config=config), image.shape[1:], config.roi_size)
     region = image.as_tensor() if hasattr(image, "as_tensor") else image
     region = region[(slice(None), *box)][None].to(device)  # [1, 1, x, y, z]
     inferer = sliding_window_inferer(config)
