@@ -7,9 +7,9 @@ Canonical command::
 
 ``--input`` is a NIfTI file, a DICOM series folder (or one file of it), or a dataset.json (its
 --section is segmented). Each volume is pre-processed with the settings stored in the checkpoint,
-segmented with a sliding window (the task's ROI and overlap, Gaussian blending) and the mask is
-resampled back with MONAI's inverse transforms: ``<case>_<task>.nii.gz`` has exactly the input's
-shape and affine. ``<case>_<task>.png`` shows axial slices with the mask overlaid, and
+segmented with a sliding window (the task's ROI and overlap, Gaussian blending unless
+``--blend_mode constant``) and the mask is resampled back with MONAI's inverse transforms:
+``<case>_<task>.nii.gz`` has exactly the input's shape and affine. ``<case>_<task>.png`` shows axial slices with the mask overlaid, and
 ``predictions.csv`` lists every case with its foreground volume in millilitres.
 
 covid_cls (``--task covid_cls``) writes the COVID-19 probability of each case to predictions.csv. A
@@ -47,6 +47,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--sw_batch_size", type=int, default=None, help="windows per network call (default: the checkpoint's)")
     parser.add_argument("--crop_region", choices=("body", "lung", "none"), default=None,
                         help="region the windows cover, background elsewhere (default: the task's, body for lung_seg, lung for lesion_seg)")
+    parser.add_argument("--blend_mode", choices=("gaussian", "constant"), default=None,
+                        help="blending of overlapping windows; constant is MONAI's default (default: the checkpoint's, gaussian)")
     parser.add_argument("--no_montage", action="store_true", help="skip the PNG montages (default: write them)")
     parser.add_argument("--amp", action="store_true", help="mixed precision inside the network (default: off)")
     parser.add_argument("--saliency", choices=("gradcam", "gradcampp"), default=None, help="covid_cls: write a saliency map per case (default: none)")
@@ -76,7 +78,7 @@ def main(args: argparse.Namespace) -> list[dict]:
     model, task, config, _ = load_task_model(args.ckpt, device=device, task_name=args.task)
     overlap = args.overlap[0] if args.overlap and len(args.overlap) == 1 else args.overlap
     config = config.replace(overlap=overlap, sw_batch_size=args.sw_batch_size,
-                            crop_region=args.crop_region)
+                            crop_region=args.crop_region, blend_mode=args.blend_mode)
     cases = input_cases(args.input, data_root=args.data_root, section=args.section)
     if not cases:
         raise ValueError(f"--input {args.input}: no cases in section {args.section!r}")

@@ -71,6 +71,8 @@ def add_config_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--sw_batch_size", type=int, default=None, help="windows per network call (default: 4)")
     group.add_argument("--crop_region", choices=("body", "lung", "none"), default=None,
                        help="region the windows cover, background elsewhere (default: the task's, body for lung_seg, lung for lesion_seg)")
+    group.add_argument("--blend_mode", choices=("gaussian", "constant"), default=None,
+                       help="blending of overlapping windows at validation and inference (default: gaussian)")
     group.add_argument("--strict_hu", action="store_true", help="refuse volumes that do not look like HU instead of warning (default: warn)")
 
 
@@ -101,6 +103,7 @@ def config_overrides(args: argparse.Namespace) -> dict:
     overlap = args.overlap[0] if args.overlap and len(args.overlap) == 1 else args.overlap
     return {"roi_size": args.roi_size, "spacing": args.spacing, "hu_window": args.hu_window, "overlap": overlap,
             "sw_batch_size": args.sw_batch_size, "crop_region": args.crop_region,
+            "blend_mode": args.blend_mode,
             "strict_hu": True if args.strict_hu else None, **_task_config_overrides(args)}
 
 

@@ -147,3 +147,28 @@ def test_segment_windows_hold_the_image_around_a_small_box():
     (windows,) = seen
     assert windows.shape == (1, 1, 32, 32, 8)
     torch.testing.assert_close(windows[0, 0], image[0, 4:36, 4:36, :])
+
+
+@pytest.mark.parametrize("blend_mode", ["constant", "gaussian"])
+def test_segment_over_the_whole_volume_is_monais_sliding_window_inference(blend_mode):
+    """With ``crop_region="none"`` our path is MONAI's ``sliding_window_inference`` with the same blending."""
+    from monai.inferers import sliding_window_inference
+
+    from models.volumetric.inference import prepare_for_inference, segment
+
+    torch.manual_seed(0)
+    model = build_segresnet().eval()
+    image = torch.rand(1, 40, 36, 12)
+    config = get_task("lesion_seg").make_config(roi_size=(16, 16, 8), crop_region="none", blend_mode=blend_mode)
+    with torch.no_grad():
+        logits = sliding_window_inference(image[None], (16, 16, 8), 4, model, overlap=0.25, mode=blend_mode)
+    want = logits[0].argmax(dim=0, keepdim=True).to(torch.uint8)
+    got = segment(prepare_for_inference(model, device=torch.device("cpu")), image, config=config,
+                  device=torch.device("cpu"))
+    assert (got != want).float().mean() < 1e-3  # channels-last rounding may flip a tie-level voxel
+    assert 0 < int(got.sum()) < got.numel()
+
+
+def test_blend_mode_is_checked():
+    with pytest.raises(ValueError, match="blend_mode must be one of"):
+        get_task("lesion_seg").make_config(blend_mode="mean")

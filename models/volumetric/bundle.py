@@ -174,7 +174,8 @@ def _seg_config(task: Task, config: SegConfig) -> dict:
         **crop,
         "preprocessing": {"_target_": "Compose", "transforms": transforms},
         "inferer": {"_target_": "SlidingWindowInferer", "roi_size": list(config.roi_size),
-                    "sw_batch_size": config.sw_batch_size, "overlap": _plain(config.overlap), "mode": "gaussian"},
+                    "sw_batch_size": config.sw_batch_size, "overlap": _plain(config.overlap),
+                    "mode": config.blend_mode},
         "predict": "$torch.no_grad()(lambda d: dict(d, pred=@inferer(d['image'].as_tensor()[None].to(@device), "
                    "lambda w: @network(w.contiguous(memory_format=torch.channels_last_3d)))[0].cpu()))",
         "postprocessing": {"_target_": "Compose", "transforms": post},
@@ -472,7 +473,7 @@ def _seg_steps(task: Task, config: SegConfig) -> list[str]:
     return [f"Orientation {config.orientation}; resampling to {list(config.spacing)} mm (bilinear).",
             f"Intensities clipped to [{low:g}, {high:g}] HU and scaled to [0, 1].", crop,
             f"Sliding window {list(config.roi_size)}, overlap {config.overlap}, {config.sw_batch_size} windows per "
-            "call, Gaussian blending.", post,
+            f"call, {config.blend_mode} blending.", post,
             "The mask is resampled back to the input's grid (nearest neighbour) with MONAI's Invertd."]
 
 

@@ -35,6 +35,7 @@ from datasets.io import check_hu
 
 IMAGE_KEY, LABEL_KEY = "image", "label"
 CROP_REGIONS = ("body", "lung", "none")
+BLEND_MODES = ("gaussian", "constant")
 # Any label value above zero is foreground (lung: 1 left / 2 right; lesion: 1 GGO / 2 consolidation).
 FOREGROUND_THRESHOLD = 0.5
 # Messages of optional MONAI DICOM back ends that are not installed; harmless, so kept quiet.
@@ -57,6 +58,9 @@ class SegConfig:
             by the body outline in each axial slice: lungs and airways) or ``"none"``.
         body_threshold_hu: HU above which a voxel counts as body for ``crop_region``.
         crop_margin: voxels added around the box on each side.
+        blend_mode: how overlapping windows are blended: ``"gaussian"`` (weights falling off towards
+            the window border, less sensitive to where windows fall) or ``"constant"`` (a plain mean,
+            MONAI's default, for outputs comparable with ``sliding_window_inference``).
         strict_hu: refuse (instead of warn about) volumes that do not look like HU.
     """
 
@@ -69,6 +73,7 @@ class SegConfig:
     crop_region: str = "body"
     body_threshold_hu: float = -500.0
     crop_margin: int = 8
+    blend_mode: str = "gaussian"
     strict_hu: bool = False
 
     def __post_init__(self) -> None:
@@ -82,6 +87,8 @@ class SegConfig:
             raise ValueError(f"overlap must lie in [0, 1), got {self.overlap}")
         if self.crop_region not in CROP_REGIONS:
             raise ValueError(f"crop_region must be one of {CROP_REGIONS}, got {self.crop_region!r}")
+        if self.blend_mode not in BLEND_MODES:
+            raise ValueError(f"blend_mode must be one of {BLEND_MODES}, got {self.blend_mode!r}")
         if self.sw_batch_size < 1:
             raise ValueError(f"sw_batch_size must be >= 1, got {self.sw_batch_size}")
 
@@ -248,9 +255,9 @@ def seg_preprocessing(config: SegConfig, *, keys: Sequence[str] = (IMAGE_KEY, LA
 
 
 def sliding_window_inferer(config: SegConfig) -> SlidingWindowInferer:
-    """MONAI sliding-window inferer with Gaussian blending and the task's ROI and overlap."""
+    """MONAI sliding-window inferer with the task's ROI, overlap and blending."""
     return SlidingWindowInferer(roi_size=config.roi_size, sw_batch_size=config.sw_batch_size,
-                                overlap=config.overlap, mode="gaussian")
+                                overlap=config.overlap, mode=config.blend_mode)
 
 
 def hu_to_unit(config: SegConfig, hu: float) -> float:
