@@ -1,0 +1,94 @@
+"""The inference-only stages of models/mask_net/fusion.py against the modules they stand in for."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torchvision.ops import FeaturePyramidNetwork
+from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
+
+from models.mask_net.fusion import (InferenceFPN, InferenceRPNHead, add_upsampled_, conv1x1,
+                                    use_inference_fpn_and_rpn_head)
+from models.mask_net.mask_head import MaskPredictor
+from models.mask_net.rpn import RPNHead
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_conv1x1_matches_conv2d_and_writes_nchw(channels_last, with_bias):
+    torch.manual_seed(0)
+    x = torch.randn(2, 6, 5, 7)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    weight, bias = torch.randn(4, 6, 1, 1), torch.randn(4) if with_bias else None
+    got = conv1x1(x, weight, bias)
+    torch.testing.assert_close(got, F.conv2d(x, weight, bias), atol=1e-5, rtol=1e-5)
+    assert got.is_contiguous()
+
+
+@pytest.mark.parametrize("fine_size", [(8, 6), (7, 5), (13, 9)])
+def test_add_upsampled_matches_nearest_interpolation(fine_size):
+    torch.manual_seed(0)
+    fine, coarse = torch.randn(2, 3, *fine_size), torch.randn(2, 3, 4, 3)
+    want = fine + F.interpolate(coarse, size=fine_size, mode="nearest")
+    got = add_upsampled_(fine, coarse)
+    assert got is fine
+    assert torch.equal(got, want)
+
+
+def _fpn_inputs(channels: list[int], sizes: list[tuple[int, int]]) -> dict[str, torch.Tensor]:
+    return {str(i): torch.randn(2, c, *s).to(memory_format=torch.channels_last) for i, (c, s) in
+            enumerate(zip(channels, sizes))}
+
+
+@pytest.mark.parametrize("sizes", [[(16, 12), (8, 6), (4, 3)], [(15, 11), (8, 6), (4, 3)]])
+@pytest.mark.parametrize("extra", [None, LastLevelMaxPool])
+def test_inference_fpn_matches_torchvision(sizes, extra):
+    torch.manual_seed(0)
+    channels = [8, 16, 32]
+    reference = FeaturePyramidNetwork(channels, 12, extra_blocks=extra() if extra else None).eval()
+    fast = use_inference_fpn_and_rpn_head(copy.deepcopy(reference))
+    assert type(fast) is InferenceFPN
+    x = _fpn_inputs(channels, sizes)
+    with torch.inference_mode():
+        want, got = reference(x), fast(x)
+    assert list(got) == list(want)
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], atol=1e-5, rtol=1e-5)
+
+
+def test_inference_fpn_with_gradients_runs_the_parent():
+    torch.manual_seed(0)
+    fpn = use_inference_fpn_and_rpn_head(FeaturePyramidNetwork([8, 16], 12))
+    x = _fpn_inputs([8, 16], [(8, 8), (4, 4)])
+    out = fpn(x)
+    sum(v.sum() for v in out.values()).backward()
+    assert fpn.inner_blocks[0][0].weight.grad is not None
+
+
+def test_inference_rpn_head_matches_rpn_head():
+    torch.manual_seed(0)
+    reference = RPNHead(12, num_anchors=3).eval()
+    for p in reference.parameters():
+        torch.nn.init.normal_(p)
+    fast = use_inference_fpn_and_rpn_head(copy.deepcopy(reference))
+    assert type(fast) is InferenceRPNHead
+    features = [torch.randn(2, 12, 10, 8), torch.randn(2, 12, 5, 4)]
+    with torch.inference_mode():
+        (want_obj, want_deltas), (got_obj, got_deltas) = reference(features), fast(features)
+    for got, want in zip(got_obj + got_deltas, want_obj + want_deltas):
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("num_rois, chunk", [(0, 8), (5, 2), (5, 8), (9, 3)])
+def test_mask_logits_for_labels_in_chunks(num_rois, chunk):
+    torch.manual_seed(0)
+    predictor = MaskPredictor(16, 8, num_classes=3)
+    torch.nn.init.normal_(predictor.conv5_mask.bias)
+    x, labels = torch.randn(num_rois, 16, 7, 7), torch.randint(0, 3, (num_rois,))
+    full = predictor(x)[torch.arange(num_rois), labels][:, None]
+    got = predictor.forward_for_labels(x, labels, chunk=chunk)
+    assert got.shape == (num_rois, 1, 14, 14)
+    torch.testing.assert_close(got, full, atol=1e-5, rtol=1e-5)
