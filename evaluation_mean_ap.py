@@ -22,11 +22,10 @@ from tqdm import tqdm
 
 from datasets.conventions import class_names_for
 from datasets.segmentation import CNCBSegmentationDataset
-from inference_segmentation import add_threshold_args
+from inference_segmentation import add_model_args, load_segmentation_model
 from utils.classification_metrics import to_jsonable
 from utils.cli import add_device_args, resolve_device
 from utils.mean_ap import mean_average_precision
-from utils.model_io import load_model_for_inference
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -35,7 +34,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--test_data_dir", default="data/phantom/seg/test", help="data root (default: data/phantom/seg/test)")
     p.add_argument("--test_imgs_dir", default="imgs", help="image folder inside the data root (default: imgs)")
     p.add_argument("--gt_dir", default="masks", help="mask folder inside the data root (default: masks)")
-    add_threshold_args(p)
+    add_model_args(p)
     p.add_argument("--mask_logits_th", type=float, default=0.5, help="mask probability threshold (default: 0.5)")
     p.add_argument("--style", default="coco", choices=["coco", "per_image"],
                    help="coco: dataset-level COCO AP; per_image: the original's per-image average (default: coco)")
@@ -81,7 +80,7 @@ def _row(name: str, r: dict) -> str:
 
 def main(args: argparse.Namespace) -> dict:
     device = resolve_device(args.device)
-    model, ckpt = load_model_for_inference(args.ckpt, device=device, flags=vars(args))
+    model, ckpt = load_segmentation_model(args, device)
     mask_type = args.mask_type or ckpt.get("mask_type") or "both"
     dataset = CNCBSegmentationDataset(args.test_data_dir, imgs_dir=args.test_imgs_dir, masks_dir=args.gt_dir,
                                       mask_type=mask_type)

@@ -4,11 +4,13 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 import evaluation_mean_ap
 import inference_segmentation
 import train_segmentation
 from datasets.synthetic import generate_dataset
+from models.mask_net.fusion import WinogradConv2d
 from utils.checkpoint import load_checkpoint
 
 
@@ -73,6 +75,23 @@ def test_inference_writes_overlays_and_coco_results(seg_root, trained, tmp_path)
     first = results[0]
     assert {"image_id", "file_name", "category_id", "score", "bbox", "segmentation"} <= set(first)
     assert first["segmentation"]["size"] == [64, 64]
+
+
+def test_inference_runs_the_fused_copy_unless_unfused(seg_root, trained, tmp_path, monkeypatch):
+    runs = {}
+    for name, extra in (("fused", []), ("unfused", ["--unfused"])):
+        args = inference_segmentation.get_args_parser().parse_args([
+            "--ckpt", str(trained / "checkpoint_last.pth"), "--test_data_dir", str(seg_root / "test"),
+            "--save_dir", str(tmp_path / name), "--confidence_th", "0.0", "--no_overlays", *extra])
+        model, _ = inference_segmentation.load_segmentation_model(args, torch.device("cpu"))
+        assert any(isinstance(m, WinogradConv2d) for m in model.modules()) == (name == "fused")
+        runs[name] = json.loads(inference_segmentation.main(args).read_text())
+    fused, unfused = runs["fused"], runs["unfused"]
+    assert len(fused) == len(unfused) > 0
+    for a, b in zip(fused, unfused):
+        assert (a["image_id"], a["category_id"]) == (b["image_id"], b["category_id"])
+        assert a["score"] == pytest.approx(b["score"], abs=1e-4)
+        assert a["bbox"] == pytest.approx(b["bbox"], abs=1e-2)
 
 
 def test_contradicting_architecture_flag_is_refused(seg_root, trained, tmp_path):
