@@ -1,6 +1,12 @@
-"""Fold BatchNorm into the preceding convolution for inference.
+"""Inference-only forms of the detection stages, used by ``MaskRCNN.fuse_for_inference``: same
+parameters and results (up to float rounding), less work and fewer temporaries on CPU.
 
-In eval mode ``bn(conv(x)) = conv'(x)`` with ``w' = w * g / sqrt(v + eps)`` and
+- BatchNorm folded into the preceding convolution (:func:`fold_batchnorm`);
+- Winograd 3x3 convolutions (:class:`WinogradConv2d`);
+- an FPN with matrix-product laterals and in-place top-down sums (:class:`InferenceFPN`);
+- an RPN head whose two 1x1 heads are one product (:class:`InferenceRPNHead`).
+
+Folding: in eval mode ``bn(conv(x)) = conv'(x)`` with ``w' = w * g / sqrt(v + eps)`` and
 ``b' = (b - m) * g / sqrt(v + eps) + beta``; the BatchNorm becomes an identity. Works for
 ``nn.BatchNorm2d`` and ``torchvision.ops.FrozenBatchNorm2d``.
 """
@@ -146,7 +152,7 @@ class InferenceFPN(FeaturePyramidNetwork):
 
     Its lateral 1x1 convolutions are matrix products that read the body's channels-last maps and
     write NCHW (what the Winograd 3x3 layers take), and each top-down step is added in place. On
-    a 512x512 slice (800x800 after resizing) this avoids four 41 MB temporaries at the finest level
+    a 512x512 slice (800x800 after resizing) this avoids three 41 MB temporaries at the finest level
     (lateral layout copy, upsampled map, sum) and their page faults. With gradients it runs the parent.
     """
 
