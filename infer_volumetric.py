@@ -30,6 +30,7 @@ import numpy as np
 from tqdm import tqdm
 
 from models.volumetric import task_names, task_stage
+from models.volumetric.common import BLEND_MODES, CROP_REGIONS
 from models.volumetric.inference import input_cases, load_task_model, predict_case, save_mask
 from utils.cli import add_device_args, resolve_device
 from utils.plots_volume import axial_montage
@@ -45,9 +46,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--section", default="testing", help="dataset.json input: section to segment (default: testing)")
     parser.add_argument("--overlap", type=float, nargs="+", default=None, help="window overlap, one value or x y z (default: the checkpoint's)")
     parser.add_argument("--sw_batch_size", type=int, default=None, help="windows per network call (default: the checkpoint's)")
-    parser.add_argument("--crop_region", choices=("body", "lung", "none"), default=None,
+    parser.add_argument("--crop_region", choices=CROP_REGIONS, default=None,
                         help="region the windows cover, background elsewhere (default: the task's, body for lung_seg, lung for lesion_seg)")
-    parser.add_argument("--blend_mode", choices=("gaussian", "constant"), default=None,
+    parser.add_argument("--blend_mode", choices=BLEND_MODES, default=None,
                         help="blending of overlapping windows; constant is MONAI's default (default: the checkpoint's, gaussian)")
     parser.add_argument("--no_montage", action="store_true", help="skip the PNG montages (default: write them)")
     parser.add_argument("--amp", action="store_true", help="mixed precision inside the network (default: off)")

@@ -24,7 +24,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from models.volumetric import get_task, task_names, task_stage
-from models.volumetric.common import load_cases
+from models.volumetric.common import BLEND_MODES, CROP_REGIONS, load_cases
 from models.volumetric.engine import (
     cleanup_distributed,
     evaluate_dice,
@@ -69,9 +69,9 @@ def add_config_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--hu_window", type=float, nargs=2, default=None, help="HU clip range (default: -1500 500 lung_seg, -1000 500 lesion_seg)")
     group.add_argument("--overlap", type=float, nargs="+", default=None, help="window overlap, one value or x y z (default: 0.25)")
     group.add_argument("--sw_batch_size", type=int, default=None, help="windows per network call (default: 4)")
-    group.add_argument("--crop_region", choices=("body", "lung", "none"), default=None,
+    group.add_argument("--crop_region", choices=CROP_REGIONS, default=None,
                        help="region the windows cover, background elsewhere (default: the task's, body for lung_seg, lung for lesion_seg)")
-    group.add_argument("--blend_mode", choices=("gaussian", "constant"), default=None,
+    group.add_argument("--blend_mode", choices=BLEND_MODES, default=None,
                        help="blending of overlapping windows at validation and inference (default: gaussian)")
     group.add_argument("--strict_hu", action="store_true", help="refuse volumes that do not look like HU instead of warning (default: warn)")
 

@@ -156,16 +156,16 @@ def timed(fn):
     return out, time.perf_counter() - start
 
 
-def variants(model: torch.nn.Module, image: torch.Tensor, *, config) -> list[tuple[str, str, callable]]:
+def variants(model: torch.nn.Module, fast: torch.nn.Module, image: torch.Tensor, *,
+             config) -> list[tuple[str, str, callable]]:
     """(name, region, run) of the reference, each of our changes alone, our path with the reference's
     constant blending (``--blend_mode constant``: the speed-ups alone), and our path (Gaussian blending)
     without/with the lung box.
 
-    ``model`` has contiguous weights; a channels-last copy serves the channels-last rows.
+    ``model`` has contiguous weights; ``fast``, its channels-last copy, serves the channels-last rows.
     """
     roi = config.roi_size
     box = window_region(crop_box(image, config=config), image.shape[1:], roi)
-    fast = prepare_for_inference(copy.deepcopy(model), device=torch.device("cpu"))
     cpu, whole = torch.device("cpu"), config.replace(crop_region="none")
     shape = "x".join(str(s) for s in image.shape[1:])
     boxed = "x".join(str(s.stop - s.start) for s in box)
@@ -181,23 +181,23 @@ def variants(model: torch.nn.Module, image: torch.Tensor, *, config) -> list[tup
     ]
 
 
-def warm_up(model: torch.nn.Module, *, roi) -> None:
+def warm_up(model: torch.nn.Module, fast: torch.nn.Module, *, roi) -> None:
     """One window through both weight layouts, so that no timed row pays first-call costs."""
     window = torch.zeros((1, 1, *roi))
     with torch.no_grad():
         model(window)
-        prepare_for_inference(copy.deepcopy(model), device=torch.device("cpu"))(
-            window.contiguous(memory_format=torch.channels_last_3d))
+        fast(window.contiguous(memory_format=torch.channels_last_3d))
 
 
 def run_table(model: torch.nn.Module, image: torch.Tensor, truth: torch.Tensor, *, config, truth_name: str) -> list[dict]:
     """Time every variant once and print the table; rows as dicts (seconds, speed-up, agreement, Dice)."""
-    warm_up(model, roi=config.roi_size)
+    fast = prepare_for_inference(copy.deepcopy(model), device=torch.device("cpu"))
+    warm_up(model, fast, roi=config.roi_size)
     truth = (truth > 0).to(torch.uint8)
     rows, reference = [], None
     print(f"{'variant':<42} {'region':>12} {'s':>7} {'speed-up':>9} {'agreement':>10} {'fg %':>7} "
           f"{'Dice vs ' + truth_name:>18}")
-    for name, region, run in variants(model, image, config=config):
+    for name, region, run in variants(model, fast, image, config=config):
         labels, seconds = timed(run)
         reference = reference if reference is not None else (labels, seconds)
         row = {"variant": name.strip(), "region": region, "seconds": seconds, "speed_up": reference[1] / seconds,

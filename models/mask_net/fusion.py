@@ -61,6 +61,10 @@ def _as_batchnorm(frozen: FrozenBatchNorm2d) -> nn.BatchNorm2d:
     return bn
 
 
+def _needs_grad(x: torch.Tensor, module: nn.Module) -> bool:
+    return torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in module.parameters()))
+
+
 class WinogradConv2d(nn.Conv2d):
     """A 3x3, stride-1 convolution that runs NNPACK's Winograd kernels for CPU float32 inference.
 
@@ -70,9 +74,8 @@ class WinogradConv2d(nn.Conv2d):
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        needs_grad = torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)
         # _nnpack_available() also initialises NNPACK, so it must run before the first call.
-        if x.device.type != "cpu" or x.dtype != torch.float32 or needs_grad or not torch._nnpack_available():
+        if x.device.type != "cpu" or x.dtype != torch.float32 or _needs_grad(x, self) or not torch._nnpack_available():
             return super().forward(x)
         try:
             return torch._nnpack_spatial_convolution(x.contiguous(), self.weight, self.bias, list(self.padding), [1, 1])
@@ -96,10 +99,6 @@ def use_winograd_convolutions(model: nn.Module) -> nn.Module:
                 fast.bias = child.bias
                 setattr(module, name, fast)
     return model
-
-
-def _needs_grad(x: torch.Tensor, module: nn.Module) -> bool:
-    return torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in module.parameters()))
 
 
 def conv1x1(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
