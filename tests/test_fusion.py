@@ -9,10 +9,15 @@ import torch.nn.functional as F
 from torchvision.ops import FeaturePyramidNetwork
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
-from models.mask_net.fusion import (InferenceFPN, InferenceRPNHead, add_upsampled_, conv1x1,
+from torchvision.models.resnet import BasicBlock, Bottleneck
+
+from models.mask_net.fusion import (InferenceBasicBlock, InferenceBottleneck, InferenceFPN, InferenceRPNHead,
+                                    add_upsampled_, conv1x1, fold_batchnorm, use_fused_residual_blocks,
                                     use_inference_fpn_and_rpn_head)
 from models.mask_net.mask_head import MaskPredictor
 from models.mask_net.rpn import RPNHead
+
+_FUSED = {Bottleneck: InferenceBottleneck, BasicBlock: InferenceBasicBlock}
 
 
 @pytest.mark.parametrize("channels_last", [False, True])
@@ -92,3 +97,55 @@ def test_mask_logits_for_labels_in_chunks(num_rois, chunk):
     got = predictor.forward_for_labels(x, labels, chunk=chunk)
     assert got.shape == (num_rois, 1, 14, 14)
     torch.testing.assert_close(got, full, atol=1e-5, rtol=1e-5)
+
+
+def _random_batchnorm_statistics(module: torch.nn.Module) -> None:
+    for m in module.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+            torch.nn.init.uniform_(m.weight, 0.5, 1.5)
+            torch.nn.init.uniform_(m.bias, -0.2, 0.2)
+
+
+def _stage(block_type, channels: int, stride: int) -> torch.nn.Sequential:
+    """Two torchvision blocks as in a ResNet stage: the first with a downsample branch, the second without."""
+    out = channels * block_type.expansion
+    downsample = torch.nn.Sequential(torch.nn.Conv2d(8, out, 1, stride=stride, bias=False), torch.nn.BatchNorm2d(out))
+    stage = torch.nn.Sequential(block_type(8, channels, stride=stride, downsample=downsample),
+                                block_type(out, channels)).eval()
+    _random_batchnorm_statistics(stage)
+    return stage
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="the fused blocks need oneDNN")
+@pytest.mark.parametrize("block_type", [Bottleneck, BasicBlock])
+@pytest.mark.parametrize("stride", [1, 2])
+def test_fused_residual_blocks_match_torchvision_blocks(block_type, stride):
+    torch.manual_seed(0)
+    reference = _stage(block_type, 4, stride)
+    fused = use_fused_residual_blocks(fold_batchnorm(copy.deepcopy(reference)).to(memory_format=torch.channels_last))
+    assert type(fused[0]) is _FUSED[block_type] and [b.owns_input for b in fused] == [False, True]
+    x = torch.randn(2, 8, 9, 11).to(memory_format=torch.channels_last)
+    kept = x.clone()
+    with torch.inference_mode():
+        want = reference(x)
+        hidden = fused[0](x)
+        hidden_storage = hidden.data_ptr()
+        got = fused[1](hidden)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert torch.equal(x, kept), "a block that does not own its input must leave it unchanged"
+    assert got.data_ptr() == hidden_storage, "the second block's sum is written over its input"
+
+
+def test_unfolded_blocks_stay_torchvision_blocks():
+    stage = _stage(Bottleneck, 4, 1)
+    use_fused_residual_blocks(stage)
+    assert [type(b) for b in stage] == [Bottleneck, Bottleneck]
+
+
+def test_fused_block_with_gradients_runs_the_parent():
+    torch.manual_seed(0)
+    stage = use_fused_residual_blocks(fold_batchnorm(_stage(BasicBlock, 4, 1)))
+    stage(torch.randn(1, 8, 6, 6)).sum().backward()
+    assert stage[0].conv1.weight.grad is not None

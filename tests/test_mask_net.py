@@ -9,7 +9,7 @@ import torchvision
 from torchvision.models.detection.roi_heads import paste_masks_in_image
 
 from models.mask_net import maskrcnn_resnet_fpn
-from models.mask_net.fusion import InferenceFPN, InferenceRPNHead, WinogradConv2d
+from models.mask_net.fusion import InferenceBasicBlock, InferenceFPN, InferenceRPNHead, WinogradConv2d
 from models.mask_net.mask_head import MaskPredictor
 from models.mask_net.paste import paste_masks
 
@@ -228,6 +228,7 @@ def test_folded_batchnorm_gives_the_same_detections(norm):
     assert any(isinstance(m, WinogradConv2d) for m in fused.backbone.fpn.modules())
     assert any(isinstance(m, WinogradConv2d) for m in fused.roi_heads.mask_head.modules())
     assert type(fused.backbone.fpn) is InferenceFPN and type(fused.rpn.head) is InferenceRPNHead
+    assert all(type(b) is InferenceBasicBlock for b in fused.backbone.body.layer1)
     image = [torch.rand(3, 64, 72)]
     with torch.inference_mode():
         (want,), (got,) = model(image), fused(image)

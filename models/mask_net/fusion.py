@@ -4,7 +4,9 @@ parameters and results (up to float rounding), less work and fewer temporaries o
 - BatchNorm folded into the preceding convolution (:func:`fold_batchnorm`);
 - Winograd 3x3 convolutions (:class:`WinogradConv2d`);
 - an FPN with matrix-product laterals and in-place top-down sums (:class:`InferenceFPN`);
-- an RPN head whose two 1x1 heads are one product (:class:`InferenceRPNHead`).
+- an RPN head whose two 1x1 heads are one product (:class:`InferenceRPNHead`);
+- ResNet blocks whose ReLUs and residual sums run inside oneDNN's convolutions
+  (:class:`InferenceBottleneck`, :class:`InferenceBasicBlock`).
 
 Folding: in eval mode ``bn(conv(x)) = conv'(x)`` with ``w' = w * g / sqrt(v + eps)`` and
 ``b' = (b - m) * g / sqrt(v + eps) + beta``; the BatchNorm becomes an identity. Works for
@@ -18,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
+from torchvision.models import resnet
 from torchvision.ops import FeaturePyramidNetwork, FrozenBatchNorm2d
 
 from .rpn import RPNHead
@@ -202,4 +205,89 @@ def use_inference_fpn_and_rpn_head(model: nn.Module) -> nn.Module:
             module.__class__ = InferenceFPN
         elif type(module) is RPNHead:
             module.__class__ = InferenceRPNHead
+    return model
+
+
+def _fusable_on(x: torch.Tensor, module: nn.Module) -> bool:
+    """oneDNN's fused convolutions apply: CPU float32 inference with the ops built in."""
+    return (x.device.type == "cpu" and x.dtype == torch.float32 and torch.backends.mkldnn.is_available()
+            and hasattr(torch.ops.mkldnn, "_convolution_pointwise") and not _needs_grad(x, module))
+
+
+def conv_relu(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """``relu(conv(x))`` in one oneDNN call (the ReLU is applied as each output tile is written)."""
+    return torch.ops.mkldnn._convolution_pointwise(x, conv.weight, conv.bias, list(conv.padding), list(conv.stride),
+                                                   list(conv.dilation), conv.groups, "relu", [], None)
+
+
+def conv_add_relu(conv: nn.Conv2d, x: torch.Tensor, identity: torch.Tensor, *, in_place: bool) -> torch.Tensor:
+    """``relu(conv(x) + identity)`` in one oneDNN call; with ``in_place`` the result overwrites
+    ``identity`` (no new output, so none of its pages are faulted in), which must be channels-last
+    and used by nothing else."""
+    args = (conv.weight, conv.bias, list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups,
+            "add", 1.0, "relu", [], None)
+    if in_place and identity.is_contiguous(memory_format=torch.channels_last):
+        return torch.ops.mkldnn._convolution_pointwise_.binary(identity, x, *args)
+    return torch.ops.mkldnn._convolution_pointwise.binary(x, identity, *args)
+
+
+class _FusedBlock:
+    """Shared part of the fused ResNet blocks. ``owns_input`` (set by :func:`use_fused_residual_blocks`)
+    says that nothing but this block reads its input, so the residual sum may be written over it."""
+
+    owns_input = False
+
+    def _identity(self, x: torch.Tensor) -> tuple[torch.Tensor, bool]:
+        """The residual branch and whether it may be overwritten."""
+        if self.downsample is not None:
+            return self.downsample(x), True
+        return x, self.owns_input
+
+
+class InferenceBottleneck(_FusedBlock, resnet.Bottleneck):
+    """torchvision's ``Bottleneck`` with folded BatchNorms, its ReLUs and residual sum fused into the
+    convolutions (three oneDNN calls, no separate add or ReLU pass). Same parameters and results;
+    the parent runs when gradients are needed or off CPU."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """FloatTensor[B, C, H, W] -> FloatTensor[B, 4P, H/s, W/s]."""
+        if not _fusable_on(x, self):
+            return super().forward(x)
+        identity, in_place = self._identity(x)
+        out = conv_relu(self.conv2, conv_relu(self.conv1, x))
+        return conv_add_relu(self.conv3, out, identity, in_place=in_place)
+
+
+class InferenceBasicBlock(_FusedBlock, resnet.BasicBlock):
+    """torchvision's ``BasicBlock`` with folded BatchNorms, fused like :class:`InferenceBottleneck`."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """FloatTensor[B, C, H, W] -> FloatTensor[B, P, H/s, W/s]."""
+        if not _fusable_on(x, self):
+            return super().forward(x)
+        identity, in_place = self._identity(x)
+        return conv_add_relu(self.conv2, conv_relu(self.conv1, x), identity, in_place=in_place)
+
+
+_FUSED_BLOCKS = {resnet.Bottleneck: InferenceBottleneck, resnet.BasicBlock: InferenceBasicBlock}
+
+
+def _folded(block: nn.Module) -> bool:
+    norms = [m for name, m in block.named_children() if name.startswith("bn")]
+    convs = [m for name, m in block.named_children() if name.startswith("conv")]
+    return (all(isinstance(n, nn.Identity) for n in norms) and all(type(c) is nn.Conv2d for c in convs)
+            and (block.downsample is None or not any(isinstance(m, _NORMS) for m in block.downsample.modules())))
+
+
+def use_fused_residual_blocks(model: nn.Module) -> nn.Module:
+    """Switch, in place, every torchvision ResNet block whose BatchNorms are folded (see
+    :func:`fold_batchnorm`) to its fused inference form; a block after the first of its stage owns
+    its input (the previous block's output, which nothing else reads)."""
+    for module in model.modules():
+        if not isinstance(module, nn.Sequential):
+            continue
+        for index, block in enumerate(module):
+            if type(block) in _FUSED_BLOCKS and _folded(block):
+                block.__class__ = _FUSED_BLOCKS[type(block)]
+                block.owns_input = index > 0
     return model

@@ -84,7 +84,9 @@ class MaskRCNN(nn.Module):
         convolution layout that is fastest on CPU.
 
         - ResNet body: channels-last weights (oneDNN's direct kernels run its 1x1 and strided
-          convolutions about 1.3x faster in NHWC than in NCHW);
+          convolutions about 1.3x faster in NHWC than in NCHW), and each block's ReLUs and residual
+          sum inside its convolutions, the sum written over the block's input where nothing else
+          reads it (:class:`~.fusion.InferenceBottleneck`);
         - FPN, RPN head and mask head: Winograd 3x3 convolutions (NNPACK, NCHW), 2-4x faster than
           oneDNN on their 256-channel maps. They stay out of the body: switching layout around every
           bottleneck costs more than Winograd saves there.
@@ -97,10 +99,12 @@ class MaskRCNN(nn.Module):
         CPU; its state dict differs (no BatchNorm entries) and it is not meant for training. This
         model is unchanged.
         """
-        from .fusion import fold_batchnorm, use_inference_fpn_and_rpn_head, use_winograd_convolutions
+        from .fusion import (fold_batchnorm, use_fused_residual_blocks, use_inference_fpn_and_rpn_head,
+                             use_winograd_convolutions)
 
         fused = fold_batchnorm(copy.deepcopy(self).eval())
         fused.backbone.body.to(memory_format=torch.channels_last)
+        use_fused_residual_blocks(fused.backbone.body)
         use_inference_fpn_and_rpn_head(fused)
         for stage in (fused.backbone.fpn, fused.rpn, fused.roi_heads):
             use_winograd_convolutions(stage)
