@@ -11,10 +11,13 @@ from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
-from models.mask_net.fusion import (InferenceBasicBlock, InferenceBottleneck, InferenceFPN, InferenceRPNHead,
-                                    add_upsampled_, conv1x1, fold_batchnorm, use_fused_residual_blocks,
-                                    use_inference_fpn_and_rpn_head)
+from models.mask_net.box_head import FastRCNNPredictor, TwoMLPHead
+from models.mask_net.fusion import (ChannelsLastTwoMLPHead, InferenceBasicBlock, InferenceBottleneck, InferenceFPN,
+                                    InferenceRoIHeads, InferenceRPNHead, add_upsampled_, conv1x1, fold_batchnorm,
+                                    use_fused_residual_blocks, use_gather_pooling, use_inference_fpn_and_rpn_head)
 from models.mask_net.mask_head import MaskPredictor
+from models.mask_net.poolers import ParallelMultiScaleRoIAlign
+from models.mask_net.roi_heads import RoIHeads
 from models.mask_net.rpn import RPNHead
 
 _FUSED = {Bottleneck: InferenceBottleneck, BasicBlock: InferenceBasicBlock}
@@ -149,3 +152,21 @@ def test_fused_block_with_gradients_runs_the_parent():
     stage = use_fused_residual_blocks(fold_batchnorm(_stage(BasicBlock, 4, 1)))
     stage(torch.randn(1, 8, 6, 6)).sum().backward()
     assert stage[0].conv1.weight.grad is not None
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_channels_last_box_head_with_permuted_fc6_matches_the_head(channels_last):
+    torch.manual_seed(0)
+    reference = TwoMLPHead(6 * 3 * 3, 10)
+    roi_heads = RoIHeads(box_roi_pool=ParallelMultiScaleRoIAlign(featmap_names=["0"], output_size=3, sampling_ratio=2),
+                         box_head=copy.deepcopy(reference), box_predictor=FastRCNNPredictor(10, 3),
+                         mask_roi_pool=None, mask_head=None, mask_predictor=None, fg_iou_thresh=0.5,
+                         bg_iou_thresh=0.5, batch_size_per_image=8, positive_fraction=0.25,
+                         bbox_reg_weights=(10.0, 10.0, 5.0, 5.0), score_thresh=0.05, nms_thresh=0.5,
+                         detections_per_img=10)
+    use_gather_pooling(roi_heads)
+    assert type(roi_heads) is InferenceRoIHeads and type(roi_heads.box_head) is ChannelsLastTwoMLPHead
+    x = torch.randn(5, 6, 3, 3)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    torch.testing.assert_close(roi_heads.box_head(x), reference(x), atol=1e-5, rtol=1e-5)

@@ -1,11 +1,11 @@
-"""The threaded multi-scale RoIAlign gives torchvision's result exactly."""
+"""The threaded multi-scale RoIAlign gives torchvision's result exactly; the gather form, to float rounding."""
 from collections import OrderedDict
 
 import pytest
 import torch
 from torchvision.ops import MultiScaleRoIAlign
 
-from models.mask_net.poolers import ParallelMultiScaleRoIAlign, split_boxes
+from models.mask_net.poolers import GatherMultiScaleRoIAlign, LevelRows, ParallelMultiScaleRoIAlign, split_boxes
 
 LEVELS = ["0", "1", "2"]
 
@@ -78,3 +78,52 @@ def test_few_rois_or_gradients_use_the_parent_path(two_threads):
         features[name].grad = None
     reference(features, boxes, shapes).sum().backward()
     assert all(torch.equal(g, features[name].grad) for g, name in zip(grads, LEVELS))
+
+
+def _boxes_over_the_border(counts) -> list[torch.Tensor]:
+    """Per image Float[n, 4] xyxy of a 256 x 192 image: some reach past every border, some are under a pixel."""
+    gen = torch.Generator().manual_seed(2)
+    out = []
+    for n in counts:
+        xy = torch.rand(n, 2, generator=gen) * torch.tensor([230.0, 290.0]) - 20
+        wh = 0.2 + torch.rand(n, 2, generator=gen) ** 3 * 200
+        out.append(torch.cat([xy, xy + wh], dim=1))
+    return out
+
+
+@pytest.mark.parametrize("levels", [LEVELS, ["0"]])
+@pytest.mark.parametrize("size,sampling", [(7, 2), (14, 2), (5, 1), (4, 3)])
+@pytest.mark.parametrize("counts", [(40, 25), (0, 30)])
+def test_gather_pooling_matches_torchvision(levels, size, sampling, counts):
+    reference = MultiScaleRoIAlign(featmap_names=levels, output_size=size, sampling_ratio=sampling)
+    ours = GatherMultiScaleRoIAlign(featmap_names=levels, output_size=size, sampling_ratio=sampling)
+    features, boxes, shapes = _features(), _boxes_over_the_border(counts), [(256, 192), (256, 192)]
+    with torch.inference_mode():
+        want = reference(features, boxes, shapes)
+        got_from_maps = ours(features, boxes, shapes)
+        got_from_rows = ours(LevelRows(features), boxes, shapes)
+    for got in (got_from_maps, got_from_rows):
+        assert got.shape == want.shape and got.is_contiguous(memory_format=torch.channels_last)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_level_rows_hold_every_pixel_at_its_row():
+    features = _features()
+    rows = LevelRows(features)
+    for name, m in features.items():
+        b, c, h, w = m.shape
+        for image, y, x in ((0, 0, 0), (1, h - 1, w - 1), (1, h // 2, 3)):
+            assert torch.equal(rows.table[rows.start[name] + (image * h + y) * w + x], m[image, :, y, x])
+
+
+def test_gather_pooling_runs_the_parent_for_adaptive_sampling_gradients_and_no_rois():
+    features, boxes, shapes = _features(), _boxes((20, 9)), [(256, 192), (256, 192)]
+    adaptive = GatherMultiScaleRoIAlign(featmap_names=LEVELS, output_size=7, sampling_ratio=0)
+    with torch.inference_mode():
+        assert torch.equal(adaptive(features, boxes, shapes),
+                           MultiScaleRoIAlign(featmap_names=LEVELS, output_size=7, sampling_ratio=0)(features, boxes, shapes))
+    ours = GatherMultiScaleRoIAlign(featmap_names=LEVELS, output_size=5, sampling_ratio=2)
+    assert ours(features, _boxes((0, 0)), shapes).shape == (0, 8, 5, 5)
+    trainable = _features(requires_grad=True)
+    ours(trainable, boxes, shapes).sum().backward()
+    assert all(trainable[name].grad is not None for name in LEVELS)

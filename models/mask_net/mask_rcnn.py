@@ -94,18 +94,22 @@ class MaskRCNN(nn.Module):
           and write NCHW, top-down sums in place (:class:`~.fusion.InferenceFPN`); RPN objectness
           and deltas as one product per level (:class:`~.fusion.InferenceRPNHead`). At the finest
           level every avoided temporary is a 41 MB map whose fresh pages cost as much as the arithmetic.
+        - RoI heads: RoIAlign as weighted row gathers from one channels-last table of the levels,
+          shared by the box and mask poolers, and the box branch in chunks of 256 RoIs
+          (:class:`~.fusion.InferenceRoIHeads`), about 3x faster than torchvision's threaded kernel.
 
         The copy gives the same detections (up to float rounding, about 1e-5 relative) faster on
         CPU; its state dict differs (no BatchNorm entries) and it is not meant for training. This
         model is unchanged.
         """
-        from .fusion import (fold_batchnorm, use_fused_residual_blocks, use_inference_fpn_and_rpn_head,
-                             use_winograd_convolutions)
+        from .fusion import (fold_batchnorm, use_fused_residual_blocks, use_gather_pooling,
+                             use_inference_fpn_and_rpn_head, use_winograd_convolutions)
 
         fused = fold_batchnorm(copy.deepcopy(self).eval())
         fused.backbone.body.to(memory_format=torch.channels_last)
         use_fused_residual_blocks(fused.backbone.body)
         use_inference_fpn_and_rpn_head(fused)
+        use_gather_pooling(fused.roi_heads)
         for stage in (fused.backbone.fpn, fused.rpn, fused.roi_heads):
             use_winograd_convolutions(stage)
         return fused
