@@ -14,7 +14,8 @@ from torchvision.models.resnet import BasicBlock, Bottleneck
 from models.mask_net.box_head import FastRCNNPredictor, TwoMLPHead
 from models.mask_net.fusion import (ChannelsLastTwoMLPHead, InferenceBasicBlock, InferenceBottleneck, InferenceFPN,
                                     InferenceRoIHeads, InferenceRPNHead, add_upsampled_, conv1x1, fold_batchnorm,
-                                    use_fused_residual_blocks, use_gather_pooling, use_inference_fpn_and_rpn_head)
+                                    WinogradConv2d, use_fused_residual_blocks, use_gather_pooling,
+                                    use_inference_fpn_and_rpn_head, use_winograd_convolutions)
 from models.mask_net.mask_head import MaskPredictor
 from models.mask_net.poolers import ParallelMultiScaleRoIAlign
 from models.mask_net.roi_heads import RoIHeads
@@ -170,3 +171,19 @@ def test_channels_last_box_head_with_permuted_fc6_matches_the_head(channels_last
     if channels_last:
         x = x.to(memory_format=torch.channels_last)
     torch.testing.assert_close(roi_heads.box_head(x), reference(x), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("shape,path", [((1, 8, 31, 30), "per_image"), ((3, 8, 30, 33), "per_image"),
+                                        ((20, 8, 14, 14), "batched"), ((2, 8, 14, 14), "direct"),
+                                        ((1, 8, 13, 13), "direct")])
+def test_winograd_convolution_matches_conv2d_on_each_path(shape, path):
+    torch.manual_seed(0)
+    reference = torch.nn.Conv2d(8, 6, 3, padding=1)
+    fast = use_winograd_convolutions(torch.nn.Sequential(copy.deepcopy(reference)))[0]
+    assert type(fast) is WinogradConv2d
+    x = torch.randn(*shape)
+    with torch.inference_mode():
+        if torch._nnpack_available():
+            assert fast.path(x) == path
+        torch.testing.assert_close(fast(x), reference(x), atol=1e-4, rtol=1e-4)
+    assert fast.path(torch.randn(*shape, requires_grad=True)) == "direct"
