@@ -119,11 +119,22 @@ def test_level_rows_hold_every_pixel_at_its_row():
 def test_gather_pooling_runs_the_parent_for_adaptive_sampling_gradients_and_no_rois():
     features, boxes, shapes = _features(), _boxes((20, 9)), [(256, 192), (256, 192)]
     adaptive = GatherMultiScaleRoIAlign(featmap_names=LEVELS, output_size=7, sampling_ratio=0)
+    reference = MultiScaleRoIAlign(featmap_names=LEVELS, output_size=7, sampling_ratio=0)
     with torch.inference_mode():
-        assert torch.equal(adaptive(features, boxes, shapes),
-                           MultiScaleRoIAlign(featmap_names=LEVELS, output_size=7, sampling_ratio=0)(features, boxes, shapes))
+        assert torch.equal(adaptive(features, boxes, shapes), reference(features, boxes, shapes))
     ours = GatherMultiScaleRoIAlign(featmap_names=LEVELS, output_size=5, sampling_ratio=2)
     assert ours(features, _boxes((0, 0)), shapes).shape == (0, 8, 5, 5)
     trainable = _features(requires_grad=True)
     ours(trainable, boxes, shapes).sum().backward()
     assert all(trainable[name].grad is not None for name in LEVELS)
+
+
+def test_gather_pooling_in_double_precision():
+    features = OrderedDict((name, m.double()) for name, m in _features().items())
+    boxes, shapes = [b.double() for b in _boxes_over_the_border((12, 7))], [(256, 192), (256, 192)]
+    reference = MultiScaleRoIAlign(featmap_names=LEVELS, output_size=7, sampling_ratio=2)
+    ours = GatherMultiScaleRoIAlign(featmap_names=LEVELS, output_size=7, sampling_ratio=2)
+    with torch.inference_mode():
+        got, want = ours(features, boxes, shapes), reference(features, boxes, shapes)
+    assert got.dtype == torch.float64
+    torch.testing.assert_close(got, want, atol=1e-10, rtol=1e-10)

@@ -19,8 +19,8 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
-from torch import Tensor
 import torch.nn.functional as F
+from torch import Tensor
 from torchvision.ops import MultiScaleRoIAlign
 from torchvision.ops.poolers import _filter_input, _setup_scales
 
@@ -133,7 +133,7 @@ class GatherMultiScaleRoIAlign(ParallelMultiScaleRoIAlign):
         levels = self.map_levels(boxes) if len(maps) > 1 else torch.zeros(sum(len(b) for b in boxes), dtype=torch.int64)
         index, weight = bin_samples(boxes, levels, self._level_geometry(maps, rows), self.output_size,
                                     self.sampling_ratio)
-        pooled = F.embedding_bag(index, rows.table, per_sample_weights=weight, mode="sum")  # (R*S*S, C)
+        pooled = F.embedding_bag(index, rows.table, per_sample_weights=weight.to(rows.table.dtype), mode="sum")
         s0, s1 = self.output_size
         return pooled.view(-1, s0, s1, rows.table.shape[1]).permute(0, 3, 1, 2)
 
