@@ -88,8 +88,9 @@ class MaskRCNN(nn.Module):
           sum inside its convolutions, the sum written over the block's input where nothing else
           reads it (:class:`~.fusion.InferenceBottleneck`);
         - FPN, RPN head and mask head: Winograd 3x3 convolutions (NNPACK, NCHW), 2-4x faster than
-          oneDNN on their 256-channel maps. They stay out of the body: switching layout around every
-          bottleneck costs more than Winograd saves there.
+          oneDNN on their larger 256-channel maps and on many RoIs; oneDNN on the small levels and a
+          few RoIs (:meth:`~.fusion.WinogradConv2d.path`). They stay out of the body: switching
+          layout around every bottleneck costs more than Winograd saves there.
         - FPN laterals: 1x1 convolutions as matrix products that read the channels-last body maps
           and write NCHW, top-down sums in place (:class:`~.fusion.InferenceFPN`); RPN objectness
           and deltas as one product per level (:class:`~.fusion.InferenceRPNHead`). At the finest
