@@ -6,10 +6,9 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from torchvision.models.resnet import BasicBlock, Bottleneck
 from torchvision.ops import FeaturePyramidNetwork
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
-
-from torchvision.models.resnet import BasicBlock, Bottleneck
 
 from models.mask_net.box_head import FastRCNNPredictor, TwoMLPHead
 from models.mask_net.fusion import (ChannelsLastTwoMLPHead, InferenceBasicBlock, InferenceBottleneck, InferenceFPN,
@@ -20,6 +19,7 @@ from models.mask_net.mask_head import MaskPredictor
 from models.mask_net.poolers import ParallelMultiScaleRoIAlign
 from models.mask_net.roi_heads import RoIHeads
 from models.mask_net.rpn import RPNHead
+from tests.test_mask_net import randomise_batchnorm
 
 _FUSED = {Bottleneck: InferenceBottleneck, BasicBlock: InferenceBasicBlock}
 
@@ -103,22 +103,13 @@ def test_mask_logits_for_labels_in_chunks(num_rois, chunk):
     torch.testing.assert_close(got, full, atol=1e-5, rtol=1e-5)
 
 
-def _random_batchnorm_statistics(module: torch.nn.Module) -> None:
-    for m in module.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.running_mean.uniform_(-0.5, 0.5)
-            m.running_var.uniform_(0.5, 2.0)
-            torch.nn.init.uniform_(m.weight, 0.5, 1.5)
-            torch.nn.init.uniform_(m.bias, -0.2, 0.2)
-
-
 def _stage(block_type, channels: int, stride: int) -> torch.nn.Sequential:
     """Two torchvision blocks as in a ResNet stage: the first with a downsample branch, the second without."""
     out = channels * block_type.expansion
     downsample = torch.nn.Sequential(torch.nn.Conv2d(8, out, 1, stride=stride, bias=False), torch.nn.BatchNorm2d(out))
     stage = torch.nn.Sequential(block_type(8, channels, stride=stride, downsample=downsample),
                                 block_type(out, channels)).eval()
-    _random_batchnorm_statistics(stage)
+    randomise_batchnorm(stage)
     return stage
 
 

@@ -231,7 +231,8 @@ def test_bad_targets_and_images_are_named():
         model([torch.rand(3, 64, 64), torch.rand(64, 64)])
 
 
-def _randomise_batchnorm(model):
+def randomise_batchnorm(model):
+    """Seeded random running statistics and affine values in every BatchNorm of ``model``, for folding tests."""
     torch.manual_seed(3)
     with torch.no_grad():
         for m in model.modules():
@@ -245,7 +246,7 @@ def _randomise_batchnorm(model):
 @pytest.mark.parametrize("norm", ["batchnorm", "frozen"])
 def test_folded_batchnorm_gives_the_same_detections(norm):
     model = small_model("resnet18", 1, norm=norm).eval()
-    _randomise_batchnorm(model)
+    randomise_batchnorm(model)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     fused = model.fuse_for_inference()
     assert not any(isinstance(m, (torch.nn.BatchNorm2d, torchvision.ops.FrozenBatchNorm2d)) for m in fused.modules())

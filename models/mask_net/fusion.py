@@ -26,7 +26,7 @@ from torchvision.models import resnet
 from torchvision.ops import FeaturePyramidNetwork, FrozenBatchNorm2d
 
 from .box_head import TwoMLPHead
-from .poolers import GatherMultiScaleRoIAlign, LevelRows, ParallelMultiScaleRoIAlign, split_boxes
+from .poolers import GatherMultiScaleRoIAlign, LevelRows, ParallelMultiScaleRoIAlign, cpu_inference, split_boxes
 from .roi_heads import RoIHeads
 from .rpn import RPNHead
 
@@ -349,8 +349,7 @@ class InferenceRoIHeads(RoIHeads):
     def forward(self, features: dict[str, torch.Tensor], proposals: list[torch.Tensor],
                 image_sizes: list[tuple[int, int]], targets: list[dict] | None = None) -> tuple[list[dict], dict]:
         """As :meth:`RoIHeads.forward`."""
-        first = next(iter(features.values()))
-        if not self.training and first.device.type == "cpu" and not _needs_grad(first, self):
+        if not self.training and cpu_inference(list(features.values()), proposals):
             pools = [p for p in (self.box_roi_pool, self.mask_roi_pool) if p is not None]
             features = LevelRows({name: features[name] for p in pools for name in p.featmap_names})
         return super().forward(features, proposals, image_sizes, targets)

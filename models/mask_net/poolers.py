@@ -27,6 +27,12 @@ from torchvision.ops.poolers import _filter_input, _setup_scales
 _POOLS: dict[tuple[int, int], ThreadPoolExecutor] = {}
 
 
+def cpu_inference(maps: list[Tensor], boxes: list[Tensor]) -> bool:
+    """No gradient is needed and the maps are on CPU: when the threaded and gather paths apply."""
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (*maps, *boxes))
+    return not needs_grad and all(m.device.type == "cpu" for m in maps)
+
+
 class ParallelMultiScaleRoIAlign(MultiScaleRoIAlign):
     """``torchvision.ops.MultiScaleRoIAlign`` with the RoIs split over ``torch.get_num_threads()`` threads.
 
@@ -56,8 +62,7 @@ class ParallelMultiScaleRoIAlign(MultiScaleRoIAlign):
 
     def _threads(self, x: dict[str, Tensor], boxes: list[Tensor]) -> int:
         """How many threads to split over: 1 when the parent should run as it is."""
-        needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (*x.values(), *boxes))
-        if needs_grad or any(t.device.type != "cpu" for t in x.values()):
+        if not cpu_inference(list(x.values()), boxes):
             return 1
         total = sum(int(b.shape[0]) for b in boxes)
         return max(1, min(torch.get_num_threads(), total // self.min_rois_per_thread))
@@ -125,7 +130,7 @@ class GatherMultiScaleRoIAlign(ParallelMultiScaleRoIAlign):
         """Args: x: level name -> Float[B, C, H_l, W_l]; boxes: per image Float[N_i, 4] xyxy in image
         coordinates; image_shapes: per image (H, W). Returns: Float[sum N_i, C, S, S], RoIs in order."""
         maps = _filter_input(x, self.featmap_names)
-        if self.sampling_ratio <= 0 or not sum(len(b) for b in boxes) or not _cpu_inference(maps, boxes):
+        if self.sampling_ratio <= 0 or not sum(len(b) for b in boxes) or not cpu_inference(maps, boxes):
             return super().forward(x, boxes, image_shapes)
         if self.scales is None or self.map_levels is None:
             self.scales, self.map_levels = _setup_scales(maps, image_shapes, self.canonical_scale, self.canonical_level)
@@ -141,12 +146,6 @@ class GatherMultiScaleRoIAlign(ParallelMultiScaleRoIAlign):
         """Float64[L, 4]: per level (scale, H, W, first table row)."""
         return torch.tensor([(scale, m.shape[2], m.shape[3], rows.start[name])
                              for scale, m, name in zip(self.scales, maps, self.featmap_names)], dtype=torch.float64)
-
-
-def _cpu_inference(maps: list[Tensor], boxes: list[Tensor]) -> bool:
-    """No gradient is needed and the maps are on CPU."""
-    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (*maps, *boxes))
-    return not needs_grad and all(m.device.type == "cpu" for m in maps)
 
 
 def bin_samples(boxes: list[Tensor], levels: Tensor, geometry: Tensor, output_size: tuple[int, int],
