@@ -73,6 +73,11 @@ def _needs_grad(x: torch.Tensor, module: nn.Module) -> bool:
     return torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in module.parameters()))
 
 
+def _cpu_float32_inference(x: torch.Tensor, module: nn.Module) -> bool:
+    """``x`` is a CPU float32 tensor and no gradient is needed: where the CPU inference kernels apply."""
+    return x.device.type == "cpu" and x.dtype == torch.float32 and not _needs_grad(x, module)
+
+
 class WinogradConv2d(nn.Conv2d):
     """A 3x3, stride-1 convolution that runs NNPACK's Winograd kernels for CPU float32 inference.
 
@@ -96,7 +101,7 @@ class WinogradConv2d(nn.Conv2d):
     def path(self, x: torch.Tensor) -> str:
         """"per_image", "batched" or "direct" (the parent) for input FloatTensor[N, C, H, W]."""
         # _nnpack_available() also initialises NNPACK, so it must run before the first call.
-        if x.device.type != "cpu" or x.dtype != torch.float32 or _needs_grad(x, self) or not torch._nnpack_available():
+        if not _cpu_float32_inference(x, self) or not torch._nnpack_available():
             return "direct"
         pixels = x.shape[-2] * x.shape[-1]
         if pixels >= self.min_pixels:
@@ -244,8 +249,8 @@ def use_inference_fpn_and_rpn_head(model: nn.Module) -> nn.Module:
 
 def _fusable_on(x: torch.Tensor, module: nn.Module) -> bool:
     """oneDNN's fused convolutions apply: CPU float32 inference with the ops built in."""
-    return (x.device.type == "cpu" and x.dtype == torch.float32 and torch.backends.mkldnn.is_available()
-            and hasattr(torch.ops.mkldnn, "_convolution_pointwise") and not _needs_grad(x, module))
+    return (_cpu_float32_inference(x, module) and torch.backends.mkldnn.is_available()
+            and hasattr(torch.ops.mkldnn, "_convolution_pointwise"))
 
 
 def conv_relu(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
