@@ -10,13 +10,14 @@ from torchvision.models.resnet import BasicBlock, Bottleneck
 from torchvision.ops import FeaturePyramidNetwork
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
+from models.mask_net import fusion
 from models.mask_net.box_head import FastRCNNPredictor, TwoMLPHead
 from models.mask_net.fusion import (ChannelsLastTwoMLPHead, InferenceBasicBlock, InferenceBottleneck, InferenceFPN,
                                     InferenceRoIHeads, InferenceRPNHead, add_upsampled_, conv1x1, fold_batchnorm,
                                     WinogradConv2d, use_fused_residual_blocks, use_gather_pooling,
                                     use_inference_fpn_and_rpn_head, use_winograd_convolutions)
 from models.mask_net.mask_head import MaskPredictor
-from models.mask_net.poolers import ParallelMultiScaleRoIAlign
+from models.mask_net.poolers import LevelRows, ParallelMultiScaleRoIAlign
 from models.mask_net.roi_heads import RoIHeads
 from models.mask_net.rpn import RPNHead
 from tests.test_mask_net import randomise_batchnorm
@@ -146,22 +147,41 @@ def test_fused_block_with_gradients_runs_the_parent():
     assert stage[0].conv1.weight.grad is not None
 
 
+def _box_only_roi_heads(box_head: torch.nn.Module) -> RoIHeads:
+    """RoI heads on one 6-channel level with 3x3 box pooling, a 10-wide ``box_head`` and 3 classes."""
+    return RoIHeads(box_roi_pool=ParallelMultiScaleRoIAlign(featmap_names=["0"], output_size=3, sampling_ratio=2),
+                    box_head=box_head, box_predictor=FastRCNNPredictor(10, 3), mask_roi_pool=None, mask_head=None,
+                    mask_predictor=None, fg_iou_thresh=0.5, bg_iou_thresh=0.5, batch_size_per_image=8,
+                    positive_fraction=0.25, bbox_reg_weights=(10.0, 10.0, 5.0, 5.0), score_thresh=0.05,
+                    nms_thresh=0.5, detections_per_img=10)
+
+
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_channels_last_box_head_with_permuted_fc6_matches_the_head(channels_last):
     torch.manual_seed(0)
     reference = TwoMLPHead(6 * 3 * 3, 10)
-    roi_heads = RoIHeads(box_roi_pool=ParallelMultiScaleRoIAlign(featmap_names=["0"], output_size=3, sampling_ratio=2),
-                         box_head=copy.deepcopy(reference), box_predictor=FastRCNNPredictor(10, 3),
-                         mask_roi_pool=None, mask_head=None, mask_predictor=None, fg_iou_thresh=0.5,
-                         bg_iou_thresh=0.5, batch_size_per_image=8, positive_fraction=0.25,
-                         bbox_reg_weights=(10.0, 10.0, 5.0, 5.0), score_thresh=0.05, nms_thresh=0.5,
-                         detections_per_img=10)
-    use_gather_pooling(roi_heads)
+    roi_heads = use_gather_pooling(_box_only_roi_heads(copy.deepcopy(reference)))
     assert type(roi_heads) is InferenceRoIHeads and type(roi_heads.box_head) is ChannelsLastTwoMLPHead
     x = torch.randn(5, 6, 3, 3)
     if channels_last:
         x = x.to(memory_format=torch.channels_last)
     torch.testing.assert_close(roi_heads.box_head(x), reference(x), atol=1e-5, rtol=1e-5)
+
+
+def test_inference_roi_heads_build_no_table_for_a_slice_without_proposals(monkeypatch):
+    torch.manual_seed(0)
+    reference = _box_only_roi_heads(TwoMLPHead(6 * 3 * 3, 10)).eval()
+    fused = use_gather_pooling(copy.deepcopy(reference))
+    features = {"0": torch.randn(1, 6, 8, 8)}
+    tables = []
+    monkeypatch.setattr(fusion, "LevelRows", lambda maps: tables.append(maps) or LevelRows(maps))
+    with torch.inference_mode():
+        (want,), _ = reference(features, [torch.zeros((0, 4))], [(32, 32)])
+        (got,), _ = fused(features, [torch.zeros((0, 4))], [(32, 32)])
+        assert not tables
+        fused(features, [torch.tensor([[2.0, 3.0, 20.0, 25.0]])], [(32, 32)])
+        assert len(tables) == 1
+    assert got["boxes"].shape == want["boxes"].shape == (0, 4)
 
 
 @pytest.mark.parametrize("shape,path", [((1, 8, 31, 30), "per_image"), ((3, 8, 30, 33), "per_image"),

@@ -345,7 +345,7 @@ class ChannelsLastTwoMLPHead(TwoMLPHead):
 
 class InferenceRoIHeads(RoIHeads):
     """:class:`RoIHeads` that, at CPU inference, lays the FPN levels out once as a :class:`~.poolers.LevelRows`
-    table for both poolers, and runs the box branch ``box_chunk`` RoIs at a time (each chunk's pooled
+    table for both poolers (when there are proposals), and runs the box branch ``box_chunk`` RoIs at a time (each chunk's pooled
     features, 12.5 MB for 256 RoIs of 256 x 7 x 7, reuse the memory of the one before instead of one
     50 MB block whose pages are faulted in afresh on every slice). Same results as the parent."""
 
@@ -354,7 +354,7 @@ class InferenceRoIHeads(RoIHeads):
     def forward(self, features: dict[str, torch.Tensor], proposals: list[torch.Tensor],
                 image_sizes: list[tuple[int, int]], targets: list[dict] | None = None) -> tuple[list[dict], dict]:
         """As :meth:`RoIHeads.forward`."""
-        if not self.training and cpu_inference(list(features.values()), proposals):
+        if not self.training and any(len(p) for p in proposals) and cpu_inference(list(features.values()), proposals):
             pools = [p for p in (self.box_roi_pool, self.mask_roi_pool) if p is not None]
             features = LevelRows({name: features[name] for p in pools for name in p.featmap_names})
         return super().forward(features, proposals, image_sizes, targets)

@@ -130,12 +130,13 @@ class GatherMultiScaleRoIAlign(ParallelMultiScaleRoIAlign):
         """Args: x: level name -> Float[B, C, H_l, W_l]; boxes: per image Float[N_i, 4] xyxy in image
         coordinates; image_shapes: per image (H, W). Returns: Float[sum N_i, C, S, S], RoIs in order."""
         maps = _filter_input(x, self.featmap_names)
-        if self.sampling_ratio <= 0 or not sum(len(b) for b in boxes) or not cpu_inference(maps, boxes):
+        num_rois = sum(len(b) for b in boxes)
+        if self.sampling_ratio <= 0 or not num_rois or not cpu_inference(maps, boxes):
             return super().forward(x, boxes, image_shapes)
         if self.scales is None or self.map_levels is None:
             self.scales, self.map_levels = _setup_scales(maps, image_shapes, self.canonical_scale, self.canonical_level)
         rows = x if isinstance(x, LevelRows) else LevelRows({name: x[name] for name in self.featmap_names})
-        levels = self.map_levels(boxes) if len(maps) > 1 else torch.zeros(sum(len(b) for b in boxes), dtype=torch.int64)
+        levels = self.map_levels(boxes) if len(maps) > 1 else torch.zeros(num_rois, dtype=torch.int64)
         index, weight = bin_samples(boxes, levels, self._level_geometry(maps, rows), self.output_size,
                                     self.sampling_ratio)
         pooled = F.embedding_bag(index, rows.table, per_sample_weights=weight.to(rows.table.dtype), mode="sum")
