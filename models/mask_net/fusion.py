@@ -345,9 +345,10 @@ class ChannelsLastTwoMLPHead(TwoMLPHead):
 
 class InferenceRoIHeads(RoIHeads):
     """:class:`RoIHeads` that, at CPU inference, lays the FPN levels out once as a :class:`~.poolers.LevelRows`
-    table for both poolers (when there are proposals), and runs the box branch ``box_chunk`` RoIs at a time (each chunk's pooled
-    features, 12.5 MB for 256 RoIs of 256 x 7 x 7, reuse the memory of the one before instead of one
-    50 MB block whose pages are faulted in afresh on every slice). Same results as the parent."""
+    table for both poolers (only for a batch with proposals), and runs the box branch ``box_chunk``
+    RoIs at a time (each chunk's pooled features, 12.5 MB for 256 RoIs of 256 x 7 x 7, reuse the
+    memory of the one before instead of one 50 MB block whose pages are faulted in afresh on every
+    slice). Same results as the parent."""
 
     box_chunk = 256
 
