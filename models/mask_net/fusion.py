@@ -356,8 +356,7 @@ class InferenceRoIHeads(RoIHeads):
                 image_sizes: list[tuple[int, int]], targets: list[dict] | None = None) -> tuple[list[dict], dict]:
         """As :meth:`RoIHeads.forward`."""
         if not self.training and any(len(p) for p in proposals) and cpu_inference(list(features.values()), proposals):
-            pools = [p for p in (self.box_roi_pool, self.mask_roi_pool) if p is not None]
-            features = LevelRows({name: features[name] for p in pools for name in p.featmap_names})
+            features = LevelRows({name: features[name] for p in self.poolers for name in p.featmap_names})
         return super().forward(features, proposals, image_sizes, targets)
 
     def box_outputs(self, features: dict[str, torch.Tensor], proposals: list[torch.Tensor],
@@ -375,11 +374,10 @@ def use_gather_pooling(roi_heads: RoIHeads) -> RoIHeads:
     """Switch, in place, a :class:`RoIHeads` with fixed-sampling poolers to :class:`InferenceRoIHeads`
     with :class:`~.poolers.GatherMultiScaleRoIAlign` poolers and, for a :class:`TwoMLPHead` box head,
     :class:`ChannelsLastTwoMLPHead` with fc6's weight columns permuted from (C, S, S) to (S, S, C)."""
-    pools = [p for p in (roi_heads.box_roi_pool, roi_heads.mask_roi_pool) if p is not None]
     if type(roi_heads) is not RoIHeads or any(type(p) is not ParallelMultiScaleRoIAlign or p.sampling_ratio <= 0
-                                               for p in pools):
+                                               for p in roi_heads.poolers):
         return roi_heads
-    for pool in pools:
+    for pool in roi_heads.poolers:
         pool.__class__ = GatherMultiScaleRoIAlign
     roi_heads.__class__ = InferenceRoIHeads
     head = roi_heads.box_head

@@ -57,6 +57,11 @@ class RoIHeads(nn.Module):
     def has_mask(self) -> bool:
         return self.mask_predictor is not None
 
+    @property
+    def poolers(self) -> list[MultiScaleRoIAlign]:
+        """The box pooler and, with a mask branch, the mask pooler."""
+        return [p for p in (self.box_roi_pool, self.mask_roi_pool) if p is not None]
+
     def forward(self, features: dict[str, torch.Tensor], proposals: list[torch.Tensor],
                 image_sizes: list[tuple[int, int]], targets: list[dict] | None = None) -> tuple[list[dict], dict]:
         """Detections (eval: list of dicts with boxes, scores, labels, masks) or losses (training).
