@@ -13,13 +13,12 @@ checkpoint (its mask-branch weights are ignored); a classification checkpoint
 backbone's BatchNorm layers are trained; BatchNorm running statistics stay frozen and every other
 parameter has ``requires_grad=False``. The default loss is the original's binary cross-entropy with
 logits on one-hot labels (``--loss ce`` for cross-entropy). The run directory (``--save_dir``) receives
-args.json, env.txt, metrics.jsonl, checkpoint_last.pth, checkpoint_best.pth (lowest validation loss)
+args.json, env.txt, metrics.jsonl, checkpoint_last.pth, checkpoint_best.pth (lowest validation loss so far, kept across --resume)
 and every ``--save_every`` epochs ``<model_name>_ckpt_<epoch>.pth``.
 """
 from __future__ import annotations
 
 import argparse
-import time
 
 import numpy as np
 import torch
@@ -30,12 +29,24 @@ from datasets.classification import SliceClassificationDataset
 from datasets.conventions import CLASS_NAMES
 from evaluate_classifier import BUILDER, add_architecture_args, check_architecture, collate_slices, predict_logits
 from models.mask_net.covid_mask_net import covid_mask_net, load_segmentation_weights
-from utils.checkpoint import load_checkpoint, make_checkpoint, restore_training_state
-from utils.cli import add_device_args, add_optimisation_args, add_seed_args, args_to_dict, resolve_device
+from utils.checkpoint import load_checkpoint, make_checkpoint
+from utils.cli import (
+    add_device_args,
+    add_epoch_args,
+    add_optimisation_args,
+    add_run_args,
+    add_seed_args,
+    args_to_dict,
+    positive_int,
+    resolve_device,
+    run_cli,
+)
 from utils.engine import train_one_epoch
 from utils.reproducibility import seed_everything, worker_init_fn
-from utils.run_dir import RunDir
+from utils.run_dir import RunDir, check_run_dir
+from utils.training import current_lr, load_weights, refuse_distributed, resume_training, run_epochs
 
+SEGMENTATION_BUILDER = "models.mask_net.maskrcnn_resnet_fpn"
 DEFAULT_ROI_BATCH_SIZE, DEFAULT_S_FEATURES = 128, 512
 # Segmentation builder settings the classifier does not inherit (mask branch, detection filtering);
 # everything else (architecture, transform, anchors, RPN) carries over so that the weights fit.
@@ -50,12 +61,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--pretrained_classification_model", default=None,
                    help="classification checkpoint loaded strictly; takes precedence over the segmentation one (default: none)")
     add_architecture_args(p)
-    p.add_argument("--num_epochs", type=int, default=50, help="number of epochs to run (default: 50)")
-    p.add_argument("--start_epoch", type=int, default=0, help="number of the first epoch; the run ends at start_epoch + num_epochs (default: 0)")
-    p.add_argument("--save_every", type=int, default=10, help="also save <model_name>_ckpt_<epoch>.pth every N epochs (default: 10)")
-    p.add_argument("--model_name", default=None, help="name used in periodic checkpoint files (default: covid_ct_mask_net)")
-    p.add_argument("--resume", default=None, help="checkpoint to resume: restores model, optimizer and epoch (default: none)")
-    p.add_argument("--save_dir", default="runs/classifier", help="run directory, created if missing (default: runs/classifier)")
+    add_epoch_args(p, model_name="covid_ct_mask_net")
+    add_run_args(p, default_save_dir="runs/classifier")
     p.add_argument("--train_data_dir", default="data/phantom/cls/train", help="training slices (default: data/phantom/cls/train)")
     p.add_argument("--val_data_dir", default="data/phantom/cls/val", help="validation slices (default: data/phantom/cls/val)")
     p.add_argument("--split_file", default=None,
@@ -63,7 +70,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--val_split_file", default=None,
                    help="COVIDx-CT split file selecting the validation slices of --val_data_dir (default: every image)")
     p.add_argument("--crop_to_box", action="store_true", help="crop slices to the split file's lung box (default: off)")
-    p.add_argument("--image_size", type=int, default=None,
+    p.add_argument("--image_size", type=positive_int, default=None,
                    help="short side the model resizes slices to, long side capped at 2x (default: the segmentation model's)")
     p.add_argument("--loss", default="bce", choices=["bce", "ce"],
                    help="bce: binary cross-entropy with logits on one-hot labels, as the original; ce: cross-entropy (default: bce)")
@@ -138,12 +145,13 @@ def build_model(args: argparse.Namespace) -> tuple[torch.nn.Module, dict]:
                          "S is trained on top of a segmentation model and cannot be trained from scratch")
     if args.pretrained_classification_model and args.pretrained_segmentation_model:
         print(f"both pretrained models given: using {path}, ignoring the segmentation model")
-    ckpt = load_checkpoint(path)
+    wanted = (BUILDER,) if path != args.pretrained_segmentation_model else (SEGMENTATION_BUILDER, BUILDER)
+    ckpt = load_checkpoint(path, builder=wanted, kind="classification" if len(wanted) == 1 else None)
     check_architecture(path, ckpt["builder_kwargs"], vars(args))
     if ckpt["builder"] == BUILDER:
         kwargs = {**ckpt["builder_kwargs"], **_setting_overrides(args)}
         model = covid_mask_net(**kwargs)
-        model.load_state_dict(ckpt["model"], strict=True)
+        load_weights(model, ckpt["model"], path)
         print(f"loaded classification checkpoint {path} strictly")
         return model, kwargs
     kwargs = _kwargs_from_segmentation(args, ckpt["builder_kwargs"])
@@ -176,11 +184,9 @@ def _setting_overrides(args: argparse.Namespace) -> dict:
     return out
 
 
-def _restore(resume: str | None, model, optimizer, start_epoch: int) -> int:
-    return restore_training_state(resume, model, optimizer) if resume else start_epoch
-
-
 def main(args: argparse.Namespace) -> RunDir:
+    refuse_distributed("train_classifier.py")
+    check_run_dir(args.save_dir, resume=bool(args.resume), overwrite=args.overwrite)
     device = resolve_device(args.device)
     seed_everything(args.seed)
     train_loader, val_loader = make_loaders(args)
@@ -190,9 +196,14 @@ def main(args: argparse.Namespace) -> RunDir:
     print(f"trainable parameters: {sum(p.numel() for p in trainable):,} of {sum(p.numel() for p in model.parameters()):,} "
           "(module S and the backbone's BatchNorm affine parameters)")
     optimizer = torch.optim.Adam(trainable, lr=args.lrate, weight_decay=args.weight_decay)
-    first_epoch = _restore(args.resume, model, optimizer, args.start_epoch)
+    run = RunDir(args.save_dir, args=args_to_dict(args), seed=args.seed, resume=bool(args.resume),
+                 overwrite=args.overwrite)
+    first_epoch = args.start_epoch
+    if args.resume:
+        first_epoch, _ = resume_training(args.resume, model=model, optimizer=optimizer, run=run, builder=BUILDER,
+                                         kind="classification", hyperparameters={"lr": args.lrate,
+                                                                                 "weight_decay": args.weight_decay})
     weights = inverse_frequency_weights(train_loader.dataset.labels) if args.class_balance else None
-    run = RunDir(args.save_dir, args=args_to_dict(args), seed=args.seed, resume=bool(args.resume))
     train_epochs(args, model=model, optimizer=optimizer, loaders=(train_loader, val_loader), run=run, builder_kwargs=kwargs,
                  first_epoch=first_epoch, device=device, class_weights=weights)
     return run
@@ -200,29 +211,29 @@ def main(args: argparse.Namespace) -> RunDir:
 
 def train_epochs(args, *, model, optimizer, loaders, run: RunDir, builder_kwargs: dict, first_epoch: int,
                  device: torch.device, class_weights: torch.Tensor | None) -> None:
-    """Epoch loop: train S (BatchNorm statistics frozen), validation loss and accuracy, checkpoints."""
+    """Epoch loop: train S (BatchNorm statistics frozen), validation loss and accuracy, checkpoints, metrics."""
     train_loader, val_loader = loaders
 
     def loss_fn(m, images, labels):
         return {"loss_cls": classification_loss(m(images), labels, kind=args.loss, class_weights=class_weights)}
 
-    model_name = args.model_name or "covid_ct_mask_net"
-    start = time.time()
-    for epoch in range(first_epoch, args.start_epoch + args.num_epochs):
+    def run_epoch(epoch: int) -> dict:
         train = train_one_epoch(model, train_loader, optimizer, device=device, epoch=epoch, loss_fn=loss_fn,
                                 freeze_bn_stats=True, max_steps=args.max_steps, progress=not args.no_progress)
         val = validate(model, val_loader, device=device, loss_kind=args.loss, max_steps=args.max_steps,
                        progress=not args.no_progress)
-        run.log_metrics({"epoch": epoch, "train_loss": train["loss"], **{f"val_{k}": v for k, v in val.items()},
-                         "time_s": time.time() - start})
         print(f"Epoch {epoch}: train loss = {train['loss']:.3f}, validation loss = {val['loss']:.3f}, "
               f"validation accuracy = {val['accuracy']:.3f}")
-        ckpt = make_checkpoint(model=model, optimizer=optimizer, epoch=epoch, args=args_to_dict(args), builder=BUILDER,
-                               builder_kwargs=builder_kwargs, class_names=list(CLASS_NAMES), val_loss=val["loss"],
-                               val_accuracy=val["accuracy"])
-        periodic = f"{model_name}_ckpt_{epoch + 1}.pth" if (epoch + 1) % args.save_every == 0 else None
-        run.save(ckpt, value=val["loss"], higher_is_better=False, extra_name=periodic)
-    print(f"Training took {time.time() - start:.1f} s; run directory: {run.path}")
+        return {"train_loss": train["loss"], **{f"val_{k}": v for k, v in val.items()}, "lr": current_lr(optimizer)}
+
+    def checkpoint(epoch: int, record: dict) -> dict:
+        return make_checkpoint(model=model, optimizer=optimizer, epoch=epoch, args=args_to_dict(args), builder=BUILDER,
+                               builder_kwargs=builder_kwargs, class_names=list(CLASS_NAMES),
+                               val_loss=record["val_loss"], val_accuracy=record["val_accuracy"])
+
+    run_epochs(run=run, epochs=range(first_epoch, args.start_epoch + args.num_epochs), seed=args.seed,
+               loader=train_loader, run_epoch=run_epoch, checkpoint=checkpoint,
+               periodic=lambda e: f"{args.model_name}_ckpt_{e + 1}.pth" if (e + 1) % args.save_every == 0 else None)
 
 
 def validate(model, loader, *, device: torch.device, loss_kind: str, max_steps: int | None = None,
@@ -234,4 +245,4 @@ def validate(model, loader, *, device: torch.device, loss_kind: str, max_steps: 
 
 
 if __name__ == "__main__":
-    main(get_args_parser().parse_args())
+    run_cli(main, get_args_parser())

@@ -7,13 +7,12 @@ Canonical command (the original README's, with the phantom data directories)::
         --train_data_dir data/phantom/seg/train --val_data_dir data/phantom/seg/test
 
 The run directory (``--save_dir``) receives args.json, env.txt, metrics.jsonl, checkpoint_last.pth,
-checkpoint_best.pth (lowest validation loss) and every ``--save_every`` epochs
+checkpoint_best.pth (lowest validation loss so far, kept across --resume) and every ``--save_every`` epochs
 ``<model_name>_ckpt_<epoch>.pth``, all in the project's checkpoint schema.
 """
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
 from torch.utils.data import DataLoader
@@ -21,11 +20,23 @@ from torch.utils.data import DataLoader
 from datasets.conventions import MASK_TYPE_LABELS, class_names_for, num_detection_classes
 from datasets.segmentation import CNCBSegmentationDataset
 from models.mask_net import maskrcnn_resnet_fpn
-from utils.checkpoint import load_checkpoint, make_checkpoint, restore_training_state
-from utils.cli import add_device_args, add_optimisation_args, add_seed_args, args_to_dict, resolve_device
+from utils.checkpoint import load_checkpoint, make_checkpoint
+from utils.cli import (
+    add_device_args,
+    add_epoch_args,
+    add_optimisation_args,
+    add_run_args,
+    add_seed_args,
+    args_to_dict,
+    positive_int,
+    probability,
+    resolve_device,
+    run_cli,
+)
 from utils.engine import train_one_epoch, validation_loss
 from utils.reproducibility import seed_everything, worker_init_fn
-from utils.run_dir import RunDir
+from utils.run_dir import RunDir, check_run_dir
+from utils.training import current_lr, refuse_distributed, resume_training, run_epochs
 
 BUILDER = "models.mask_net.maskrcnn_resnet_fpn"
 
@@ -35,15 +46,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     add_model_args(p)
     p.add_argument("--mask_type", default="both", choices=sorted(MASK_TYPE_LABELS),
                    help="both: GGO and consolidation as 2 classes; ggo: GGO only; merge: one lesion class (default: both)")
-    p.add_argument("--num_epochs", type=int, default=50, help="number of epochs to run (default: 50)")
-    p.add_argument("--start_epoch", type=int, default=0, help="number of the first epoch; the run ends at start_epoch + num_epochs (default: 0)")
-    p.add_argument("--save_every", type=int, default=10, help="also save <model_name>_ckpt_<epoch>.pth every N epochs (default: 10)")
-    p.add_argument("--model_name", default=None, help="name used in periodic checkpoint files (default: mrcnn_covid_segmentation_model)")
+    add_epoch_args(p, model_name="mrcnn_covid_segmentation_model")
     p.add_argument("--pretrained_model", default=None, help="checkpoint whose model weights initialise training (default: none)")
     p.add_argument("--use_pretrained_resnet_backbone", default=None, metavar="PATH",
                    help="local torchvision ResNet state dict loaded into the backbone; nothing is downloaded (default: none)")
-    p.add_argument("--resume", default=None, help="checkpoint to resume: restores model, optimizer and epoch (default: none)")
-    p.add_argument("--save_dir", default="runs/segmentation", help="run directory (default: runs/segmentation)")
+    add_run_args(p, default_save_dir="runs/segmentation")
     p.add_argument("--train_data_dir", default="data/phantom/seg/train", help="training data root (default: data/phantom/seg/train)")
     p.add_argument("--val_data_dir", default="data/phantom/seg/test", help="validation data root (default: data/phantom/seg/test)")
     p.add_argument("--imgs_dir", default="imgs", help="image folder inside each data root (default: imgs)")
@@ -60,8 +67,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="backbone (default: resnet18)")
     p.add_argument("--truncation", type=int, default=1, choices=[0, 1, 2],
                    help="ResNet18/34: 0 full, 1 without layer4, 2 without layer3 and layer4; resnet50 takes 0 (default: 1)")
-    p.add_argument("--rpn_nms_th", type=float, default=0.75, help="RPN NMS IoU threshold, train and test (default: 0.75)")
-    p.add_argument("--image_size", type=int, default=512,
+    p.add_argument("--rpn_nms_th", type=probability, default=0.75, help="RPN NMS IoU threshold, train and test (default: 0.75)")
+    p.add_argument("--image_size", type=positive_int, default=512,
                    help="short side the model resizes images to; the long side is capped at 2x (default: 512)")
 
 
@@ -85,6 +92,8 @@ def make_loaders(args: argparse.Namespace) -> tuple[DataLoader, DataLoader]:
 
 
 def main(args: argparse.Namespace) -> RunDir:
+    refuse_distributed("train_segmentation.py")
+    check_run_dir(args.save_dir, resume=bool(args.resume), overwrite=args.overwrite)
     device = resolve_device(args.device)
     seed_everything(args.seed)
     num_classes = num_detection_classes(args.mask_type)
@@ -92,42 +101,45 @@ def main(args: argparse.Namespace) -> RunDir:
     train_loader, val_loader = make_loaders(args)
     model = maskrcnn_resnet_fpn(**kwargs, pretrained_backbone=args.use_pretrained_resnet_backbone)
     if args.pretrained_model:
-        model.load_state_dict(load_checkpoint(args.pretrained_model)["model"], strict=True)
+        ckpt = load_checkpoint(args.pretrained_model, builder=BUILDER, kind="segmentation")
+        model.load_state_dict(ckpt["model"], strict=True)
     model.to(device)
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad],
                                  lr=args.lrate, weight_decay=args.weight_decay)
-    first_epoch = _restore(args.resume, model, optimizer, args.start_epoch)
-    run = RunDir(args.save_dir, args=args_to_dict(args), seed=args.seed, resume=bool(args.resume))
+    run = RunDir(args.save_dir, args=args_to_dict(args), seed=args.seed, resume=bool(args.resume),
+                 overwrite=args.overwrite)
+    first_epoch = args.start_epoch
+    if args.resume:
+        first_epoch, _ = resume_training(args.resume, model=model, optimizer=optimizer, run=run, builder=BUILDER,
+                                         kind="segmentation", hyperparameters={"lr": args.lrate,
+                                                                               "weight_decay": args.weight_decay})
     train_epochs(args, model=model, optimizer=optimizer, loaders=(train_loader, val_loader), run=run,
                  builder_kwargs=kwargs, first_epoch=first_epoch, device=device)
     return run
 
 
-def _restore(resume: str | None, model, optimizer, start_epoch: int) -> int:
-    return restore_training_state(resume, model, optimizer) if resume else start_epoch
-
-
 def train_epochs(args, *, model, optimizer, loaders, run: RunDir, builder_kwargs: dict, first_epoch: int,
                  device: torch.device) -> None:
-    """Epoch loop: train, validation loss, metrics line, checkpoints."""
+    """Epoch loop: train, validation loss, checkpoints, then the metrics line."""
     train_loader, val_loader = loaders
     steps = dict(max_steps=args.max_steps, progress=not args.no_progress)
-    model_name = args.model_name or "mrcnn_covid_segmentation_model"
-    last_epoch = args.start_epoch + args.num_epochs
-    start = time.time()
-    for epoch in range(first_epoch, last_epoch):
+
+    def run_epoch(epoch: int) -> dict:
         train = train_one_epoch(model, train_loader, optimizer, device=device, epoch=epoch, **steps)
         val = validation_loss(model, val_loader, device=device, epoch=epoch, **steps)
-        run.log_metrics({"epoch": epoch, **{f"train_{k}": v for k, v in train.items()},
-                         **{f"val_{k}": v for k, v in val.items()}, "time_s": time.time() - start})
         print(f"Epoch {epoch}: train loss = {train['loss']:.3f}, validation loss = {val['loss']:.3f}")
-        ckpt = make_checkpoint(model=model, optimizer=optimizer, epoch=epoch, args=args_to_dict(args), builder=BUILDER,
+        return {**{f"train_{k}": v for k, v in train.items()}, **{f"val_{k}": v for k, v in val.items()},
+                "lr": current_lr(optimizer)}
+
+    def checkpoint(epoch: int, record: dict) -> dict:
+        return make_checkpoint(model=model, optimizer=optimizer, epoch=epoch, args=args_to_dict(args), builder=BUILDER,
                                builder_kwargs=builder_kwargs, mask_type=args.mask_type,
-                               class_names=list(class_names_for(args.mask_type)), val_loss=val["loss"])
-        periodic = f"{model_name}_ckpt_{epoch + 1}.pth" if (epoch + 1) % args.save_every == 0 else None
-        run.save(ckpt, value=val["loss"], higher_is_better=False, extra_name=periodic)
-    print(f"Training took {time.time() - start:.1f} s; run directory: {run.path}")
+                               class_names=list(class_names_for(args.mask_type)), val_loss=record["val_loss"])
+
+    run_epochs(run=run, epochs=range(first_epoch, args.start_epoch + args.num_epochs), seed=args.seed,
+               loader=train_loader, run_epoch=run_epoch, checkpoint=checkpoint,
+               periodic=lambda e: f"{args.model_name}_ckpt_{e + 1}.pth" if (e + 1) % args.save_every == 0 else None)
 
 
 if __name__ == "__main__":
-    main(get_args_parser().parse_args())
+    run_cli(main, get_args_parser())

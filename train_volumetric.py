@@ -3,8 +3,8 @@
 
 Canonical command::
 
-    python train_volumetric.py --task lesion_seg --datalist data/phantom/dataset.json \\
-        --data_root data/phantom --epochs 100 --save_dir runs/lesion_seg
+    python train_volumetric.py --task lesion_seg --datalist data/phantom/volumes/dataset_lesion.json \\
+        --data_root data/phantom/volumes --epochs 100 --save_dir runs/lesion_seg
 
 Several processes (GPUs or CPU processes, one or more nodes) with DistributedDataParallel::
 
@@ -33,10 +33,20 @@ from models.volumetric.engine import (
     setup_distributed,
     train_one_epoch,
 )
-from utils.checkpoint import load_checkpoint, make_checkpoint, save_checkpoint
-from utils.cli import add_device_args, add_run_args, add_seed_args, args_to_dict, resolve_device
-from utils.reproducibility import seed_everything
-from utils.run_dir import RunDir
+from utils.checkpoint import make_checkpoint
+from utils.cli import (
+    add_device_args,
+    add_run_args,
+    add_seed_args,
+    args_to_dict,
+    non_negative_int,
+    positive_int,
+    resolve_device,
+    run_cli,
+)
+from utils.reproducibility import rng_state, seed_epoch, seed_everything
+from utils.run_dir import Best, RunDir, check_run_dir
+from utils.training import current_lr, resume_training
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -44,12 +54,14 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--task", required=True, choices=task_names(), help="volumetric task (required)")
     parser.add_argument("--datalist", required=True, help="dataset.json with 'training' and 'validation' sections (required)")
     parser.add_argument("--data_root", default=None, help="folder the datalist paths are relative to (default: the datalist's folder)")
-    parser.add_argument("--epochs", type=int, default=100, help="training epochs (default: 100)")
+    parser.add_argument("--epochs", type=positive_int, default=100,
+                        help="train up to this epoch count; a resumed run continues to it (default: 100)")
     parser.add_argument("--lr", type=float, default=None, help="Adam learning rate (default: the task's, 1e-4 lung_seg, 1e-3 lesion_seg, 5e-6 covid_cls, 1e-4 ssl_pretrain and organ_seg)")
-    parser.add_argument("--batch_size", type=int, default=2, help="crops per step and process (default: 2)")
+    parser.add_argument("--batch_size", type=positive_int, default=2, help="crops per step and process (default: 2)")
     parser.add_argument("--cache_rate", type=float, default=1.0, help="fraction of pre-processed cases kept in memory (default: 1.0)")
-    parser.add_argument("--workers", type=int, default=0, help="DataLoader worker processes (default: 0)")
-    parser.add_argument("--val_every", type=int, default=1, help="validate every N epochs and at the last one (default: 1)")
+    parser.add_argument("--workers", type=non_negative_int, default=0, help="DataLoader worker processes (default: 0)")
+    parser.add_argument("--val_every", type=positive_int, default=1, help="validate every N epochs and at the last one (default: 1)")
+    parser.add_argument("--no_progress", action="store_true", help="hide the progress bar (default: shown)")
     parser.add_argument("--amp", action="store_true", help="mixed precision: float16 on CUDA, bfloat16 on CPU (default: off)")
     parser.add_argument("--pretrained_2d", default=None, help="lung_seg only: local torchvision ResNet50 state dict for AH-Net's encoder (default: none)")
     parser.add_argument("--pretrained_encoder", default=None, help="organ_seg only: ssl_pretrain checkpoint whose ViT weights initialise UNETR's encoder (default: none)")
@@ -131,21 +143,19 @@ def build_model(task, args: argparse.Namespace, config=None) -> tuple[torch.nn.M
     return model, kwargs
 
 
-def resume(path: str | None, model: torch.nn.Module, optimizer: torch.optim.Optimizer, task_name: str) -> tuple[int, float | None]:
-    """Restore model and optimizer; returns (first epoch to run, best validation Dice so far)."""
-    if not path:
-        return 0, None
-    ckpt = load_checkpoint(path)
-    if ckpt.get("task") != task_name:
-        raise ValueError(f"--resume {path}: checkpoint is for task {ckpt.get('task')!r}, not {task_name!r}")
-    model.load_state_dict(ckpt["model"])
-    if ckpt["optimizer"] is not None:
-        optimizer.load_state_dict(ckpt["optimizer"])
-    return ckpt["epoch"] + 1, ckpt.get("best_dice")
+def resume(path: str, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer, run_dir: RunDir | None, task,
+           lr: float) -> int:
+    """Restore model, optimizer, RNG states and best-so-far value; returns the first epoch to run."""
+    start, ckpt = resume_training(path, model=model, optimizer=optimizer, run=run_dir, builder=task.builder,
+                                  kind=f"{task.name} training", hyperparameters={"lr": lr})
+    if ckpt.get("task") != task.name:
+        raise ValueError(f"--resume {path}: checkpoint is for task {ckpt.get('task')!r}, not {task.name!r}")
+    return start
 
 
 def main(args: argparse.Namespace) -> dict:
     """Train; returns the last epoch's metrics record (on every rank)."""
+    check_run_dir(args.save_dir, resume=bool(args.resume), overwrite=args.overwrite)
     ctx = setup_distributed(resolve_device(args.device))
     try:
         return train(args, ctx)
@@ -157,33 +167,29 @@ def train(args: argparse.Namespace, ctx) -> dict:
     seed_everything(args.seed + ctx.rank)
     task = get_task(args.task)
     config = task.make_config(**config_overrides(args))
-    train_cases = load_cases(args.datalist, data_root=args.data_root, section="training")
-    val_cases = load_cases(args.datalist, data_root=args.data_root, section="validation")
-    if not train_cases or not val_cases:
-        raise ValueError(f"{args.datalist}: needs cases in both 'training' and 'validation' sections, "
-                         f"got {len(train_cases)} and {len(val_cases)}")
-    train_set, val_set = make_datasets(task, config, train_cases=train_cases, val_cases=val_cases,
-                                       cache_rate=args.cache_rate)
+    train_set, val_set = _datasets(args, task, config)
     loader = make_train_loader(train_set, batch_size=args.batch_size, ctx=ctx, seed=args.seed, num_workers=args.workers)
     model, kwargs = build_model(task, args, config)
-    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr or task.default_lr)
-    start, best = resume(args.resume, model, optimizer, task.name)
+    lr = args.lr or task.default_lr
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    metric, higher = task_stage(task, "SELECTION_METRIC", ("dice", True))
+    run_dir = RunDir(args.save_dir, args=args_to_dict(args), seed=args.seed, resume=bool(args.resume),
+                     overwrite=args.overwrite, best=Best(f"val_{metric}", higher)) if ctx.is_main else None
+    start = resume(args.resume, model=model, optimizer=optimizer, run_dir=run_dir, task=task, lr=lr) if args.resume else 0
     model.to(ctx.device)
     net = DistributedDataParallel(model) if ctx.distributed else model
-    run_dir = RunDir(args.save_dir, args=args_to_dict(args), seed=args.seed, resume=bool(args.resume)) if ctx.is_main else None
-    if run_dir is not None:
-        run_dir.best_value = best
     scaler = torch.amp.GradScaler("cuda") if args.amp and ctx.device.type == "cuda" else None
     record: dict = {}
     for epoch in range(start, args.epochs):
+        seed_epoch(args.seed, epoch, rank=ctx.rank, generator=loader.generator, dataset=train_set)
         if ctx.distributed:
             loader.sampler.set_epoch(epoch)
         loss = task_stage(task, "train_one_epoch", train_one_epoch)(
             net, loader, optimizer=optimizer, loss_fn=task.loss(), device=ctx.device, scaler=scaler, amp=args.amp,
-            progress=ctx.is_main, desc=f"epoch {epoch}")
+            progress=ctx.is_main and not args.no_progress, desc=f"epoch {epoch}")
         losses = loss if isinstance(loss, dict) else {"loss": loss}  # ssl_pretrain logs its terms too
         record = {"epoch": epoch, **{f"train_{k}": _mean_over_ranks(v, ctx) for k, v in losses.items()},
-                  "world_size": ctx.world_size}
+                  "lr": current_lr(optimizer), "world_size": ctx.world_size}
         if run_dir is not None:
             record = _end_epoch(args, record, model, optimizer, task, config, kwargs, val_set, run_dir, ctx)
         if ctx.distributed:
@@ -191,35 +197,35 @@ def train(args: argparse.Namespace, ctx) -> dict:
     return record
 
 
+def _datasets(args: argparse.Namespace, task, config):
+    """Training and validation datasets from the datalist's two sections."""
+    train_cases = load_cases(args.datalist, data_root=args.data_root, section="training")
+    val_cases = load_cases(args.datalist, data_root=args.data_root, section="validation")
+    if not train_cases or not val_cases:
+        raise ValueError(f"{args.datalist}: needs cases in both 'training' and 'validation' sections, "
+                         f"got {len(train_cases)} and {len(val_cases)}")
+    return make_datasets(task, config, train_cases=train_cases, val_cases=val_cases, cache_rate=args.cache_rate)
+
+
 def _end_epoch(args, record: dict, model, optimizer, task, config, kwargs, val_set, run_dir: RunDir, ctx) -> dict:
-    """Rank 0: validate when due, log, save last (and best when the selection metric improved).
+    """Rank 0: validate when due, save last (and best when the selection metric improved), then log.
 
     The selection metric is validation Dice unless the task's module names another
     (``SELECTION_METRIC = (name, higher_is_better)``, e.g. AUC for covid_cls).
     """
     epoch = record["epoch"]
-    metric, higher = task_stage(task, "SELECTION_METRIC", ("dice", True))
-    key = f"val_{metric}"
     if (epoch + 1) % args.val_every == 0 or epoch + 1 == args.epochs:
         result = task_stage(task, "evaluate", evaluate_dice)(model, val_set, task=task, config=config,
                                                              device=ctx.device, amp=args.amp)
         record.update({f"val_{k}": v for k, v in result.items() if isinstance(v, (int, float))})
-    best = run_dir.best_value if key not in record else _better(record[key], run_dir.best_value, higher)
     ckpt = make_checkpoint(model=model, builder=task.builder, builder_kwargs=kwargs, epoch=epoch,
                            args=args_to_dict(args), optimizer=optimizer, task=task.name,
-                           task_config=config.to_dict(), best_dice=best, metrics=dict(record))
-    if key in record:
-        record["best"] = run_dir.save(ckpt, value=record[key], higher_is_better=higher)
-    else:
-        save_checkpoint(ckpt, run_dir.last)
-    run_dir.log_metrics(record)
+                           task_config=config.to_dict(), metrics=dict(record))
+    ckpt["rng_state"] = rng_state()
+    record["best"] = run_dir.end_epoch(ckpt, record)
     print(f"epoch {epoch}: " + ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
                                          for k, v in record.items() if k != "epoch"), flush=True)
     return record
-
-
-def _better(value: float, best: float | None, higher: bool = True) -> float:
-    return value if best is None or (value > best if higher else value < best) else best
 
 
 def _mean_over_ranks(value: float, ctx) -> float:
@@ -231,4 +237,4 @@ def _mean_over_ranks(value: float, ctx) -> float:
 
 
 if __name__ == "__main__":
-    main(get_args_parser().parse_args())
+    run_cli(main, get_args_parser())

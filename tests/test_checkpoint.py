@@ -8,7 +8,7 @@ from utils.checkpoint import (REQUIRED_KEYS, build_model_from_checkpoint, load_c
                               resolve_builder, save_checkpoint)
 from utils.cli import resolve_device
 from utils.reproducibility import seed_everything
-from utils.run_dir import RunDir
+from utils.run_dir import Best, RunDir
 
 
 def _tiny_builder(*, width: int = 3):
@@ -86,19 +86,20 @@ def test_ddp_prefix_is_dropped():
 
 
 def test_run_dir_writes_args_env_metrics_and_best(tmp_path):
-    run = RunDir(tmp_path / "run", args={"lr": 0.1}, seed=7)
+    run = RunDir(tmp_path / "run", args={"lr": 0.1}, seed=7, best=Best("val_acc", higher_is_better=True))
     assert json.loads((run.path / "args.json").read_text()) == {"lr": 0.1}
     env = (run.path / "env.txt").read_text()
     assert "torch:" in env and "seed: 7" in env
     model = _tiny_builder()
-    assert run.save(_checkpoint(model), value=0.2)
-    assert not run.save(_checkpoint(model), value=0.1)
-    assert run.save(_checkpoint(model), value=0.3, extra_name="model_e3.pth")
-    assert run.best_value == 0.3 and (run.path / "model_e3.pth").is_file()
-    run.log_metrics({"epoch": 0, "loss": 1.0})
-    run.log_metrics({"epoch": 1, "loss": 0.5})
+    assert run.end_epoch(_checkpoint(model), {"epoch": 0, "val_acc": 0.2})
+    assert not run.end_epoch(_checkpoint(model), {"epoch": 1, "val_acc": 0.1})
+    assert run.end_epoch(_checkpoint(model), {"epoch": 2, "val_acc": 0.3}, extra_name="model_e3.pth")
+    assert run.best_value == 0.3 and run.best.epoch == 2 and (run.path / "model_e3.pth").is_file()
+    assert load_checkpoint(run.best_path)["best"] == {"metric": "val_acc", "higher_is_better": True,
+                                                      "value": 0.3, "epoch": 2}
     lines = (run.path / "metrics.jsonl").read_text().splitlines()
-    assert [json.loads(x)["epoch"] for x in lines] == [0, 1]
+    assert [json.loads(x)["epoch"] for x in lines] == [0, 1, 2]
+    assert [json.loads(x)["best"] for x in lines] == [True, False, True]
 
 
 def test_seed_everything_repeats_streams():
@@ -117,10 +118,8 @@ def test_resolve_device_errors_clearly():
             resolve_device("cuda")
 
 
-def test_run_dir_starts_metrics_afresh_unless_resuming(tmp_path):
+def test_run_dir_appends_metrics_when_resuming(tmp_path):
     RunDir(tmp_path / "run", args={}).log_metrics({"epoch": 0, "loss": 1.0})
     RunDir(tmp_path / "run", args={}, resume=True).log_metrics({"epoch": 1, "loss": 0.5})
-    assert len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == 2
-    RunDir(tmp_path / "run", args={}).log_metrics({"epoch": 0, "loss": 0.9})
     lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
-    assert [json.loads(line)["loss"] for line in lines] == [0.9]
+    assert [json.loads(line)["epoch"] for line in lines] == [0, 1]

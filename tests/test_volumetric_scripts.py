@@ -68,7 +68,7 @@ def test_train_validate_infer_end_to_end(tmp_path):
     assert [r["epoch"] for r in records] == [0, 1] and all("val_dice" in r for r in records)
     ckpt = load_checkpoint(run / "checkpoint_best.pth")
     assert ckpt["task"] == "lesion_seg" and ckpt["builder"] == "models.volumetric.lesion_seg.build_network"
-    assert ckpt["task_config"]["roi_size"] == [32, 32, 16] and ckpt["best_dice"] == max(r["val_dice"] for r in records)
+    assert ckpt["task_config"]["roi_size"] == [32, 32, 16] and ckpt["best"]["value"] == max(r["val_dice"] for r in records)
     _check_validate(run, datalist, tmp_path / "val")
     _check_infer(run, tmp_path)
 

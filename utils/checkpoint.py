@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -64,15 +65,21 @@ def make_checkpoint(
     }
 
 
+TEMP_PATTERN = ".*.tmp"  # names of the temporary files save_checkpoint writes before its rename
+
+
 def save_checkpoint(checkpoint: dict, path: str | os.PathLike) -> Path:
     """Write ``checkpoint`` to ``path`` atomically: a temp file in the same folder, then a rename.
 
-    A crash while writing never leaves a truncated file under ``path``.
+    A crash while writing never leaves a truncated file under ``path``; on an exception the temp file
+    is removed. The file gets the permissions ``open()`` would give it (0666 less the umask), so that
+    colleagues can read a shared run.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as handle:
             torch.save(checkpoint, handle)
         os.replace(tmp, path)
@@ -82,41 +89,78 @@ def save_checkpoint(checkpoint: dict, path: str | os.PathLike) -> Path:
     return path
 
 
-def load_checkpoint(path: str | os.PathLike, *, map_location: str | torch.device = "cpu") -> dict:
+def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
+    """Delete partial checkpoint writes (``.<name>.<random>.tmp``) left in ``folder`` by a killed run.
+
+    Returns:
+        The removed paths.
+    """
+    stale = [p for p in Path(folder).glob(TEMP_PATTERN) if p.is_file() and ".pth." in p.name]
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return stale
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def load_checkpoint(path: str | os.PathLike, *, map_location: str | torch.device = "cpu",
+                    builder: str | tuple[str, ...] | None = None, kind: str | None = None) -> dict:
     """Load a checkpoint with ``torch.load(weights_only=True)`` and check its schema.
+
+    Args:
+        path: the checkpoint file.
+        map_location: where tensors are loaded.
+        builder: the builder (or builders) the checkpoint must name, or None to accept any.
+        kind: what such a checkpoint is called in the error message (e.g. "segmentation").
 
     Raises:
         FileNotFoundError: when ``path`` does not exist.
-        ValueError: naming the file when it is not a checkpoint of this project's schema.
+        ValueError: naming the file when it is empty, not a checkpoint of this project's schema, or
+            built by another builder than ``builder``.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
+    if path.stat().st_size == 0:
+        raise ValueError(f"{path}: the checkpoint file is empty (0 bytes); an interrupted copy or download?")
     try:
         checkpoint = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # torch raises several types for corrupt or foreign pickles
-        raise ValueError(f"{path}: cannot be read as a weights-only checkpoint ({err})") from err
+        raise ValueError(f"{path}: cannot be read as a weights-only checkpoint of this project "
+                         f"({type(err).__name__}: {_first_line(err)})") from err
     missing = [k for k in REQUIRED_KEYS if not isinstance(checkpoint, dict) or k not in checkpoint]
     if missing:
         raise ValueError(f"{path}: not a checkpoint of this project's schema, missing keys {missing}")
     if checkpoint["schema_version"] > SCHEMA_VERSION:
         raise ValueError(f"{path}: schema_version {checkpoint['schema_version']} is newer than {SCHEMA_VERSION}")
+    check_builder(checkpoint, path, builder, kind)
     return checkpoint
 
 
-def restore_training_state(path: str | os.PathLike, model: torch.nn.Module,
-                           optimizer: torch.optim.Optimizer | None) -> int:
-    """Load model (strictly) and optimizer state from a checkpoint for ``--resume``.
+def check_builder(checkpoint: dict, path: str | os.PathLike, builder: str | tuple[str, ...] | None,
+                  kind: str | None = None) -> None:
+    """Raise ValueError naming ``path`` when its builder is not ``builder`` (or one of them)."""
+    wanted = (builder,) if isinstance(builder, str) else tuple(builder or ())
+    if wanted and checkpoint["builder"] not in wanted:
+        what = f"a {kind} checkpoint" if kind else "a checkpoint of " + " or ".join(wanted)
+        task = f" (task {checkpoint['task']})" if checkpoint.get("task") else ""
+        raise ValueError(f"{path}: not {what}; it was built by {checkpoint['builder']}{task}")
 
-    Returns:
-        The epoch to continue at: the checkpoint's epoch + 1.
-    """
-    ckpt = load_checkpoint(path)
-    model.load_state_dict(ckpt["model"], strict=True)
-    if optimizer is not None and ckpt["optimizer"] is not None:
-        optimizer.load_state_dict(ckpt["optimizer"])
-    print(f"resumed from {path}: epoch {ckpt['epoch']} done, continuing at epoch {ckpt['epoch'] + 1}")
-    return ckpt["epoch"] + 1
+
+def _first_line(err: BaseException) -> str:
+    """A short reason, without torch's advice to load with ``weights_only=False`` (which would run
+    whatever code the file's pickle names)."""
+    text = str(err)
+    if "Weights only load failed" in text:
+        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+        named = f" (it names {found.group(1)})" if found else ""
+        return f"it holds pickled Python objects that a safe, weights-only load refuses{named}"
+    lines = text.strip().splitlines()
+    return lines[0] if lines else type(err).__name__
 
 
 def resolve_builder(name: str):

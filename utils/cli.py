@@ -5,6 +5,8 @@ Every flag states its default in ``help``. Scripts follow ``get_args_parser() ->
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 
 import torch
 
@@ -20,12 +22,16 @@ def add_seed_args(parser: argparse.ArgumentParser, default: int = 0) -> None:
 
 
 def add_run_args(parser: argparse.ArgumentParser, *, default_save_dir: str) -> None:
-    """``--save_dir`` and ``--resume`` for training scripts."""
+    """``--save_dir``, ``--resume`` and ``--overwrite`` of the training scripts."""
     group = parser.add_argument_group("run directory")
     group.add_argument("--save_dir", default=default_save_dir,
                        help=f"run directory for args.json, env.txt, metrics.jsonl, checkpoints (default: {default_save_dir})")
     group.add_argument("--resume", default=None,
-                       help="checkpoint to resume from: restores model, optimizer and epoch (default: none)")
+                       help="checkpoint to resume from: restores model, optimizer, epoch, RNG states and the best "
+                            "value so far; metrics.jsonl is appended to (default: none)")
+    group.add_argument("--overwrite", action="store_true",
+                       help="start a new run in a --save_dir that holds one, moving its files to "
+                            "<save_dir>/previous-<timestamp>/ (default: refuse a non-empty --save_dir)")
 
 
 def add_optimisation_args(parser: argparse.ArgumentParser, *, batch_size: int, unit: str) -> None:
@@ -35,13 +41,24 @@ def add_optimisation_args(parser: argparse.ArgumentParser, *, batch_size: int, u
         batch_size: the script's default batch size.
         unit: what one batch item is, for the help text ("images", "slices").
     """
-    parser.add_argument("--batch_size", type=int, default=batch_size, help=f"{unit} per step (default: {batch_size})")
+    parser.add_argument("--batch_size", type=positive_int, default=batch_size, help=f"{unit} per step (default: {batch_size})")
     parser.add_argument("--lrate", type=float, default=1e-5, help="Adam learning rate (default: 1e-5)")
     parser.add_argument("--weight_decay", type=float, default=1e-3, help="Adam weight decay (default: 1e-3)")
-    parser.add_argument("--num_workers", type=int, default=0, help="DataLoader worker processes (default: 0)")
-    parser.add_argument("--max_steps", type=int, default=None,
+    parser.add_argument("--num_workers", type=non_negative_int, default=0, help="DataLoader worker processes (default: 0)")
+    parser.add_argument("--max_steps", type=positive_int, default=None,
                         help="stop each epoch after this many batches, for smoke runs (default: all)")
     parser.add_argument("--no_progress", action="store_true", help="hide progress bars (default: shown)")
+
+
+def add_epoch_args(parser: argparse.ArgumentParser, *, model_name: str) -> None:
+    """``--num_epochs --start_epoch --save_every --model_name`` of the 2D trainers (the original's flags)."""
+    parser.add_argument("--num_epochs", type=positive_int, default=50, help="number of epochs to run (default: 50)")
+    parser.add_argument("--start_epoch", type=non_negative_int, default=0,
+                        help="number of the first epoch; the run ends at start_epoch + num_epochs (default: 0)")
+    parser.add_argument("--save_every", type=positive_int, default=10,
+                        help="also save <model_name>_ckpt_<epoch>.pth every N epochs (default: 10)")
+    parser.add_argument("--model_name", default=model_name,
+                        help=f"name used in periodic checkpoint files (default: {model_name})")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -63,3 +80,67 @@ def args_to_dict(args: argparse.Namespace) -> dict:
     """Plain dict of parsed arguments (for args.json and checkpoints)."""
     return {k: (str(v) if not isinstance(v, (bool, int, float, str, list, tuple, type(None))) else v)
             for k, v in vars(args).items()}
+
+
+# Exceptions that mean "the input or a flag is wrong": one line, no traceback (``--debug`` shows it).
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError,
+               PermissionError, FloatingPointError)
+
+
+def run_cli(main, parser: argparse.ArgumentParser, argv: list[str] | None = None):
+    """Parse ``argv`` and call ``main(args)``; a user error prints one line and exits 1.
+
+    Adds ``--debug`` to ``parser``. Programming errors (TypeError, KeyError, ...) keep their traceback,
+    and so does a user error under ``--debug``.
+
+    Returns:
+        What ``main`` returned.
+    """
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error (default: off)")
+    args = parser.parse_args(argv)
+    try:
+        return main(args)
+    except USER_ERRORS as err:
+        if args.debug:
+            raise
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        _exit(1)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr, flush=True)
+        _exit(130)
+
+
+def _exit(code: int) -> None:
+    """Exit with ``code`` without running C++ static destructors.
+
+    Some libraries' worker threads are still alive when an error ends the run early; letting the
+    interpreter tear them down can abort the process (SIGABRT, exit 134) after the message was shown.
+    Files are flushed first, so nothing written is lost.
+    """
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def positive_int(text: str) -> int:
+    """argparse ``type`` for an integer >= 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    """argparse ``type`` for an integer >= 0."""
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
+
+
+def probability(text: str) -> float:
+    """argparse ``type`` for a float in [0, 1]."""
+    value = float(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must lie in [0, 1], got {value}")
+    return value

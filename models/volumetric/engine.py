@@ -83,11 +83,19 @@ def make_datasets(task: Task, config: SegConfig, *, train_cases: list[dict], val
 
 def make_train_loader(dataset: Dataset, *, batch_size: int, ctx: DistContext, seed: int,
                       num_workers: int = 0) -> DataLoader:
-    """Shuffled loader; a DistributedSampler splits the cases between processes under DDP."""
+    """Shuffled loader; a DistributedSampler splits the cases between processes under DDP.
+
+    The shuffle order comes from the loader's ``generator`` (re-seeded each epoch by the trainer) or
+    the sampler's ``set_epoch``. A last batch of a single case is dropped: BatchNorm cannot train on
+    one case whose features have shrunk to one voxel (covid_cls at a small ``roi_size``).
+    """
     sampler = (torch.utils.data.DistributedSampler(dataset, num_replicas=ctx.world_size, rank=ctx.rank,
                                                    shuffle=True, seed=seed) if ctx.distributed else None)
+    per_process = len(sampler) if sampler is not None else len(dataset)
     return DataLoader(dataset, batch_size=batch_size, shuffle=sampler is None, sampler=sampler,
-                      num_workers=num_workers, pin_memory=ctx.device.type == "cuda")
+                      num_workers=num_workers, pin_memory=ctx.device.type == "cuda",
+                      generator=torch.Generator().manual_seed(seed),
+                      drop_last=batch_size > 1 and per_process % batch_size == 1 and per_process > 1)
 
 
 def train_one_epoch(model: torch.nn.Module, loader: DataLoader, *, optimizer: torch.optim.Optimizer,
@@ -102,7 +110,7 @@ def train_one_epoch(model: torch.nn.Module, loader: DataLoader, *, optimizer: to
     """
     model.train()
     total, steps = 0.0, 0
-    for batch in tqdm(_batches(loader), desc=desc, disable=not progress, leave=False):
+    for batch in tqdm(_batches(loader), desc=desc, total=len(loader), disable=not progress, leave=False):
         images, labels = batch[IMAGE_KEY].to(device), batch[LABEL_KEY].to(device)
         optimizer.zero_grad(set_to_none=True)
         with _autocast(device, amp):
