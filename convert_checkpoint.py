@@ -21,6 +21,7 @@ from pathlib import Path
 
 from models.mask_net.legacy import LEGACY_S_PREFIX, convert_legacy_checkpoint
 from utils.checkpoint import save_checkpoint
+from utils.cli import run_cli
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -80,4 +81,4 @@ def main(args: argparse.Namespace) -> Path:
 
 
 if __name__ == "__main__":
-    main(get_args_parser().parse_args())
+    run_cli(main, get_args_parser())

@@ -30,7 +30,7 @@ from datasets.conventions import CLASS_NAMES
 from utils import model_io
 from utils.classification_metrics import (aggregate_probabilities, classification_report, format_report,
                                           roc_curve, to_jsonable)
-from utils.cli import add_device_args, resolve_device
+from utils.cli import add_device_args, non_negative_int, positive_int, probability, resolve_device, run_cli
 from utils.plots import confusion_matrix_plot, roc_plot
 
 BUILDER = "models.mask_net.covid_mask_net"
@@ -47,14 +47,14 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--split_file", default=None,
                    help="COVIDx-CT split file listing the slices of --test_data_dir to use (default: every image in the folder)")
     add_architecture_args(p)
-    p.add_argument("--batch_size", type=int, default=8, help="slices per forward pass (default: 8)")
+    p.add_argument("--batch_size", type=positive_int, default=8, help="slices per forward pass (default: 8)")
     p.add_argument("--aggregate", default="slice", choices=["slice", "scan", "patient"],
                    help="also report at scan or patient level by averaging slice probabilities (default: slice)")
     p.add_argument("--crop_to_box", action="store_true", help="crop slices to the split file's lung box (default: off)")
     p.add_argument("--save_dir", default="runs/evaluate_classifier",
                    help="folder for predictions.csv, metrics.json and plots (default: runs/evaluate_classifier)")
     p.add_argument("--model_name", default=None, help="title used in the plots (default: the checkpoint's file name)")
-    p.add_argument("--num_workers", type=int, default=0, help="DataLoader worker processes (default: 0)")
+    p.add_argument("--num_workers", type=non_negative_int, default=0, help="DataLoader worker processes (default: 0)")
     p.add_argument("--no_progress", action="store_true", help="hide the progress bar (default: shown)")
     add_device_args(p)
     return p
@@ -68,11 +68,11 @@ def add_architecture_args(p: argparse.ArgumentParser) -> None:
                    help="ResNet18/34 truncation; must match the checkpoint (default: from the checkpoint)")
     p.add_argument("--num_classes", "--num_class", dest="num_classes", type=int, default=None, choices=[2, 3],
                    help="classes of the segmentation model incl. background: 2 merge/ggo, 3 both (default: from the checkpoint)")
-    p.add_argument("--roi_batch_size", type=int, default=None,
+    p.add_argument("--roi_batch_size", type=positive_int, default=None,
                    help="B, the ranked detections per slice that S reads (default: from the checkpoint)")
-    p.add_argument("--s_features", type=int, default=None, help="hidden width of S (default: from the checkpoint)")
-    p.add_argument("--rpn_nms_th", type=float, default=None, help="RPN NMS IoU threshold (default: from the checkpoint)")
-    p.add_argument("--roi_nms_th", type=float, default=None,
+    p.add_argument("--s_features", type=positive_int, default=None, help="hidden width of S (default: from the checkpoint)")
+    p.add_argument("--rpn_nms_th", type=probability, default=None, help="RPN NMS IoU threshold (default: from the checkpoint)")
+    p.add_argument("--roi_nms_th", type=probability, default=None,
                    help="per-class NMS IoU threshold of the RoI detections (default: from the checkpoint)")
 
 
@@ -216,4 +216,4 @@ def main(args: argparse.Namespace) -> dict:
 
 
 if __name__ == "__main__":
-    main(get_args_parser().parse_args())
+    run_cli(main, get_args_parser())

@@ -24,7 +24,7 @@ from datasets.conventions import class_names_for
 from datasets.segmentation import CNCBSegmentationDataset
 from inference_segmentation import add_model_args, load_segmentation_model
 from utils.classification_metrics import to_jsonable
-from utils.cli import add_device_args, resolve_device
+from utils.cli import add_device_args, probability, resolve_device, run_cli
 from utils.mean_ap import mean_average_precision
 
 
@@ -35,7 +35,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--test_imgs_dir", default="imgs", help="image folder inside the data root (default: imgs)")
     p.add_argument("--gt_dir", default="masks", help="mask folder inside the data root (default: masks)")
     add_model_args(p)
-    p.add_argument("--mask_logits_th", type=float, default=0.5, help="mask probability threshold (default: 0.5)")
+    p.add_argument("--mask_logits_th", type=probability, default=0.5, help="mask probability threshold (default: 0.5)")
     p.add_argument("--style", default="coco", choices=["coco", "per_image"],
                    help="coco: dataset-level COCO AP; per_image: the original's per-image average (default: coco)")
     p.add_argument("--save_dir", default="runs/evaluation", help="where metrics.json goes (default: runs/evaluation)")
@@ -96,4 +96,4 @@ def main(args: argparse.Namespace) -> dict:
 
 
 if __name__ == "__main__":
-    main(get_args_parser().parse_args())
+    run_cli(main, get_args_parser())

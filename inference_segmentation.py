@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from datasets.conventions import class_names_for
 from datasets.io import read_image
-from utils.cli import add_device_args, resolve_device
+from utils.cli import add_device_args, probability, resolve_device, run_cli
 from utils.model_io import load_model_for_inference
 from utils.plots import detection_overlay
 from utils.rle import encode_masks
@@ -36,7 +36,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--test_imgs_dir", default="imgs", help="image folder inside the data root (default: imgs)")
     p.add_argument("--save_dir", default="runs/inference", help="output folder (default: runs/inference)")
     add_model_args(p)
-    p.add_argument("--mask_logits_th", type=float, default=0.5,
+    p.add_argument("--mask_logits_th", type=probability, default=0.5,
                    help="mask probability above which a pixel is lesion (default: 0.5)")
     p.add_argument("--no_overlays", action="store_true", help="write predictions.json only (default: overlays too)")
     add_device_args(p)
@@ -48,9 +48,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backbone_name", default=None, help="checked against the checkpoint (default: from checkpoint)")
     p.add_argument("--truncation", type=int, default=None, choices=[0, 1, 2], help="checked against the checkpoint (default: from checkpoint)")
     p.add_argument("--mask_type", default=None, choices=["both", "ggo", "merge"], help="checked against the checkpoint (default: from checkpoint)")
-    p.add_argument("--rpn_nms_th", type=float, default=None, help="RPN NMS IoU threshold (default: from checkpoint)")
-    p.add_argument("--roi_nms_th", type=float, default=None, help="per-class NMS IoU threshold on detections (default: from checkpoint)")
-    p.add_argument("--confidence_th", type=float, default=None, help="lowest detection score kept (default: from checkpoint)")
+    p.add_argument("--rpn_nms_th", type=probability, default=None, help="RPN NMS IoU threshold (default: from checkpoint)")
+    p.add_argument("--roi_nms_th", type=probability, default=None, help="per-class NMS IoU threshold on detections (default: from checkpoint)")
+    p.add_argument("--confidence_th", type=probability, default=None, help="lowest detection score kept (default: from checkpoint)")
     p.add_argument("--unfused", action="store_true",
                    help="run the model as trained instead of its fused inference copy (BatchNorm folded, faster "
                         "CPU kernels; same detections up to float rounding, about 1e-5) (default: fused)")
@@ -123,4 +123,4 @@ def main(args: argparse.Namespace) -> Path:
 
 
 if __name__ == "__main__":
-    main(get_args_parser().parse_args())
+    run_cli(main, get_args_parser())

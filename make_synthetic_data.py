@@ -15,26 +15,27 @@ import time
 
 from datasets.synthetic import generate_dataset
 from datasets.synthetic.writers import OUTPUTS
+from utils.cli import non_negative_int, positive_int, run_cli
 
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="data/phantom", help="output folder (default: data/phantom)")
     p.add_argument("--seed", type=int, default=0, help="data-set seed (default: 0)")
-    p.add_argument("--n_patients", type=int, default=30, help="patients of the classification set (default: 30)")
-    p.add_argument("--n_seg_patients", type=int, default=15, help="patients of the segmentation set (default: 15)")
-    p.add_argument("--slices_per_patient", type=int, default=8, help="slices per 2D patient (default: 8)")
-    p.add_argument("--image_size", type=int, default=512, help="side of the 2D slices in pixels (default: 512)")
-    p.add_argument("--n_volumes", type=int, default=12,
+    p.add_argument("--n_patients", type=non_negative_int, default=30, help="patients of the classification set (default: 30)")
+    p.add_argument("--n_seg_patients", type=non_negative_int, default=15, help="patients of the segmentation set (default: 15)")
+    p.add_argument("--slices_per_patient", type=positive_int, default=8, help="slices per 2D patient (default: 8)")
+    p.add_argument("--image_size", type=positive_int, default=512, help="side of the 2D slices in pixels (default: 512)")
+    p.add_argument("--n_volumes", type=non_negative_int, default=12,
                    help="chest volumes; 12 put every class in the validation split (default: 12)")
-    p.add_argument("--volume_shape", type=int, nargs=3, default=[128, 128, 40], metavar=("X", "Y", "Z"),
+    p.add_argument("--volume_shape", type=positive_int, nargs=3, default=[128, 128, 40], metavar=("X", "Y", "Z"),
                    help="chest volume shape; Z is the slice count at 2.5 mm spacing (default: 128 128 40)")
-    p.add_argument("--n_abdomen", type=int, default=4, help="abdomen volumes (default: 4)")
-    p.add_argument("--abdomen_shape", type=int, nargs=3, default=[96, 96, 48], metavar=("X", "Y", "Z"),
+    p.add_argument("--n_abdomen", type=non_negative_int, default=4, help="abdomen volumes (default: 4)")
+    p.add_argument("--abdomen_shape", type=positive_int, nargs=3, default=[96, 96, 48], metavar=("X", "Y", "Z"),
                    help="abdomen volume shape (default: 96 96 48)")
     p.add_argument("--outputs", nargs="+", default=list(OUTPUTS), choices=OUTPUTS,
                    help=f"which outputs to write (default: {' '.join(OUTPUTS)})")
-    p.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1),
+    p.add_argument("--workers", type=positive_int, default=min(2, os.cpu_count() or 1),
                    help="parallel processes (default: min(2, number of CPUs))")
     p.add_argument("--no_montage", action="store_true", help="skip the montage pictures (default: off)")
     return p
@@ -60,4 +61,4 @@ def main(args: argparse.Namespace) -> dict:
 
 
 if __name__ == "__main__":
-    main(get_args_parser().parse_args())
+    run_cli(main, get_args_parser())

@@ -5,7 +5,11 @@ threshold (0.5), with one row per case (case, label, probability) in predictions
 Canonical command::
 
     python validate_volumetric.py --task lesion_seg --ckpt runs/lesion_seg/checkpoint_best.pth \\
-        --datalist data/phantom/dataset.json --data_root data/phantom --section validation
+        --datalist data/phantom/volumes/dataset_lesion.json --section validation
+
+(``python make_synthetic_data.py --out data/phantom`` writes the phantom's datalists to
+``data/phantom/volumes/``: ``dataset_lung.json``, ``dataset_lesion.json``, ``dataset_covid.json``; their
+paths are relative to that folder, the default ``--data_root``.)
 
 Each case is pre-processed and segmented as in infer_volumetric.py, the mask is mapped back onto the
 image's grid and compared with the label file there (any label value > 0 is foreground).
@@ -26,7 +30,7 @@ from pathlib import Path
 from models.volumetric import task_names, task_stage
 from models.volumetric.common import load_cases
 from models.volumetric.inference import load_task_model, validate_cases
-from utils.cli import add_device_args, resolve_device
+from utils.cli import add_device_args, resolve_device, run_cli
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -80,4 +84,4 @@ def main(args: argparse.Namespace) -> dict:
 
 
 if __name__ == "__main__":
-    main(get_args_parser().parse_args())
+    run_cli(main, get_args_parser())
