@@ -73,7 +73,7 @@ def segmentation_2d_steps(data: Path, out: Path, seed: int, device: str) -> list
              ["train_segmentation.py", "--backbone_name", "resnet18", "--truncation", "1", "--mask_type", "both",
               "--num_epochs", "6", "--save_every", "6", "--batch_size", "2", "--lrate", "1e-3",
               "--image_size", "256", "--train_data_dir", str(seg / "train"), "--val_data_dir", str(seg / "test"),
-              "--save_dir", str(run), "--seed", str(seed), "--device", device, "--no_progress"],
+              "--save_dir", str(run), "--overwrite", "--seed", str(seed), "--device", device, "--no_progress"],
              [f"{run}/metrics.jsonl"]),
         Step("eval_seg", "2D lesion segmentation: COCO mask and box AP on the test split",
              ["evaluation_mean_ap.py", "--ckpt", ckpt, "--test_data_dir", str(seg / "test"),
@@ -96,7 +96,7 @@ def classifier_2d_steps(data: Path, out: Path, seed: int, device: str) -> list[S
              ["train_classifier.py", "--pretrained_segmentation_model", str(out / "segmentation" / "checkpoint_best.pth"),
               "--backbone_name", "resnet18", "--truncation", "1", "--num_epochs", "1", "--save_every", "1",
               "--batch_size", "4", "--lrate", "1e-3", "--image_size", "256", "--train_data_dir", str(cls / "train"),
-              "--val_data_dir", str(cls / "val"), "--save_dir", str(run), "--seed", str(seed), "--device", device,
+              "--val_data_dir", str(cls / "val"), "--save_dir", str(run), "--overwrite", "--seed", str(seed), "--device", device,
               "--no_progress"],
              [f"{run}/metrics.jsonl"]),
         Step("eval_cls", "2D classifier: confusion matrix, sensitivity, AUC on the test slices (and per scan)",
@@ -122,7 +122,7 @@ def volumetric_steps(data: Path, out: Path, seed: int, device: str) -> list[Step
         run, listing = out / task, str(volumes / f"dataset_{datalist}.json")
         steps.append(Step(f"train_{task}", f"3D {task}: brief training",
                           ["train_volumetric.py", "--task", task, "--datalist", listing, *flags, "--batch_size", "2",
-                           "--save_dir", str(run), "--seed", str(seed), "--device", device],
+                           "--save_dir", str(run), "--overwrite", "--seed", str(seed), "--device", device],
                           [f"{run}/metrics.jsonl"]))
         steps.append(Step(f"validate_{task}", f"3D {task}: metrics on the test scans",
                           ["validate_volumetric.py", "--task", task, "--ckpt", str(run / "checkpoint_best.pth"),
