@@ -245,3 +245,22 @@ def test_a_user_error_in_train_volumetric_exits_1_with_one_line(tmp_path):
     assert proc.returncode == 1, proc.stderr[-2000:]
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "missing.nii.gz" in errors[0] and "Traceback" not in proc.stderr
+
+
+def test_a_single_case_last_batch_is_dropped_so_batchnorm_can_train(tmp_path, monkeypatch):
+    from models.volumetric import covid_cls
+    from models.volumetric.engine import DistContext, make_train_loader
+    from tests.test_volumetric_covid_cls import TINY_NET, _phantom_datalist
+
+    ctx = DistContext(0, 1, torch.device("cpu"))
+    sizes = {n: [len(b) for b in make_train_loader(list(range(n)), batch_size=2, ctx=ctx, seed=0)] for n in (1, 3, 4)}
+    assert sizes == {1: [1], 3: [2], 4: [2, 2]}
+    for key, value in TINY_NET.items():
+        monkeypatch.setitem(covid_cls.TASK.network_kwargs, key, value)
+    datalist = _phantom_datalist(tmp_path / "data")
+    listing = json.loads(datalist.read_text())
+    listing["training"].append(listing["training"][0])  # three cases: batches of 2 and 1 before the fix
+    datalist.write_text(json.dumps(listing))
+    train(train_volumetric, ["--task", "covid_cls", "--datalist", str(datalist), "--epochs", "1", "--batch_size", "2",
+                             "--roi_size", "32", "32", "32", "--save_dir", str(tmp_path / "run"), "--no_progress"])
+    assert epochs_logged(tmp_path / "run") == [0]
