@@ -8,7 +8,8 @@ RescaleSlope/RescaleIntercept are applied (HU; int16 when every value is an inte
 float32), slices are ordered by ImagePositionPatient, and spacing and orientation are kept in the
 affine (DICOM LPS converted to NIfTI RAS). Files are named after the SeriesDescription, else the
 UID. A series with a missing slice, duplicate positions, or slices of different size, spacing or
-orientation is refused with a message naming the series and files; nothing is written then.
+orientation is refused with a message naming the series and files; nothing is written then. So is
+an output folder that is the input folder or lies inside it.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import argparse
 from pathlib import Path
 
 from datasets.io import convert_dicom_folder
+from utils.cli import run_cli
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -36,4 +38,4 @@ def main(args: argparse.Namespace) -> list[Path]:
 
 
 if __name__ == "__main__":
-    main(get_args_parser().parse_args())
+    run_cli(main, get_args_parser())

@@ -24,6 +24,8 @@ import nibabel as nib
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from utils.paths import refuse_overwriting_inputs
+
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 SLICE_GAP_TOLERANCE = 0.05  # relative deviation from the median gap that counts as a missing slice
@@ -33,6 +35,14 @@ _MAX_LISTED = 10
 
 class NotHUWarning(UserWarning):
     """Intensities of a volume do not look like Hounsfield units."""
+
+
+class NotHUError(ValueError):
+    """Intensities of a volume do not look like Hounsfield units (the strict form of NotHUWarning)."""
+
+
+class NonFiniteWarning(UserWarning):
+    """NaN or infinite voxels of a volume were replaced by a fill value."""
 
 
 @dataclass
@@ -135,14 +145,15 @@ def check_hu(array: np.ndarray, name: str, *, strict: bool = False) -> None:
         strict: raise instead of warning.
 
     Raises:
-        ValueError: when ``strict`` and the intensities are not HU, or the array is empty.
+        NotHUError: when ``strict`` and the intensities are not HU.
+        ValueError: when the array is empty.
     """
     reason = _not_hu_reason(np.asarray(array), name)
     if reason is None:
         return
     message = f"{name}: intensities do not look like Hounsfield units: {reason}"
     if strict:
-        raise ValueError(message)
+        raise NotHUError(message)
     warnings.warn(message, NotHUWarning, stacklevel=2)
 
 
@@ -161,24 +172,61 @@ def _not_hu_reason(array: np.ndarray, name: str) -> str | None:
     return None
 
 
+# --------------------------------------------------------------------------------- finite values
+def check_finite(array: np.ndarray, name: str, *, fill_nan: float | None = None) -> np.ndarray:
+    """Refuse NaN and infinite voxels, or replace them by ``fill_nan`` (with a NonFiniteWarning).
+
+    A scan with NaN voxels is damaged: segmenting it gives empty masks and 0 mL without an error,
+    so the default is to refuse it.
+
+    Args:
+        array: Float[...] intensities.
+        name: the file or case, named in the message.
+        fill_nan: HU value for NaN and infinite voxels (e.g. -1000, air); None refuses them.
+
+    Returns:
+        ``array`` itself when every value is finite, else a filled copy.
+
+    Raises:
+        ValueError: naming ``name`` and the count of such voxels, when ``fill_nan`` is None or no
+            voxel at all is finite.
+    """
+    bad = ~np.isfinite(array)
+    count = int(bad.sum())
+    if count == 0:
+        return array
+    message = f"{name}: {count} of {array.size} voxels are NaN or infinite"
+    if count == array.size:
+        raise ValueError(f"{message}; the volume holds no value")
+    if fill_nan is None:
+        raise ValueError(f"{message}; repair the file, or replace them with a HU value (--fill_nan HU, "
+                         "e.g. -1000 for air)")
+    warnings.warn(f"{message}; replaced by {fill_nan:g} HU", NonFiniteWarning, stacklevel=2)
+    return np.where(bad, array.dtype.type(fill_nan), array)
+
+
 # ------------------------------------------------------------------------------------------ NIfTI
-def read_nifti(path: str | Path, *, strict_hu: bool = False) -> Volume:
+def read_nifti(path: str | Path, *, strict_hu: bool = False, fill_nan: float | None = None) -> Volume:
     """Read a 3D NIfTI volume (scaling applied) with its affine.
 
     Args:
         path: ``.nii`` or ``.nii.gz`` file; 4D files are accepted when the 4th axis has size 1.
         strict_hu: raise instead of warning when intensities are not HU (see :func:`check_hu`).
+        fill_nan: HU value for NaN and infinite voxels; None refuses them (see :func:`check_finite`).
 
     Returns:
         The :class:`Volume` (array Float32[X, Y, Z], nibabel's best affine).
 
     Raises:
         FileNotFoundError: the file does not exist.
-        ValueError: naming the file when it is unreadable or not a 3D volume.
+        ValueError: naming the file when it is empty, unreadable, not a 3D volume or holds NaN or
+            infinite voxels.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"NIfTI file not found: {path}")
+    if path.stat().st_size == 0:
+        raise ValueError(f"{path}: empty file (0 bytes); the NIfTI file is corrupt or was not fully written")
     try:
         image = nib.load(str(path))
         array = np.asarray(image.get_fdata(dtype=np.float32))
@@ -187,7 +235,8 @@ def read_nifti(path: str | Path, *, strict_hu: bool = False) -> Volume:
     if array.ndim == 4 and array.shape[3] == 1:
         array = array[..., 0]
     if array.ndim != 3:
-        raise ValueError(f"{path}: a volume must be 3D [X, Y, Z], got shape {array.shape}")
+        raise ValueError(f"{path}: a volume must be 3D [X, Y, Z], got a {array.ndim}D array of shape {array.shape}")
+    array = check_finite(array, str(path), fill_nan=fill_nan)
     volume = Volume(array, np.asarray(image.affine, dtype=np.float64), _spacing(image.affine), str(path))
     check_hu(array, str(path), strict=strict_hu)
     return volume
@@ -229,7 +278,8 @@ def _spacing(affine: np.ndarray) -> tuple[float, float, float]:
 
 
 # ------------------------------------------------------------------------------------------ DICOM
-def read_dicom_series(folder: str | Path, *, recursive: bool = False, strict_hu: bool = False) -> list[Volume]:
+def read_dicom_series(folder: str | Path, *, recursive: bool = False, strict_hu: bool = False,
+                      fill_nan: float | None = None) -> list[Volume]:
     """Read every DICOM image series of a folder, one volume per SeriesInstanceUID.
 
     Files that are not DICOM, and DICOM files without pixel data, are skipped. Slices are ordered
@@ -239,6 +289,7 @@ def read_dicom_series(folder: str | Path, *, recursive: bool = False, strict_hu:
         folder: folder of DICOM files.
         recursive: also read files in sub-folders.
         strict_hu: raise instead of warning when intensities are not HU (see :func:`check_hu`).
+        fill_nan: HU value for NaN and infinite voxels; None refuses them (see :func:`check_finite`).
 
     Returns:
         Volumes (array Float32[X, Y, Z] in HU, RAS affine), sorted by series UID.
@@ -255,12 +306,18 @@ def read_dicom_series(folder: str | Path, *, recursive: bool = False, strict_hu:
     files = sorted(p for p in (folder.rglob("*") if recursive else folder.iterdir()) if p.is_file())
     slices = [s for s in (_read_dicom_file(p) for p in files) if s is not None]
     if not slices:
-        raise ValueError(f"{folder}: no DICOM image file found among {len(files)} files")
-    return _volumes_from_slices(slices, str(folder), strict_hu=strict_hu)
+        what = f"none of its {len(files)} files is a DICOM image" if files else "the folder is empty"
+        raise ValueError(f"no DICOM image found in {folder}: {what}")
+    return _volumes_from_slices(slices, str(folder), strict_hu=strict_hu, fill_nan=fill_nan)
 
 
-def read_volume(path: str | Path, *, strict_hu: bool = False) -> Volume:
+def read_volume(path: str | Path, *, strict_hu: bool = False, fill_nan: float | None = None) -> Volume:
     """Read a NIfTI file, a DICOM folder holding exactly one series, or a single DICOM file.
+
+    Args:
+        path: the file or folder.
+        strict_hu: raise instead of warning when intensities are not HU (see :func:`check_hu`).
+        fill_nan: HU value for NaN and infinite voxels; None refuses them (see :func:`check_finite`).
 
     Raises:
         FileNotFoundError: the path does not exist.
@@ -268,20 +325,20 @@ def read_volume(path: str | Path, *, strict_hu: bool = False) -> Volume:
     """
     path = Path(path)
     if path.is_dir():
-        volumes = read_dicom_series(path, strict_hu=strict_hu)
+        volumes = read_dicom_series(path, strict_hu=strict_hu, fill_nan=fill_nan)
         if len(volumes) > 1:
             uids = ", ".join(str(v.series_uid) for v in volumes)
             raise ValueError(f"{path}: {len(volumes)} DICOM series in one folder ({uids}); "
                              "convert them with convert_dicom.py and pick one")
         return volumes[0]
     if path.name.endswith(NIFTI_SUFFIXES):
-        return read_nifti(path, strict_hu=strict_hu)
+        return read_nifti(path, strict_hu=strict_hu, fill_nan=fill_nan)
     if not path.is_file():
         raise FileNotFoundError(f"volume not found: {path}")
     dicom = _read_dicom_file(path)
     if dicom is None:
         raise ValueError(f"{path}: neither NIfTI (.nii, .nii.gz) nor a DICOM image file")
-    return _volumes_from_slices([dicom], str(path), strict_hu=strict_hu)[0]
+    return _volumes_from_slices([dicom], str(path), strict_hu=strict_hu, fill_nan=fill_nan)[0]
 
 
 def convert_dicom_folder(in_dir: str | Path, out_dir: str | Path, *, recursive: bool = False,
@@ -302,8 +359,10 @@ def convert_dicom_folder(in_dir: str | Path, out_dir: str | Path, *, recursive: 
 
     Raises:
         FileExistsError: an output exists and ``overwrite`` is False.
-        ValueError, FileNotFoundError: as :func:`read_dicom_series`.
+        ValueError: ``out_dir`` is ``in_dir`` or inside it; or as :func:`read_dicom_series`.
+        FileNotFoundError: as :func:`read_dicom_series`.
     """
+    refuse_overwriting_inputs([in_dir], [out_dir])
     volumes = read_dicom_series(in_dir, recursive=recursive)
     paths = [Path(out_dir) / f"{stem}.nii.gz" for stem in series_file_stems(volumes)]
     existing = [str(p) for p in paths if p.exists()]
@@ -344,14 +403,17 @@ def _read_dicom_file(path: Path) -> _DicomSlice | None:
     return _DicomSlice(path, dataset) if "PixelData" in dataset else None
 
 
-def _volumes_from_slices(slices: list[_DicomSlice], source: str, *, strict_hu: bool) -> list[Volume]:
+def _volumes_from_slices(slices: list[_DicomSlice], source: str, *, strict_hu: bool,
+                         fill_nan: float | None) -> list[Volume]:
     groups: dict[str, list[_DicomSlice]] = defaultdict(list)
     for s in slices:
         groups[str(s.dataset.get("SeriesInstanceUID", "")) or ""].append(s)
-    return [_series_volume(groups[uid], uid or None, source, strict_hu=strict_hu) for uid in sorted(groups)]
+    return [_series_volume(groups[uid], uid or None, source, strict_hu=strict_hu, fill_nan=fill_nan)
+            for uid in sorted(groups)]
 
 
-def _series_volume(slices: list[_DicomSlice], uid: str | None, source: str, *, strict_hu: bool) -> Volume:
+def _series_volume(slices: list[_DicomSlice], uid: str | None, source: str, *, strict_hu: bool,
+                   fill_nan: float | None) -> Volume:
     label = f"{source}: series {uid}"
     geometry = _common_geometry(slices, label)
     row, col = geometry["iop"][:3], geometry["iop"][3:]
@@ -367,6 +429,7 @@ def _series_volume(slices: list[_DicomSlice], uid: str | None, source: str, *, s
     affine_lps[:3, 3] = positions[0]
     affine = LPS_TO_RAS @ affine_lps
     array = np.stack([_slice_hu(s, label).T for s in slices], axis=2)  # [X, Y, Z]
+    array = check_finite(array, label, fill_nan=fill_nan)
     description = str(slices[0].dataset.get("SeriesDescription", "") or "") or None
     volume = Volume(array, affine, _spacing(affine), source, uid, description)
     check_hu(array, volume.name, strict=strict_hu)

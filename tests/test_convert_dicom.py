@@ -76,6 +76,17 @@ def test_existing_output_needs_overwrite(tmp_path):
     assert len(convert_dicom_folder(tmp_path / "in", tmp_path / "out", overwrite=True)) == 1
 
 
+def test_output_folder_in_the_input_folder_is_refused(tmp_path):
+    """Writing into the DICOM folder changes the input (and can replace its files): refused, nothing written."""
+    (tmp_path / "in").mkdir()
+    write_series(tmp_path / "in", n=2)
+    before = sorted(p.name for p in (tmp_path / "in").iterdir())
+    for out in (tmp_path / "in", tmp_path / "in" / "nifti", tmp_path / "in" / ".." / "in"):
+        with pytest.raises(ValueError, match="(is the input|inside the input folder) .*in"):
+            convert_dicom_folder(tmp_path / "in", out, overwrite=True)
+    assert sorted(p.name for p in (tmp_path / "in").iterdir()) == before
+
+
 def test_recursive_reads_sub_folders(tmp_path):
     (tmp_path / "in" / "study" / "series").mkdir(parents=True)
     write_series(tmp_path / "in" / "study" / "series", n=2)
@@ -101,3 +112,7 @@ def test_script_runs_from_the_command_line(tmp_path):
                             cwd=REPO, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "1 series written" in result.stdout and len(list((tmp_path / "out").glob("*.nii.gz"))) == 1
+    again = subprocess.run([sys.executable, "convert_dicom.py", str(tmp_path / "in"), str(tmp_path / "out")],
+                           cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert again.returncode == 1 and "Traceback" not in again.stderr
+    assert again.stderr.startswith("error: output files exist") and again.stderr.count("\n") == 1

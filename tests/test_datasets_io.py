@@ -13,8 +13,8 @@ from PIL import Image
 from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
 
-from datasets.io import (LPS_TO_RAS, NotHUWarning, Volume, check_hu, read_dicom_series, read_image, read_mask,
-                         read_nifti, read_volume, write_nifti)
+from datasets.io import (LPS_TO_RAS, NonFiniteWarning, NotHUError, NotHUWarning, Volume, check_finite, check_hu,
+                         read_dicom_series, read_image, read_mask, read_nifti, read_volume, write_nifti)
 
 CT_SMALL = get_testdata_file("CT_small.dcm")
 AXIAL = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
@@ -163,8 +163,56 @@ def test_read_nifti_corrupt_and_not_hu(tmp_path):
     nib.save(nib.Nifti1Image(np.zeros((4, 4, 4), np.uint8) + 200, np.eye(4)), tmp_path / "png_like.nii.gz")
     with pytest.warns(NotHUWarning, match="png_like.nii.gz"):
         read_nifti(tmp_path / "png_like.nii.gz")
-    with pytest.raises(ValueError, match="png_like.nii.gz.*Hounsfield"):
+    with pytest.raises(NotHUError, match="png_like.nii.gz.*Hounsfield"):
         read_volume(tmp_path / "png_like.nii.gz", strict_hu=True)
+
+
+def test_read_nifti_empty_file_is_named(tmp_path):
+    (tmp_path / "empty.nii.gz").write_bytes(b"")
+    with pytest.raises(ValueError, match=r"empty.nii.gz: empty file \(0 bytes\)"):
+        read_volume(tmp_path / "empty.nii.gz")
+
+
+def _scan_with_nan(path, *, every: int):
+    """A HU volume with every ``every``-th voxel NaN and one voxel +inf; returns the array."""
+    array = np.full((16, 12, 8), -800.0, np.float32)
+    array[4:12, 3:9, :] = 40.0
+    array.flat[::every] = np.nan
+    array[0, 0, 1] = np.inf
+    nib.save(nib.Nifti1Image(array, np.eye(4)), path)
+    return array
+
+
+def test_nan_voxels_are_refused_naming_file_and_count(tmp_path):
+    array = _scan_with_nan(tmp_path / "scan.nii.gz", every=160)
+    bad = int((~np.isfinite(array)).sum())
+    with pytest.raises(ValueError, match=rf"scan.nii.gz: {bad} of {array.size} voxels are NaN or infinite.*--fill_nan"):
+        read_volume(tmp_path / "scan.nii.gz")
+    nib.save(nib.Nifti1Image(np.full((8, 8, 4), np.nan, np.float32), np.eye(4)), tmp_path / "all_nan.nii.gz")
+    with pytest.raises(ValueError, match="all_nan.nii.gz: 256 of 256 voxels .*no value"):
+        read_nifti(tmp_path / "all_nan.nii.gz", fill_nan=-1000.0)  # nothing left to analyse
+
+
+def test_fill_nan_replaces_them_with_a_warning(tmp_path):
+    array = _scan_with_nan(tmp_path / "scan.nii.gz", every=160)
+    with pytest.warns(NonFiniteWarning, match="scan.nii.gz: .* replaced by -1000 HU"):
+        volume = read_volume(tmp_path / "scan.nii.gz", fill_nan=-1000.0)
+    finite = np.isfinite(array)
+    np.testing.assert_array_equal(volume.array[finite], array[finite])
+    assert np.all(volume.array[~finite] == -1000.0) and volume.array.dtype == np.float32
+    values = np.zeros(4, np.float32)
+    assert check_finite(values, "x") is values  # nothing to fill: no copy
+
+
+def test_dicom_nan_voxels_are_refused(tmp_path, monkeypatch):
+    """Float pixel data could hold NaN; the DICOM reader checks the stacked volume as NIfTI does."""
+    import datasets.io as io
+
+    write_series(tmp_path, n=3)
+    real = io._slice_hu
+    monkeypatch.setattr(io, "_slice_hu", lambda s, label: np.where(real(s, label) > 0, np.nan, real(s, label)))
+    with pytest.raises(ValueError, match=r"series .*: \d+ of 360 voxels are NaN"):
+        read_volume(tmp_path)
 
 
 # -------------------------------------------------------------------------- DICOM: real slice
@@ -242,8 +290,11 @@ def test_two_series_in_one_folder_and_non_dicom_files_skipped(tmp_path):
 
 def test_no_dicom_in_folder(tmp_path):
     (tmp_path / "notes.txt").write_text("hello")
-    with pytest.raises(ValueError, match=f"{tmp_path}.*no DICOM image"):
+    with pytest.raises(ValueError, match=f"no DICOM image found in {tmp_path}: none of its 1 files"):
         read_dicom_series(tmp_path)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="no DICOM image found in .*empty: the folder is empty"):
+        read_volume(tmp_path / "empty")
 
 
 def test_missing_slice_is_an_incomplete_series(tmp_path):
