@@ -6,6 +6,9 @@ and the voxel ``spacing``. Slices are ordered by their CNCB slice number when ev
 ``[Class]_[PatientID]_[ScanNum]_[SliceNum]`` (one patient and scan only), otherwise by file name;
 the first slice is the most inferior one. Pictures are in the radiological display convention
 (anterior up, the patient's right on the picture's left), as the CNCB slices and the phantom are.
+
+Numbered slices must be consecutive: slices stacked across a gap would sit one spacing apart, and
+every volume in mL would be wrong, so a gap (or a repeated number) is refused.
 """
 from __future__ import annotations
 
@@ -23,7 +26,8 @@ def list_slices(folder: str | Path) -> list[Path]:
 
     Raises:
         FileNotFoundError: when the folder does not exist or holds no PNG/JPG file.
-        ValueError: when named slices belong to more than one patient or scan.
+        ValueError: when named slices belong to more than one patient or scan, or their slice
+            numbers are not consecutive (naming the gap or the duplicate).
     """
     folder = Path(folder)
     if not folder.is_dir():
@@ -39,7 +43,24 @@ def list_slices(folder: str | Path) -> list[Path]:
     if len(scans) > 1:
         listed = ", ".join(f"patient {p} scan {s}" for p, s in scans[:5])
         raise ValueError(f"{folder}: slices of {len(scans)} scans in one folder ({listed}); give one scan per folder")
-    return sorted(files, key=lambda p: _natural_key(Path(names[p].slice)))
+    files = sorted(files, key=lambda p: _natural_key(Path(names[p].slice)))
+    _check_consecutive([names[p].slice for p in files], f"{folder}: patient {scans[0][0]} scan {scans[0][1]}")
+    return files
+
+
+def _check_consecutive(numbers: list[str], label: str) -> None:
+    """Refuse slice numbers (in stacking order) with a gap or a repeat; names that are not all
+    numbers are not checked."""
+    if not all(n.isdigit() for n in numbers):
+        return
+    values = [int(n) for n in numbers]
+    for low, high in zip(values, values[1:]):
+        if high == low:
+            raise ValueError(f"{label}: slice number {low} occurs twice")
+        if high > low + 1:
+            missing = f"{low + 1}" if high == low + 2 else f"{low + 1}-{high - 1}"
+            raise ValueError(f"{label}: slices {low} and {high} are not adjacent, slice number(s) {missing} "
+                             "missing; stacked as neighbours they would give wrong volumes")
 
 
 def read_png_stack(folder: str | Path, *, window: tuple[float, float], spacing: tuple[float, float, float]

@@ -16,9 +16,22 @@ def _write(folder, names, size=(8, 6), value=100):
 
 
 def test_order_follows_slice_numbers(tmp_path):
-    names = ["NCP_7_1_0010.png", "NCP_7_1_0002.png", "NCP_7_1_0100.png"]
+    names = ["NCP_7_1_10.png", "NCP_7_1_8.png", "NCP_7_1_9.png"]  # by number, not by text
     _write(tmp_path, names)
-    assert [p.name for p in list_slices(tmp_path)] == ["NCP_7_1_0002.png", "NCP_7_1_0010.png", "NCP_7_1_0100.png"]
+    assert [p.name for p in list_slices(tmp_path)] == ["NCP_7_1_8.png", "NCP_7_1_9.png", "NCP_7_1_10.png"]
+
+
+def test_gap_in_slice_numbers_is_refused(tmp_path):
+    """Slices 13 and 14 missing: stacked as neighbours, every volume in mL would be too small."""
+    _write(tmp_path / "gap", [f"NCP_X_1_{n:04d}.png" for n in (10, 11, 12, 15, 16)])
+    with pytest.raises(ValueError, match="patient X scan 1: slices 12 and 15 .* 13-14 missing"):
+        read_png_stack(tmp_path / "gap", window=(-1000, 200), spacing=(1, 1, 1))
+    _write(tmp_path / "one", [f"CP_4_2_{n}.png" for n in (1, 3)])
+    with pytest.raises(ValueError, match=r"slices 1 and 3 .*number\(s\) 2 missing"):
+        list_slices(tmp_path / "one")
+    _write(tmp_path / "twice", ["CP_4_2_7.png", "CP_4_2_007.png"])
+    with pytest.raises(ValueError, match="slice number 7 occurs twice"):
+        list_slices(tmp_path / "twice")
 
 
 def test_hu_and_shape(tmp_path):
