@@ -12,6 +12,7 @@ spacing) and ``label`` a MetaTensor Float[1, X, Y, Z] with values {0, 1}.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,14 +25,14 @@ from monai.inferers import SlidingWindowInferer
 from monai.transforms import (
     AsDiscreted,
     EnsureChannelFirstd,
-    LoadImaged,
+    LoadImage,
     MapTransform,
     Orientationd,
     ScaleIntensityRanged,
     Spacingd,
 )
 
-from datasets.io import check_hu
+from datasets.io import check_finite, check_hu
 
 IMAGE_KEY, LABEL_KEY = "image", "label"
 CROP_REGIONS = ("body", "lung", "none")
@@ -40,6 +41,23 @@ BLEND_MODES = ("gaussian", "constant")
 FOREGROUND_THRESHOLD = 0.5
 # Messages of optional MONAI DICOM back ends that are not installed; harmless, so kept quiet.
 _QUIET_READER_WARNINGS = ("NvImgCodecPydicomReader.*",)
+# Logged by MONAI each time a loader is built (once per LoadVolumed, so several times a run). DICOM is
+# read by DicomSeriesReader here, never by MONAI's nvImageCodec reader, so the message does not apply.
+_QUIET_LOG = ("monai.data.nvimgcodec_pydicom_plugin", "nvImageCodec is not available")
+
+
+class _DropMessage(logging.Filter):
+    """Drops the log records whose message starts with ``prefix``; every other record passes."""
+
+    def __init__(self, prefix: str):
+        super().__init__()
+        self.prefix = prefix
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(self.prefix)
+
+
+logging.getLogger(_QUIET_LOG[0]).addFilter(_DropMessage(_QUIET_LOG[1]))
 
 
 @dataclass(frozen=True)
@@ -62,6 +80,8 @@ class SegConfig:
             the window border, less sensitive to where windows fall) or ``"constant"`` (a plain mean,
             MONAI's default, for outputs comparable with ``sliding_window_inference``).
         strict_hu: refuse (instead of warn about) volumes that do not look like HU.
+        fill_nan: HU value that replaces NaN and infinite image voxels; None (the default) refuses
+            such volumes.
     """
 
     spacing: tuple[float, float, float]
@@ -75,6 +95,7 @@ class SegConfig:
     crop_margin: int = 8
     blend_mode: str = "gaussian"
     strict_hu: bool = False
+    fill_nan: float | None = None
 
     def __post_init__(self) -> None:
         _check_triple("spacing", self.spacing, float, positive=True)
@@ -91,6 +112,8 @@ class SegConfig:
             raise ValueError(f"blend_mode must be one of {BLEND_MODES}, got {self.blend_mode!r}")
         if self.sw_batch_size < 1:
             raise ValueError(f"sw_batch_size must be >= 1, got {self.sw_batch_size}")
+        if self.fill_nan is not None and not np.isfinite(self.fill_nan):
+            raise ValueError(f"fill_nan must be a finite HU value, got {self.fill_nan}")
 
     def replace(self, **changes: Any) -> "SegConfig":
         """A copy with ``changes`` applied (None values are ignored), validated again."""
@@ -170,7 +193,14 @@ class DicomSeriesReader(ImageReader):
 
     Slices are ordered by ImagePositionPatient and RescaleSlope/Intercept applied, exactly as
     convert_dicom.py does, so a DICOM input and its converted NIfTI give the same array and affine.
+
+    Args:
+        fill_nan: HU value for NaN and infinite voxels; None refuses them.
     """
+
+    def __init__(self, fill_nan: float | None = None):
+        super().__init__()
+        self.fill_nan = fill_nan
 
     def verify_suffix(self, filename) -> bool:
         paths = filename if isinstance(filename, (list, tuple)) else [filename]
@@ -179,13 +209,12 @@ class DicomSeriesReader(ImageReader):
     def read(self, data, **kwargs):
         from datasets.io import NotHUWarning, read_volume
 
-        # LoadImage tries a user-given reader on every file: decline others so nibabel reads NIfTI.
         if not self.verify_suffix(data):
             raise ValueError(f"{data}: not a DICOM folder or .dcm file")
         path = data[0] if isinstance(data, (list, tuple)) else data
         with warnings.catch_warnings():  # LoadVolumed checks HU itself, naming the case
             warnings.simplefilter("ignore", NotHUWarning)
-            return read_volume(path)
+            return read_volume(path, fill_nan=self.fill_nan)
 
     def get_data(self, img) -> tuple[np.ndarray, dict]:
         """Float32[X, Y, Z] HU and MONAI metadata (RAS affine)."""
@@ -196,38 +225,86 @@ class DicomSeriesReader(ImageReader):
 
 
 class LoadVolumed(MapTransform):
-    """MONAI ``LoadImaged`` + ``EnsureChannelFirstd`` with the project's checks on each case.
+    """MONAI ``LoadImage`` for each key + ``EnsureChannelFirstd``, with the project's checks on each case.
 
-    NIfTI goes through MONAI's nibabel reader, DICOM through :class:`DicomSeriesReader`.
+    DICOM (a folder or a .dcm file) is read by :class:`DicomSeriesReader`, anything else by the
+    MONAI reader its suffix selects (nibabel for NIfTI); a reader's own error is reported, not those
+    of readers that were never meant for the file.
 
-    Checks: the file is readable, the image is a 3D volume (not a 2D slice), its intensities look
-    like HU (``datasets.io.check_hu``), and image and label have the same shape. Every message
-    names the case. Output: MetaTensor[1, X, Y, Z] per key, on the file's own grid.
+    Checks: each key holds a file path (not a class number), the file exists and is not empty,
+    it is readable, the image is a 3D volume (not a 2D slice or a 4D series), no voxel is NaN or
+    infinite (unless ``fill_nan``), the image's intensities look like HU
+    (``datasets.io.check_hu``), and image and label have the same shape. Every message names the
+    case. Output: MetaTensor[1, X, Y, Z] per key, on the file's own grid.
+
+    Args:
+        keys: the volume keys to load.
+        strict_hu: refuse, instead of warning about, an image that does not look like HU.
+        fill_nan: HU value for NaN and infinite image voxels (labels are always refused); None
+            refuses them.
+        allow_missing_keys: skip keys a case does not have.
     """
 
-    def __init__(self, keys: Sequence[str], *, strict_hu: bool = False, allow_missing_keys: bool = True):
+    def __init__(self, keys: Sequence[str], *, strict_hu: bool = False, fill_nan: float | None = None,
+                 allow_missing_keys: bool = True):
         super().__init__(keys, allow_missing_keys)
         with warnings.catch_warnings():
             for message in _QUIET_READER_WARNINGS:
                 warnings.filterwarnings("ignore", message=message)
-            self.loader = LoadImaged(keys, reader=DicomSeriesReader(), image_only=True,
-                                     allow_missing_keys=allow_missing_keys)
+            self.loader = LoadImage(image_only=True)
+        self.dicom = DicomSeriesReader(fill_nan=fill_nan)
         self.channel_first = EnsureChannelFirstd(keys, channel_dim="no_channel", allow_missing_keys=allow_missing_keys)
-        self.strict_hu = strict_hu
+        self.strict_hu, self.fill_nan = strict_hu, fill_nan
 
     def __call__(self, data: dict) -> dict:
         name = case_name(data)
-        try:
-            out = self.channel_first(self.loader(data))
-        except Exception as err:  # MONAI readers raise several types; the cause is kept
-            files = ", ".join(str(data[k]) for k in self.key_iterator(data))
-            raise ValueError(f"case {name}: cannot read {files} as a volume ({_root_message(err)})") from err
+        out = dict(data)
+        for key in self.key_iterator(data):
+            out[key] = self._load(data[key], name, key)
+        out = self.channel_first(out)
         for key in self.key_iterator(out):
             _check_3d(out[key], name, key, data[key])
+            _check_finite(out[key], f"case {name}: {key} {data[key]}", self.fill_nan if key == IMAGE_KEY else None)
         _check_same_shape(out, name, data)
         if IMAGE_KEY in out:
             check_hu(np.asarray(out[IMAGE_KEY][0]), f"case {name} ({data[IMAGE_KEY]})", strict=self.strict_hu)
         return out
+
+    def _load(self, source: Any, name: str, key: str) -> torch.Tensor:
+        """One volume with MONAI metadata, after checking that ``source`` is a file worth reading."""
+        _check_source(source, name, key)
+        reader = self.dicom if self.dicom.verify_suffix(str(source)) else None
+        try:
+            return self.loader(str(source), reader=reader)
+        except Exception as err:  # readers raise many types; the cause is kept
+            raise ValueError(f"case {name}: cannot read {key} {source} as a volume ({_root_message(err)})") from err
+
+
+def _check_source(source: Any, name: str, key: str) -> None:
+    """Refuse a key that holds no file path, a missing path, an empty file or an empty folder."""
+    if isinstance(source, (int, float)) and not isinstance(source, bool) and key == LABEL_KEY:
+        raise ValueError(f"case {name}: 'label' is {source!r}, a class number, not a label volume; this is a "
+                         "classification datalist (entries {'image', 'label_image', 'label': class}), and this "
+                         "task needs a segmentation datalist whose 'label' is a mask file")
+    if not isinstance(source, (str, Path)):
+        raise ValueError(f"case {name}: '{key}' must be a file path, got {source!r}")
+    path = Path(source)
+    if not path.exists():
+        raise FileNotFoundError(f"case {name}: {key} file not found: {path}")
+    if path.is_file() and path.stat().st_size == 0:
+        raise ValueError(f"case {name}: {key} {path} is an empty file (0 bytes); the file is corrupt or "
+                         "was not fully written")
+    if path.is_dir() and not any(p.is_file() for p in path.iterdir()):
+        raise ValueError(f"case {name}: no DICOM files or volume found in {key} folder {path} (it holds no file)")
+
+
+def _check_finite(volume: torch.Tensor, label: str, fill_nan: float | None) -> None:
+    """Refuse NaN/infinite voxels of a loaded volume, or fill them in place (metadata kept)."""
+    values = volume.numpy()  # shares memory with the CPU tensor
+    filled = check_finite(values, label, fill_nan=fill_nan)
+    if filled is not values:
+        values[...] = filled
+
 
 
 def seg_preprocessing(config: SegConfig, *, keys: Sequence[str] = (IMAGE_KEY, LABEL_KEY)) -> list:
@@ -244,7 +321,7 @@ def seg_preprocessing(config: SegConfig, *, keys: Sequence[str] = (IMAGE_KEY, LA
     modes = tuple("bilinear" if k == IMAGE_KEY else "nearest" for k in keys)
     low, high = config.hu_window
     transforms = [
-        LoadVolumed(keys, strict_hu=config.strict_hu),
+        LoadVolumed(keys, strict_hu=config.strict_hu, fill_nan=config.fill_nan),
         Orientationd(keys, axcodes=config.orientation, labels=None),
         Spacingd(keys, pixdim=config.spacing, mode=modes),
         ScaleIntensityRanged(IMAGE_KEY, a_min=low, a_max=high, b_min=0.0, b_max=1.0, clip=True),
@@ -276,6 +353,9 @@ def case_name(data: dict) -> str:
 
 def _check_3d(volume: torch.Tensor, name: str, key: str, source: Any) -> None:
     spatial = tuple(volume.shape[1:])
+    if len(spatial) > 3:
+        raise ValueError(f"case {name}: {key} {source} is {len(spatial)}D with shape {spatial}; volumetric "
+                         "tasks need one 3D volume [X, Y, Z]")
     if len(spatial) != 3 or min(spatial) < 2:
         raise ValueError(f"case {name}: {key} {source} has spatial shape {spatial}, a 2D image; "
                          "volumetric tasks need a 3D volume [X, Y, Z] with at least 2 slices")

@@ -168,7 +168,8 @@ def predict_case(case: dict, *, model: torch.nn.Module, task: Task, config: SegC
     Raises:
         ValueError: naming the case for unreadable or invalid input.
     """
-    keys = (IMAGE_KEY, LABEL_KEY) if case.get(LABEL_KEY) else (IMAGE_KEY,)
+    # A class number 0 is a label too: LoadVolumed refuses it clearly instead of it being ignored.
+    keys = (IMAGE_KEY, LABEL_KEY) if case.get(LABEL_KEY) not in (None, "") else (IMAGE_KEY,)
     transforms = task.preprocessing(config, keys=keys)
     loaded = _apply(transforms[0], case)
     rest = Compose(transforms[1:])
@@ -262,7 +263,7 @@ def validate_cases(cases: list[dict], *, model: torch.nn.Module, task: Task, con
 
     rows = []
     for case in tqdm(cases, desc="validate", disable=not progress):
-        if not case.get(LABEL_KEY):
+        if case.get(LABEL_KEY) in (None, ""):
             raise ValueError(f"case {case_name(case)}: validation needs a 'label' file")
         out = predict_case(case, model=model, task=task, config=config, device=device, amp=amp)
         dice = dice_per_class(out["mask"] > 0, out["label"] > 0, num_classes=2, ignore_empty=ignore_empty)[0]
