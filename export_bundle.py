@@ -21,6 +21,7 @@ import argparse
 from pathlib import Path
 
 from models.volumetric.bundle import EXPORTABLE_TASKS, export_bundle
+from utils.cli import run_cli
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -47,4 +48,4 @@ def main(args: argparse.Namespace) -> Path:
 
 
 if __name__ == "__main__":
-    main(get_args_parser().parse_args())
+    run_cli(main, get_args_parser())

@@ -222,6 +222,15 @@ def test_export_errors_name_the_problem(tmp_path, bundles):
         _export(lesion_ckpt, "lesion_seg", bundles["lesion_seg"][1])
 
 
+def test_bundle_that_would_replace_its_checkpoint_is_refused(tmp_path):
+    """A checkpoint kept as the bundle's models/model.pt is not overwritten, even with --overwrite."""
+    ckpt = _checkpoint(tmp_path / "bundle" / "models" / "model.pt", "lesion_seg")
+    before = ckpt.read_bytes()
+    with pytest.raises(ValueError, match="model.pt is the input .*model.pt"):
+        _export(ckpt, "lesion_seg", tmp_path / "bundle", "--overwrite")
+    assert ckpt.read_bytes() == before and not (tmp_path / "bundle" / "configs").exists()
+
+
 def test_checkpoint_with_another_builder_is_refused(tmp_path):
     covid = get_task("covid_cls")
     model, kwargs = covid.build_network(**TINY_NET)

@@ -31,8 +31,12 @@ from monai.transforms import Identity, KeepLargestConnectedComponent
 from models.volumetric.common import SegConfig, Task, hu_to_unit
 from utils.checkpoint import resolve_builder
 from utils.manifest import sha256_file
+from utils.paths import refuse_overwriting_inputs
 
 EXPORTABLE_TASKS = ("lung_seg", "lesion_seg", "covid_cls")
+# The files export_bundle writes, relative to the bundle folder.
+BUNDLE_FILES = ("configs/metadata.json", "configs/inference.json", "configs/logging.conf", "models/model.pt",
+                "docs/README.md")
 # Project builder -> (MONAI network the builder returns, constructor arguments the builder fixes).
 NETWORKS = {
     "models.volumetric.lung_seg.build_network": ("AHNet", {"spatial_dims": 3, "pretrained": False}),
@@ -362,10 +366,12 @@ def export_bundle(*, ckpt_path: str | Path, task_name: str, out_dir: str | Path,
         The bundle folder.
 
     Raises:
-        ValueError, FileNotFoundError: see :func:`load_exportable`; also for a non-empty ``out_dir``.
+        ValueError, FileNotFoundError: see :func:`load_exportable`; also for a non-empty ``out_dir``
+            and for a bundle file that would replace the checkpoint.
     """
-    task, config, ckpt = load_exportable(ckpt_path, task_name=task_name)
     out = Path(out_dir)
+    refuse_overwriting_inputs([ckpt_path], [out / name for name in BUNDLE_FILES])
+    task, config, ckpt = load_exportable(ckpt_path, task_name=task_name)
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise ValueError(f"{out}: folder exists and is not empty; choose another --out or pass --overwrite")
     network_def = network_definition(ckpt["builder"], ckpt["builder_kwargs"])
