@@ -10,7 +10,9 @@ Canonical command::
 segmented with a sliding window (the task's ROI and overlap, Gaussian blending unless
 ``--blend_mode constant``) and the mask is resampled back with MONAI's inverse transforms:
 ``<case>_<task>.nii.gz`` has exactly the input's shape and affine. ``<case>_<task>.png`` shows axial slices with the mask overlaid, and
-``predictions.csv`` lists every case with its foreground volume in millilitres.
+``predictions.csv`` lists every case with its foreground volume in millilitres. A volume with NaN
+or infinite voxels is refused unless ``--fill_nan HU`` says what they stand for, and no output may
+replace an input (checked before anything is written).
 
 covid_cls (``--task covid_cls``) writes the COVID-19 probability of each case to predictions.csv. A
 case's lung mask is its ``label_image`` in a dataset.json; without one, the lung_seg checkpoint
@@ -29,10 +31,12 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from datasets.volumes import PATH_KEYS
 from models.volumetric import task_names, task_stage
-from models.volumetric.common import BLEND_MODES, CROP_REGIONS
+from models.volumetric.common import BLEND_MODES, CROP_REGIONS, IMAGE_KEY
 from models.volumetric.inference import input_cases, load_task_model, predict_case, save_mask
-from utils.cli import add_device_args, resolve_device
+from utils.cli import add_device_args, resolve_device, run_cli
+from utils.paths import refuse_overwriting_inputs
 from utils.plots_volume import axial_montage
 
 
@@ -54,6 +58,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--amp", action="store_true", help="mixed precision inside the network (default: off)")
     parser.add_argument("--saliency", choices=("gradcam", "gradcampp"), default=None, help="covid_cls: write a saliency map per case (default: none)")
     parser.add_argument("--lung_ckpt", default=None, help="covid_cls: lung_seg checkpoint for cases without a lung mask (default: none)")
+    parser.add_argument("--fill_nan", type=float, default=None, metavar="HU",
+                        help="HU value that replaces NaN and infinite voxels of the input, e.g. -1000 for air "
+                             "(default: refuse such volumes)")
     add_device_args(parser)
     return parser
 
@@ -76,14 +83,16 @@ def write_case_outputs(out: dict, folder: Path, *, task_name: str, window: tuple
 def main(args: argparse.Namespace) -> list[dict]:
     """Segment every input case; returns the predictions.csv rows."""
     device = resolve_device(args.device)
-    model, task, config, _ = load_task_model(args.ckpt, device=device, task_name=args.task)
-    overlap = args.overlap[0] if args.overlap and len(args.overlap) == 1 else args.overlap
-    config = config.replace(overlap=overlap, sw_batch_size=args.sw_batch_size,
-                            crop_region=args.crop_region, blend_mode=args.blend_mode)
     cases = input_cases(args.input, data_root=args.data_root, section=args.section)
     if not cases:
         raise ValueError(f"--input {args.input}: no cases in section {args.section!r}")
     folder = Path(args.output)
+    refuse_overwriting_inputs(input_files(args, cases), output_files(cases, task_name=args.task, folder=folder))
+    model, task, config, _ = load_task_model(args.ckpt, device=device, task_name=args.task)
+    overlap = args.overlap[0] if args.overlap and len(args.overlap) == 1 else args.overlap
+    config = config.replace(overlap=overlap, sw_batch_size=args.sw_batch_size,
+                            crop_region=args.crop_region, blend_mode=args.blend_mode, fill_nan=args.fill_nan)
+    _check_fill_nan(task, config, args.fill_nan)
     if task.kind != "segmentation":
         rows = _infer_other_kind(args, cases, model=model, task=task, config=config, device=device, folder=folder)
     else:
@@ -95,6 +104,30 @@ def main(args: argparse.Namespace) -> list[dict]:
         writer.writerows(rows)
     print(f"{len(rows)} case(s) -> {folder}")
     return rows
+
+
+def input_files(args: argparse.Namespace, cases: list[dict]) -> list[str]:
+    """Every file the run reads: the input, the checkpoints and each case's volumes."""
+    paths = [args.input, args.ckpt, args.lung_ckpt]
+    for case in cases:
+        for value in (case.get(key) for key in PATH_KEYS):
+            paths.extend(value if isinstance(value, list) else [value] if isinstance(value, str) else [])
+    return paths
+
+
+def output_files(cases: list[dict], *, task_name: str, folder: Path) -> list[Path]:
+    """Every file the run may write (masks, montages, saliency maps, lung masks, predictions.csv)."""
+    stems = [f"{case['case']}_{what}" for case in cases for what in (task_name, "saliency", "lung_seg")]
+    return [folder / "predictions.csv", *(folder / f"{stem}{ext}" for stem in stems for ext in (".nii.gz", ".png"))]
+
+
+def _check_fill_nan(task, config, fill_nan: float | None) -> None:
+    """Refuse ``--fill_nan`` for a task whose volume loader would not apply it."""
+    if fill_nan is None:
+        return
+    loader = task.preprocessing(config, keys=(IMAGE_KEY,))[0]
+    if getattr(loader, "fill_nan", None) != fill_nan:
+        raise ValueError(f"--fill_nan: task {task.name} does not support filling NaN voxels")
 
 
 def _infer_other_kind(args, cases, *, model, task, config, device, folder: Path) -> list[dict]:
@@ -117,4 +150,4 @@ def _segment_cases(args, cases, *, model, task, config, device, folder: Path) ->
 
 
 if __name__ == "__main__":
-    main(get_args_parser().parse_args())
+    run_cli(main, get_args_parser())
