@@ -22,11 +22,18 @@ Lesions are split into ground-glass opacity and consolidation by Hounsfield band
 ``report.json`` and ``report.html`` with montages. A folder of slices has neither Hounsfield units
 nor geometry: ``--png_window`` and ``--png_spacing`` state them, and the stacked volume is written
 as ``scan.nii.gz``.
+
+Input that would give a clean-looking but wrong report is refused: intensities that do not look like
+Hounsfield units (``--allow_non_hu`` goes on anyway), NaN or infinite voxels (``--fill_nan HU``
+replaces them; the filled volume is written as ``scan.nii.gz``), slice pictures with missing slice
+numbers, and an ``--out`` where an output would replace an input. Every warning of the analysis is
+listed in ``report.json`` ("warnings") and at the top of ``report.html``.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -35,7 +42,7 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from datasets.io import NotHUWarning, Volume, read_volume, write_nifti
+from datasets.io import NotHUError, NotHUWarning, Volume, read_volume, write_nifti
 from datasets.png_stack import read_png_stack
 from datasets.synthetic.chest import LUNG_WINDOW, hu_to_png
 from models.volumetric.covid_cls import MASK_KEY
@@ -44,9 +51,10 @@ from models.volumetric.saliency import save_saliency_outputs
 from utils import quantify as q
 from utils.checkpoint import load_checkpoint
 from utils.classification_metrics import to_jsonable
-from utils.cli import add_device_args, resolve_device
+from utils.cli import add_device_args, resolve_device, run_cli
 from utils.manifest import MissingModelError, resolve_model, sha256_file
 from utils.model_io import load_model_for_inference
+from utils.paths import refuse_overwriting_inputs
 from utils.scan_report import write_report
 
 # Pipeline model -> (flag, manifest name, the script that trains it).
@@ -59,6 +67,10 @@ CLASSIFIER_BUILDER = "models.mask_net.covid_mask_net"
 COVID_CLASS = 2  # slice classes: 0 Control, 1 CP, 2 COVID-19
 LUNG_SLICE_FRACTION = 0.25  # 2D step: slices with at least this fraction of the largest lung area
 LESION_MARGIN_VOXELS = 2  # lesions this close to the lung (in-plane) count as lung
+SCAN_CASE = "scan"  # case name of the 3D classifier, which names its saliency files
+# Every file a run may write into --out; none may be an input.
+OUTPUT_FILES = ("scan.nii.gz", "lungs.nii.gz", "lesions.nii.gz", "report.json", "report.html", "montage_lungs.png",
+                "montage_lesions.png", "slice_profile.png", f"{SCAN_CASE}_saliency.nii.gz", f"{SCAN_CASE}_saliency.png")
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -82,6 +94,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--png_spacing", type=float, nargs=3, default=(0.7, 0.7, 5.0),
                    help="column, row and slice spacing of PNG slices in mm (default: 0.7 0.7 5.0)")
     p.add_argument("--batch_size", type=int, default=8, help="slices per batch of the 2D model (default: 8)")
+    p.add_argument("--allow_non_hu", action="store_true",
+                   help="analyse a volume whose intensities do not look like Hounsfield units; the warning goes "
+                        "into the report (default: refuse it)")
+    p.add_argument("--fill_nan", type=float, default=None, metavar="HU",
+                   help="HU value that replaces NaN and infinite voxels, e.g. -1000 for air; the report says so "
+                        "(default: refuse such volumes)")
     add_device_args(p)
     return p
 
@@ -110,12 +128,21 @@ def resolve_model_paths(args: argparse.Namespace) -> dict[str, Path]:
     return paths
 
 
-def load_scan(path: str | Path, *, out: Path, png_window, png_spacing) -> tuple[Volume, Path, dict | None]:
+def load_scan(path: str | Path, *, out: Path, png_window, png_spacing, allow_non_hu: bool = False,
+              fill_nan: float | None = None) -> tuple[Volume, Path, dict | None]:
     """The scan as a HU volume, a file the 3D models can read (the input, or ``scan.nii.gz``), and
-    the assumptions made for a folder of slices (None for NIfTI and DICOM).
+    the assumptions made: for a folder of slices, and ``fill_nan`` (None when there are none).
+
+    Args:
+        path: NIfTI file, DICOM folder or folder of slice pictures.
+        out: output folder, for ``scan.nii.gz``.
+        png_window, png_spacing: what slice pictures stand for (see :func:`read_png_stack`).
+        allow_non_hu: warn about intensities that do not look like HU instead of refusing them.
+        fill_nan: HU value for NaN and infinite voxels; None refuses them.
 
     Raises:
-        FileNotFoundError, ValueError: naming the input when it is missing or unreadable.
+        FileNotFoundError, ValueError: naming the input when it is missing, unreadable, not in HU
+            (unless ``allow_non_hu``) or holds NaN voxels (unless ``fill_nan``).
     """
     path = Path(path)
     if not path.exists():
@@ -124,12 +151,26 @@ def load_scan(path: str | Path, *, out: Path, png_window, png_spacing) -> tuple[
         volume = read_png_stack(path, window=png_window, spacing=png_spacing)
         assumed = {"png_window_hu": list(png_window), "png_spacing_mm": list(png_spacing)}
         return volume, write_nifti(volume, out / "scan.nii.gz"), assumed
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", NotHUWarning)
-        volume = read_volume(path)
+    try:
+        volume = read_volume(path, strict_hu=not allow_non_hu, fill_nan=fill_nan)
+    except NotHUError as err:
+        raise NotHUError(f"{err}; lesion types and volumes would be wrong (--allow_non_hu analyses it anyway)") from err
+    if fill_nan is None:
+        return volume, path, None
+    return volume, write_nifti(volume, out / "scan.nii.gz"), {"fill_nan_hu": fill_nan}  # the models read it filled
+
+
+def run_warnings(caught: list[warnings.WarningMessage]) -> list[str]:
+    """The warnings of a run as "Category: message", each once.
+
+    The models' loaders repeat the reader's not-HU warning for the same scan, so only the first
+    NotHUWarning is kept.
+    """
+    unique = {}
     for w in caught:
-        print(f"warning: {w.message}")
-    return volume, path, None
+        key = NotHUWarning if issubclass(w.category, NotHUWarning) else (w.category, str(w.message))
+        unique.setdefault(key, f"{w.category.__name__}: {w.message}")
+    return list(unique.values())
 
 
 def _is_dicom(path: Path) -> bool:
@@ -170,7 +211,7 @@ def covid_probability_3d(ckpt: Path, image_path: Path, lungs_path: Path, *, devi
     from models.volumetric.covid_cls import predict_case as classify
 
     model, _, config, _ = load_task_model(ckpt, device=device, task_name="covid_cls")
-    result = classify({"image": str(image_path), MASK_KEY: str(lungs_path), "case": "scan"}, model=model,
+    result = classify({"image": str(image_path), MASK_KEY: str(lungs_path), "case": SCAN_CASE}, model=model,
                       config=config, device=device, saliency="gradcam")
     files = save_saliency_outputs(result, out, hu_window=config.hu_window)
     return {"probability": result["probability"], "threshold": config.threshold, **files}
@@ -227,10 +268,35 @@ def main(args: argparse.Namespace) -> dict:
     device = resolve_device(args.device)
     out = Path(args.out)
     paths = resolve_model_paths(args)  # fail before any work when a model is missing
+    refuse_overwriting_inputs([args.input, *paths.values()], [out / name for name in OUTPUT_FILES])
     out.mkdir(parents=True, exist_ok=True)
     steps = _Steps(4 + len(paths) - 2)  # read, two segmentations, the classifiers, report
+    with warnings.catch_warnings(record=True) as caught:  # every warning of the analysis goes into the report
+        try:
+            scan = analyse(args, paths, out=out, device=device, steps=steps)
+        finally:  # shown also when the analysis fails
+            messages = run_warnings(caught)
+            for message in messages:
+                print(f"warning: {message}", file=sys.stderr)
+    report = _report(args, scan, paths, steps.seconds, messages)
+    with steps("report"):
+        page = write_report(report, scan["volume"].array, scan["lungs"], scan["lesions"], scan["affine"], out)
+    print(f"report: {page}")
+    return report
+
+
+def analyse(args: argparse.Namespace, paths: dict[str, Path], *, out: Path, device: torch.device,
+            steps: _Steps) -> dict:
+    """Read the scan, segment lungs and lesions, write the masks and run the classifiers.
+
+    Returns:
+        ``volume`` (:class:`Volume`), ``affine`` Float64[4, 4], ``lungs`` and ``lesions`` UInt8[X, Y, Z],
+        ``covid`` (per classifier), ``files`` (written masks) and ``assumed`` (dict or None).
+    """
     with steps("reading the scan"):
-        volume, image_path, assumed = load_scan(args.input, out=out, png_window=args.png_window, png_spacing=args.png_spacing)
+        volume, image_path, assumed = load_scan(args.input, out=out, png_window=args.png_window,
+                                                png_spacing=args.png_spacing, allow_non_hu=args.allow_non_hu,
+                                                fill_nan=args.fill_nan)
     with steps("lung segmentation"):
         lung, affine = segment("lung_seg", paths["lung_seg"], image_path, device=device)
     with steps("lesion segmentation"):
@@ -248,26 +314,26 @@ def main(args: argparse.Namespace) -> dict:
             covid["mask_net_classifier"] = covid_probability_2d(
                 paths["mask_net_classifier"], volume.array, lungs, affine, window=tuple(args.slice_window),
                 device=device, batch_size=args.batch_size)
-    report = _report(args, volume, affine, lungs, lesions, covid, paths, files, steps.seconds, assumed)
-    with steps("report"):
-        page = write_report(report, volume.array, lungs, lesions, affine, out)
-    print(f"report: {page}")
-    return report
+    return {"volume": volume, "affine": affine, "lungs": lungs, "lesions": lesions, "covid": covid, "files": files,
+            "assumed": assumed}
 
 
-def _report(args, volume: Volume, affine, lungs, lesions, covid, paths, files, seconds, assumed) -> dict:
-    report = {"input": str(args.input), "grid": {"shape": list(volume.array.shape), "spacing_mm": list(volume.spacing),
-                                                  "affine": np.asarray(affine).tolist()},
-              "quantities": q.quantify(lungs, lesions, affine),
+def _report(args, scan: dict, paths, seconds, messages: list[str]) -> dict:
+    """The report dict, also written as ``report.json``."""
+    volume, affine = scan["volume"], scan["affine"]
+    report = {"input": str(args.input), "warnings": messages,
+              "grid": {"shape": list(volume.array.shape), "spacing_mm": list(volume.spacing),
+                       "affine": np.asarray(affine).tolist()},
+              "quantities": q.quantify(scan["lungs"], scan["lesions"], affine),
               "conventions": {"lesion_types": f"Hounsfield bands: consolidation >= {args.consolidation_hu} HU, "
                                               "GGO below, inside the lesion mask",
                               "severity_score": "per lung, 0 none, 1 <5%, 2 5-25%, 3 25-50%, 4 50-75%, 5 >=75% "
                                                 "of the lung involved; total 0-10",
                               "lungs": "1 left, 2 right", "lesions": "1 GGO, 2 consolidation"},
-              "covid": covid, "models": [model_card(n, p) for n, p in paths.items()], "files": files,
+              "covid": scan["covid"], "models": [model_card(n, p) for n, p in paths.items()], "files": scan["files"],
               "seconds": seconds}
-    if assumed:
-        report["assumed"] = assumed
+    if scan["assumed"]:
+        report["assumed"] = scan["assumed"]
     (Path(args.out) / "report.json").write_text(json.dumps(to_jsonable(report), indent=2) + "\n")
     return report
 
@@ -296,4 +362,4 @@ class _Steps:
 
 
 if __name__ == "__main__":
-    main(get_args_parser().parse_args())
+    run_cli(main, get_args_parser())

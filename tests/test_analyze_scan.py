@@ -84,6 +84,7 @@ def test_outputs_are_on_the_input_grid_and_the_report_matches_the_masks(tmp_path
     assert all(0.0 <= c["probability"] <= 1.0 for c in report["covid"].values())
     assert [m["name"] for m in report["models"]] == ["lung_seg", "lesion_seg", "covid_cls", "mask_net_classifier"]
     assert all(len(m["sha256"]) == 64 for m in report["models"])
+    assert json.loads((out / "report.json").read_text())["warnings"] == []  # a clean run says so
     page = (out / "report.html").read_text()
     for picture in ("montage_lungs.png", "montage_lesions.png", "slice_profile.png", "scan_saliency.png"):
         assert (out / picture).stat().st_size > 1000 and picture in page
@@ -148,15 +149,70 @@ def test_missing_model_names_it_and_how_to_produce_it(tmp_path, checkpoints):
         _run([str(tmp_path / "scan.nii.gz"), "--out", str(out), "--lung_ckpt", str(tmp_path / "nope.pth")])
 
 
-def test_bad_inputs_are_named(tmp_path, checkpoints, capsys):
+def test_bad_inputs_are_named(tmp_path, checkpoints):
     with pytest.raises(FileNotFoundError, match="input not found: .*missing.nii.gz"):
         _run([str(tmp_path / "missing.nii.gz"), "--out", str(tmp_path / "o1"), *_flags(checkpoints)])
     flat = tmp_path / "flat.nii.gz"
     nib.save(nib.Nifti1Image(np.zeros((16, 16), np.int16), np.eye(4)), flat)
     with pytest.raises(ValueError, match="flat.nii.gz"):
         _run([str(flat), "--out", str(tmp_path / "o2"), *_flags(checkpoints)])
+
+
+def test_non_hu_input_is_refused_unless_allowed_and_then_reported(tmp_path, checkpoints, capsys):
     volume = chest_phantom(seed=2)
     grey = tmp_path / "grey.nii.gz"  # 0-255 intensities, not Hounsfield units
     nib.save(nib.Nifti1Image(hu_to_png(volume["image"]).astype(np.int16), volume["affine"]), grey)
-    _run([str(grey), "--out", str(tmp_path / "o3"), *_flags(checkpoints), "--skip", "covid_cls", "mask_net_classifier"])
-    assert "grey.nii.gz" in capsys.readouterr().out.split("warning:")[1]
+    argv = [str(grey), "--out", str(tmp_path / "o3"), *_flags(checkpoints), "--skip", "covid_cls",
+            "mask_net_classifier"]
+    with pytest.raises(ValueError, match=r"grey.nii.gz: .*Hounsfield units: values span \[\d+, 255\], an 8-bit "
+                                         "image.*--allow_non_hu"):
+        _run(argv)
+    assert not (tmp_path / "o3" / "report.json").exists()
+    report = _run([*argv, "--allow_non_hu"])
+    (message,) = report["warnings"]  # the models' loaders repeat it; the report lists it once
+    assert message.startswith("NotHUWarning: ") and "grey.nii.gz" in message and "8-bit image" in message
+    assert json.loads((tmp_path / "o3" / "report.json").read_text())["warnings"] == [message]
+    page = (tmp_path / "o3" / "report.html").read_text()
+    assert page.index("Warnings (1)") < page.index("Lungs and lesions") and "grey.nii.gz" in page
+    assert "grey.nii.gz" in capsys.readouterr().err.split("warning:")[1]
+
+
+def test_output_that_is_the_input_is_refused(tmp_path, checkpoints):
+    """An input named lungs.nii.gz with --out its own folder was replaced by the lung mask."""
+    _write_scan(tmp_path / "lungs.nii.gz")
+    before = (tmp_path / "lungs.nii.gz").read_bytes()
+    with pytest.raises(ValueError, match=r"output .*lungs.nii.gz is the input .*lungs.nii.gz"):
+        _run([str(tmp_path / "lungs.nii.gz"), "--out", str(tmp_path), *_flags(checkpoints)])
+    (tmp_path / "link").symlink_to(tmp_path)
+    with pytest.raises(ValueError, match="is the input"):  # the same folder by another name
+        _run([str(tmp_path / "lungs.nii.gz"), "--out", str(tmp_path / "link"), *_flags(checkpoints)])
+    assert (tmp_path / "lungs.nii.gz").read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link", "lungs.nii.gz"]
+
+
+def test_nan_voxels_are_refused_or_filled_and_reported(tmp_path, monkeypatch, checkpoints):
+    """0.6 % NaN voxels gave an empty lung mask, 0 mL and severity 0 with exit 0."""
+    volume, affine = _write_scan(tmp_path / "clean.nii.gz", seed=5)
+    image = volume["image"].astype(np.float32)
+    image.flat[::160] = np.nan
+    nib.save(nib.Nifti1Image(image, affine), tmp_path / "scan_nan.nii.gz")
+    argv = [str(tmp_path / "scan_nan.nii.gz"), "--out", str(tmp_path / "out"), "--skip", "covid_cls",
+            "mask_net_classifier"]
+    bad = int(np.isnan(image).sum())
+    with pytest.raises(ValueError, match=rf"scan_nan.nii.gz: {bad} of {image.size} voxels are NaN or infinite"):
+        _run([*argv, *_flags(checkpoints)])
+    read = {}
+
+    def segment(name, ckpt, image_path, **_):
+        read[name] = nib.load(image_path).get_fdata()
+        return (volume["lung" if name == "lung_seg" else "lesion"] > 0).astype(np.uint8), affine
+
+    monkeypatch.setattr(analyze_scan, "segment", segment)
+    monkeypatch.setattr(analyze_scan, "resolve_model_paths",
+                        lambda args: {k: checkpoints[k] for k in ("lung_seg", "lesion_seg")})
+    report = _run([*argv, "--fill_nan", "-1000"])
+    assert all(np.isfinite(a).all() and (a[np.isnan(image)] == -1000).all() for a in read.values())
+    assert report["assumed"] == {"fill_nan_hu": -1000.0}
+    assert report["warnings"] == [f"NonFiniteWarning: {tmp_path / 'scan_nan.nii.gz'}: {bad} of {image.size} voxels "
+                                  "are NaN or infinite; replaced by -1000 HU"]
+    assert report["quantities"]["total"]["lung_ml"] > 0

@@ -1,7 +1,8 @@
 """The report a person reads for one analysed scan: montages, quantities, probabilities, models.
 
 :func:`write_report` takes the ``report.json`` dict of ``analyze_scan.py`` and the masks, draws the
-pictures next to it and writes ``report.html`` (self-contained apart from the PNGs beside it).
+pictures next to it and writes ``report.html`` (self-contained apart from the PNGs beside it). The
+run's warnings, when there are any, come first, so that a report never looks clean when the run was not.
 """
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ def write_report(report: dict, image: np.ndarray, lungs: np.ndarray, lesions: np
     """Draw the pictures and write ``<out>/report.html``.
 
     Args:
-        report: the ``report.json`` dict (``quantities``, ``covid``, ``models``, ``files``, ...).
+        report: the ``report.json`` dict (``quantities``, ``covid``, ``models``, ``files``, ``warnings``, ...).
         image: Float[X, Y, Z] HU; lungs, lesions: UInt8[X, Y, Z] label maps; affine: Float64[4, 4].
         out: output folder.
 
@@ -35,7 +36,8 @@ def write_report(report: dict, image: np.ndarray, lungs: np.ndarray, lesions: np
     """
     out = Path(out)
     pictures = draw_pictures(report, image, lungs, lesions, affine, out)
-    sections = [_header(report), _quantity_table(report["quantities"]), _covid_table(report["covid"]),
+    sections = [_header(report), _warning_box(report.get("warnings", [])), _quantity_table(report["quantities"]),
+                _covid_table(report["covid"]),
                 *(f"<h2>{html.escape(title)}</h2><p><img src='{html.escape(p.name)}' alt='{html.escape(title)}'></p>"
                   for title, p in pictures.items()),
                 _models_table(report["models"]), _conventions(report)]
@@ -43,6 +45,7 @@ def write_report(report: dict, image: np.ndarray, lungs: np.ndarray, lesions: np
     page.write_text("<!doctype html><meta charset=utf-8><title>Chest CT report</title>"
                     "<style>body{font-family:sans-serif;max-width:1100px;margin:auto}img{max-width:100%}"
                     "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}"
+                    ".warnings{background:#fff3cd;border:2px solid #d39e00;padding:4px 12px}"
                     "</style>\n" + "\n".join(sections) + "\n")
     return page
 
@@ -99,10 +102,19 @@ def _header(report: dict) -> str:
     grid = report["grid"]
     spacing = " x ".join(f"{s:.2f}" for s in grid["spacing_mm"])
     assumed = report.get("assumed")
-    note = (f"<p><b>Slice pictures:</b> Hounsfield units and spacing are assumed "
-            f"({html.escape(str(assumed))}); volumes are only as right as these.</p>") if assumed else ""
+    note = (f"<p><b>Assumed, not read from the scan:</b> {html.escape(str(assumed))}; volumes and lesion types "
+            "are only as right as these.</p>") if assumed else ""
     return (f"<h1>Chest CT report</h1><p>Input: <code>{html.escape(report['input'])}</code><br>"
             f"Grid: {' x '.join(map(str, grid['shape']))} voxels of {spacing} mm</p>{note}")
+
+
+def _warning_box(messages: list[str]) -> str:
+    """The run's warnings, highlighted; empty when there are none."""
+    if not messages:
+        return ""
+    items = "".join(f"<li>{html.escape(m)}</li>" for m in messages)
+    return (f"<div class='warnings'><h2>Warnings ({len(messages)})</h2><p>The analysis warned about its input; "
+            f"read the results with these in mind.</p><ul>{items}</ul></div>")
 
 
 def _quantity_table(quantities: dict) -> str:
