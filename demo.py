@@ -22,6 +22,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from utils.cli import run_cli
+
 
 @dataclass
 class Step:
@@ -164,7 +166,7 @@ def run_step(step: Step, logs: Path) -> dict:
     """Run one step, tee its output to its log, and return a record for the page.
 
     Raises:
-        RuntimeError: naming the step and its log when the script fails.
+        ChildProcessError: naming the step and its log when the script fails.
     """
     cmd = [sys.executable, *step.argv]
     log = logs / f"{step.name}.log"
@@ -180,7 +182,7 @@ def run_step(step: Step, logs: Path) -> dict:
         code = proc.wait()
     seconds = time.time() - start
     if code != 0:
-        raise RuntimeError(f"demo step '{step.name}' failed with exit code {code}; see {log}")
+        raise ChildProcessError(f"demo step '{step.name}' failed with exit code {code}; see {log}")
     return {"step": step, "seconds": seconds, "log": log}
 
 
@@ -239,4 +241,4 @@ def _pending(args: argparse.Namespace, data: Path, out: Path, done: set[str]) ->
 
 
 if __name__ == "__main__":
-    main(get_args_parser().parse_args())
+    run_cli(main, get_args_parser())

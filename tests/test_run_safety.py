@@ -236,15 +236,40 @@ def test_resume_from_a_checkpoint_of_another_kind_names_it(seg_root, cls_root, s
         train(train_segmentation, seg_argv(seg_root, tmp_path / "d", "--resume", str(seg_ckpt), "--truncation", "1"))
 
 
-def test_a_user_error_in_train_volumetric_exits_1_with_one_line(tmp_path):
-    bad = tmp_path / "dataset.json"
-    bad.write_text(json.dumps({"training": [{"image": "missing.nii.gz", "label": "missing_label.nii.gz"}],
-                               "validation": [{"image": "missing.nii.gz", "label": "missing_label.nii.gz"}]}))
-    proc = subprocess.run([sys.executable, "train_volumetric.py", *vol_argv(bad, tmp_path / "run")],
+def _eight_bit_datalist(datalist, tmp_path):
+    """The datalist with its first training image rescaled to 0..255 (not HU)."""
+    import nibabel as nib
+    import numpy as np
+
+    listing = json.loads(datalist.read_text())
+    source = nib.load(datalist.parent / listing["training"][0]["image"])
+    array = np.asarray(source.dataobj, dtype=np.float32)
+    scaled = ((array - array.min()) / (array.max() - array.min()) * 255).astype(np.uint8)
+    nib.save(nib.Nifti1Image(scaled, source.affine), tmp_path / "eight_bit.nii.gz")
+    listing["training"][0]["image"] = str(tmp_path / "eight_bit.nii.gz")
+    path = datalist.parent / f"eight_bit_{tmp_path.name}.json"  # beside the original: relative labels resolve
+    path.write_text(json.dumps(listing))
+    return path, "eight_bit.nii.gz"
+
+
+def _missing_file_datalist(datalist, tmp_path):
+    entry = {"image": "missing.nii.gz", "label": "missing_label.nii.gz"}
+    (tmp_path / "missing.json").write_text(json.dumps({"training": [entry], "validation": [entry]}))
+    return tmp_path / "missing.json", "missing.nii.gz"
+
+
+@pytest.mark.parametrize("make_bad", [_missing_file_datalist, _eight_bit_datalist])
+def test_a_user_error_in_train_volumetric_exits_1_with_one_line(datalist, tmp_path, make_bad):
+    """Once, a ValueError raised while MONAI cached the cases ended in SIGABRT (exit 134)."""
+    bad, name = make_bad(datalist, tmp_path)
+    proc = subprocess.run([sys.executable, "train_volumetric.py", *vol_argv(bad, tmp_path / "run"), "--strict_hu"],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 1, proc.stderr[-2000:]
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and "missing.nii.gz" in errors[0] and "Traceback" not in proc.stderr
+    assert len(errors) == 1 and name in errors[0] and "Traceback" not in proc.stderr
+    debug = subprocess.run([sys.executable, "train_volumetric.py", *vol_argv(bad, tmp_path / "run"), "--strict_hu",
+                            "--debug"], capture_output=True, text=True, timeout=300)
+    assert debug.returncode == 1 and "Traceback" in debug.stderr and name in debug.stderr
 
 
 def test_a_single_case_last_batch_is_dropped_so_batchnorm_can_train(tmp_path, monkeypatch):

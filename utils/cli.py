@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import traceback
 
 import torch
 
@@ -83,15 +84,16 @@ def args_to_dict(args: argparse.Namespace) -> dict:
 
 
 # Exceptions that mean "the input or a flag is wrong": one line, no traceback (``--debug`` shows it).
+# ChildProcessError: a step of a pipeline script failed (its own message was shown already).
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError,
-               PermissionError, FloatingPointError)
+               PermissionError, FloatingPointError, ChildProcessError)
 
 
 def run_cli(main, parser: argparse.ArgumentParser, argv: list[str] | None = None):
     """Parse ``argv`` and call ``main(args)``; a user error prints one line and exits 1.
 
-    Adds ``--debug`` to ``parser``. Programming errors (TypeError, KeyError, ...) keep their traceback,
-    and so does a user error under ``--debug``.
+    Adds ``--debug`` to ``parser``. Programming errors (TypeError, KeyError, ...) print their traceback,
+    and so does a user error under ``--debug``; both exit 1.
 
     Returns:
         What ``main`` returned.
@@ -102,20 +104,25 @@ def run_cli(main, parser: argparse.ArgumentParser, argv: list[str] | None = None
         return main(args)
     except USER_ERRORS as err:
         if args.debug:
-            raise
-        print(f"error: {err}", file=sys.stderr, flush=True)
+            traceback.print_exc()
+        else:
+            print(f"error: {err}", file=sys.stderr, flush=True)
         _exit(1)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr, flush=True)
         _exit(130)
+    except Exception:
+        traceback.print_exc()
+        _exit(1)
 
 
 def _exit(code: int) -> None:
-    """Exit with ``code`` without running C++ static destructors.
+    """Flush stdout and stderr, then exit with ``code`` without the interpreter's teardown.
 
-    Some libraries' worker threads are still alive when an error ends the run early; letting the
-    interpreter tear them down can abort the process (SIGABRT, exit 134) after the message was shown.
-    Files are flushed first, so nothing written is lost.
+    An error raised while MONAI's CacheDataset filled its cache in a worker thread leaves that thread's
+    state referenced by the traceback; tearing the interpreter down then aborts the process (SIGABRT,
+    exit 134, "terminate called without an active exception") after the message was shown. Every file
+    the project writes is closed by its ``with`` block before an error can reach this point.
     """
     sys.stdout.flush()
     sys.stderr.flush()
