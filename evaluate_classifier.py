@@ -28,8 +28,13 @@ from tqdm import tqdm
 from datasets.classification import SliceClassificationDataset
 from datasets.conventions import CLASS_NAMES
 from utils import model_io
-from utils.classification_metrics import (aggregate_probabilities, classification_report, format_report,
-                                          roc_curve, to_jsonable)
+from utils.classification_metrics import (
+    aggregate_probabilities,
+    classification_report,
+    format_report,
+    roc_curve,
+    to_jsonable,
+)
 from utils.cli import add_device_args, non_negative_int, positive_int, probability, resolve_device, run_cli
 from utils.plots import confusion_matrix_plot, roc_plot
 

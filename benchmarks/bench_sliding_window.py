@@ -48,8 +48,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from datasets.synthetic.volumes import make_chest_volume  # noqa: E402
 from models.volumetric import get_task  # noqa: E402
-from models.volumetric.inference import crop_box, load_task_model, prepare_for_inference, segment  # noqa: E402
-from models.volumetric.inference import window_region  # noqa: E402
+from models.volumetric.inference import (  # noqa: E402
+    crop_box,
+    load_task_model,
+    prepare_for_inference,
+    segment,
+    window_region,  # noqa: E402
+)
 from utils.dice import dice_per_class  # noqa: E402
 from utils.reproducibility import seed_everything  # noqa: E402
 

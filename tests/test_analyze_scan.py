@@ -12,29 +12,16 @@ from PIL import Image
 import analyze_scan
 from datasets.synthetic.chest import LUNG_WINDOW, hu_to_png
 from models.mask_net.covid_mask_net import covid_mask_net
-from models.volumetric import get_task
-from models.volumetric.covid_cls import ClsConfig
-from tests.test_volumetric_data import TINY_CONFIG, chest_phantom
+from tests.helpers import VOLUMETRIC, chest_phantom
+from tests.helpers import volumetric_checkpoint as _volumetric_checkpoint
 from utils.checkpoint import make_checkpoint, save_checkpoint
 from utils.manifest import load_manifest, register
 from utils.quantify import voxel_volume_ml
 
 CLS_KWARGS = dict(backbone_name="resnet18", truncation=2, num_classes=3, roi_batch_size=8, s_features=16,
                   min_size=64, max_size=64, rpn_pre_nms_top_n_test=50, rpn_post_nms_top_n_test=20)
-VOLUMETRIC = {"lung_seg": {"psp_block_num": 0}, "lesion_seg": {"init_filters": 8},
-              "covid_cls": {"init_features": 8, "growth_rate": 4}}
 
 
-def _volumetric_checkpoint(name: str, path):
-    task = get_task(name)
-    model, kwargs = task.build_network(**VOLUMETRIC[name])
-    if name == "covid_cls":
-        config = ClsConfig(roi_size=(32, 32, 32)).to_dict()
-    else:
-        config = task.make_config(**TINY_CONFIG[name]).to_dict()
-    save_checkpoint(make_checkpoint(model=model, builder=task.builder, builder_kwargs=kwargs, epoch=0,
-                                    task=name, task_config=config), path)
-    return path
 
 
 @pytest.fixture(scope="module")

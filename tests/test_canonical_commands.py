@@ -153,7 +153,7 @@ def run_make_synthetic_data(module, command, workspace: Path) -> None:
 
 
 def run_convert_dicom(module, command, workspace: Path) -> None:
-    from tests.test_datasets_io import write_series
+    from tests.helpers import write_series
 
     args = parse(command)
     args.input_dir.mkdir(parents=True)
@@ -162,7 +162,7 @@ def run_convert_dicom(module, command, workspace: Path) -> None:
 
 
 def run_convert_checkpoint(module, command, workspace: Path) -> None:
-    from tests.test_convert_checkpoint import CLS_MODULE, seg_model, write_original
+    from tests.helpers import CLS_MODULE, seg_model, write_original
 
     args = parse(command)
     Path(args.old).parent.mkdir(parents=True, exist_ok=True)

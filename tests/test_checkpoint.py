@@ -4,8 +4,14 @@ import json
 import pytest
 import torch
 
-from utils.checkpoint import (REQUIRED_KEYS, build_model_from_checkpoint, load_checkpoint, make_checkpoint,
-                              resolve_builder, save_checkpoint)
+from utils.checkpoint import (
+    REQUIRED_KEYS,
+    build_model_from_checkpoint,
+    load_checkpoint,
+    make_checkpoint,
+    resolve_builder,
+    save_checkpoint,
+)
 from utils.cli import resolve_device
 from utils.reproducibility import seed_everything
 from utils.run_dir import Best, RunDir

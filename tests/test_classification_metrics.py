@@ -6,9 +6,18 @@ import math
 import numpy as np
 import pytest
 
-from utils.classification_metrics import (aggregate_probabilities, classification_report, confusion_matrix,
-                                          format_report, one_vs_rest_auc, per_class_rates, roc_auc, roc_curve,
-                                          row_normalised, to_jsonable)
+from utils.classification_metrics import (
+    aggregate_probabilities,
+    classification_report,
+    confusion_matrix,
+    format_report,
+    one_vs_rest_auc,
+    per_class_rates,
+    roc_auc,
+    roc_curve,
+    row_normalised,
+    to_jsonable,
+)
 
 # 10 cases, worked out by hand below.
 Y_TRUE = [0, 0, 0, 0, 1, 1, 1, 2, 2, 2]

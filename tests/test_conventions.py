@@ -1,7 +1,7 @@
 """The data conventions of DESIGN.md, defined once in datasets.conventions."""
 import pytest
 
-from datasets.conventions import (MASK_TYPE_LABELS, class_names_for, num_detection_classes, parse_slice_name)
+from datasets.conventions import MASK_TYPE_LABELS, class_names_for, num_detection_classes, parse_slice_name
 
 
 @pytest.mark.parametrize("name, label", [("NCP_96_1328_0032.png", 2), ("2_96_1328_0032.png", 2),

@@ -7,14 +7,11 @@ module that exists only while the file is written), torch 1.1's ``_backend`` ref
 state, and ``epoch`` as a string, in torch 1.1's legacy format or the zip format.
 """
 import collections
-import contextlib
 import os
 import re
 import subprocess
 import sys
 import time
-import types
-import warnings
 from pathlib import Path
 
 import pytest
@@ -26,81 +23,27 @@ import convert_checkpoint
 import evaluate_classifier
 import inference_segmentation
 from datasets.synthetic import generate_dataset
-from models.mask_net import covid_mask_net, maskrcnn_resnet_fpn
+from models.mask_net import covid_mask_net
 from models.mask_net.legacy import LegacyAnchorGenerator, map_key, read_legacy_file
+from tests.helpers import CLS_MODULE, RATIOS, SEG_MODULE, SIZES, old_name, seg_model, write_original
 from utils.checkpoint import build_model_from_checkpoint, load_checkpoint
 from utils.model_io import load_model_for_inference
 
 ROOT = Path(__file__).resolve().parents[1]
-SEG_MODULE, CLS_MODULE = "models.mask_net.rpn_segmentation", "models.mask_net.rpn"
-SIZES, RATIOS = tuple([(2, 4, 8, 16, 32)] * 5), tuple([(0.1, 0.25, 0.5, 1, 1.5, 2)] * 5)
 
 
-def old_name(key: str) -> str:
-    """Our parameter name -> the original's (torchvision 0.3, ``s2new``)."""
-    key = re.sub(r"^(backbone\.fpn\.(?:inner|layer)_blocks\.\d+)\.0\.", r"\1.", key)
-    key = key.replace("rpn.head.conv.0.0.", "rpn.head.conv.")
-    key = re.sub(r"^roi_heads\.mask_head\.(\d+)\.0\.", lambda m: f"roi_heads.mask_head.mask_fcn{int(m[1]) + 1}.", key)
-    for ours, theirs in (("0", "fc_scores"), ("2", "fc_scores_2"), ("4", "fc_scores_img")):
-        key = key.replace(f"s_module.{ours}.", f"s2new.{theirs}.")
-    return key
 
 
-class Torch11Backend:
-    """torch 1.1 modules carry ``_backend``, pickled as a call of this function."""
-
-    def __reduce__(self):
-        return torch.nn.backends.thnn._get_thnn_function_backend, ()
 
 
-@contextlib.contextmanager
-def fake_module(name: str):
-    """A module ``name`` with the original's AnchorGenerator class, in sys.modules only inside the block."""
-    saved = sys.modules.get(name)
-    module = types.ModuleType(name)
-
-    def __init__(self, sizes, aspect_ratios):
-        nn.Module.__init__(self)
-        self.sizes, self.aspect_ratios, self._backend = sizes, aspect_ratios, Torch11Backend()
-        self.cell_anchors = [torch.zeros(len(sizes[0]) * len(aspect_ratios[0]), 4)]
-        self._cache = {(torch.Size([16, 16]), (32.0, 32.0)): [torch.ones(5, 4)]}
-
-    module.AnchorGenerator = type("AnchorGenerator", (nn.Module,), {"__init__": __init__, "__module__": name})
-    sys.modules[name] = module
-    try:
-        yield module
-    finally:
-        if saved is None:
-            del sys.modules[name]
-        else:
-            sys.modules[name] = saved
 
 
-def write_original(path: Path, model: nn.Module, *, anchor_module: str | None = SEG_MODULE, sizes=SIZES,
-                   ratios=RATIOS, legacy_format: bool = True, weights=None, **fields) -> Path:
-    """Save ``model`` as the original would have (or ``weights``, already in the original's names)."""
-    weights = weights if weights is not None else collections.OrderedDict(
-        (old_name(k), v) for k, v in model.state_dict().items())
-    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-5)
-    state = {"epoch": "20", "model_name": "original_model", "model_weights": weights, "lrate": 1e-5,
-             "optimizer_state": optimizer.state_dict(), **fields}
-    if anchor_module is not None:
-        with fake_module(anchor_module) as module, warnings.catch_warnings():
-            warnings.filterwarnings("ignore", "Couldn't retrieve source code")  # the fake class has no source file
-            state["anchor_generator"] = module.AnchorGenerator(sizes, ratios)
-            torch.save(state, path, _use_new_zipfile_serialization=not legacy_format)
-    else:
-        torch.save(state, path, _use_new_zipfile_serialization=not legacy_format)
-    return path
 
 
 def convert(old: Path, new: Path, *extra: str) -> Path:
     return convert_checkpoint.main(convert_checkpoint.get_args_parser().parse_args([str(old), str(new), *extra]))
 
 
-def seg_model(**kwargs):
-    torch.manual_seed(0)
-    return maskrcnn_resnet_fpn(**{"backbone_name": "resnet18", "truncation": 1, "num_classes": 3, **kwargs}).eval()
 
 
 def assert_same_weights(ours: dict, source: nn.Module) -> None:

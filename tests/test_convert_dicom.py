@@ -13,7 +13,7 @@ import pytest
 
 import convert_dicom
 from datasets.io import convert_dicom_folder, read_dicom_series, series_file_stems
-from tests.test_datasets_io import CT_SMALL, write_series
+from tests.helpers import CT_SMALL, write_series
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -4,9 +4,16 @@ import torch
 from torch import nn
 
 from models.mask_net import maskrcnn_resnet_fpn
-from models.mask_net.covid_mask_net import (ORIGINAL_PARAMETER_TABLE, ClassificationModuleS, covid_mask_net,
-                                            fill_ranked_rows, format_parameter_table, load_segmentation_weights,
-                                            parameter_counts, parameter_table)
+from models.mask_net.covid_mask_net import (
+    ORIGINAL_PARAMETER_TABLE,
+    ClassificationModuleS,
+    covid_mask_net,
+    fill_ranked_rows,
+    format_parameter_table,
+    load_segmentation_weights,
+    parameter_counts,
+    parameter_table,
+)
 from utils.engine import train_one_epoch
 
 TINY = dict(backbone_name="resnet18", truncation=1, num_classes=3, min_size=64, max_size=64,

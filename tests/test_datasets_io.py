@@ -2,7 +2,6 @@
 synthetic multi-slice series written here with pydicom)."""
 from __future__ import annotations
 
-import copy
 import warnings
 
 import nibabel as nib
@@ -10,46 +9,23 @@ import numpy as np
 import pydicom
 import pytest
 from PIL import Image
-from pydicom.data import get_testdata_file
-from pydicom.uid import generate_uid
 
-from datasets.io import (LPS_TO_RAS, NonFiniteWarning, NotHUError, NotHUWarning, Volume, check_finite, check_hu,
-                         read_dicom_series, read_image, read_mask, read_nifti, read_volume, write_nifti)
-
-CT_SMALL = get_testdata_file("CT_small.dcm")
-AXIAL = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
-
-
-def write_series(folder, *, n=5, uid=None, rows=12, cols=10, pixel_spacing=(0.7, 0.5), iop=AXIAL,
-                 origin=(-20.0, -30.0, 40.0), gap=2.5, slope=1.0, intercept=-1024.0, description="chest",
-                 seed=0, skip=(), name_prefix=""):
-    """Write a series from CT_small.dcm's dataset, files named in shuffled order; returns uid and
-    the stored pixel arrays [rows, cols] in position order (k = 0 at ``origin``)."""
-    base = pydicom.dcmread(CT_SMALL)
-    uid = uid or generate_uid()
-    rng = np.random.default_rng(seed)
-    normal = np.cross(iop[:3], iop[3:])
-    order = rng.permutation(n)
-    stored = []
-    for k in range(n):
-        pixels = rng.integers(0, 2000, size=(rows, cols)).astype(np.int16)
-        pixels[0, 0] = 100 * k  # marks the slice
-        stored.append(pixels)
-        if k in skip:
-            continue
-        ds = copy.deepcopy(base)
-        ds.Rows, ds.Columns = rows, cols
-        ds.PixelSpacing = list(pixel_spacing)
-        ds.ImageOrientationPatient = list(iop)
-        ds.ImagePositionPatient = [float(v) for v in np.asarray(origin) + k * gap * normal]
-        ds.InstanceNumber = k + 1
-        ds.SeriesInstanceUID = uid
-        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
-        ds.RescaleSlope, ds.RescaleIntercept = slope, intercept
-        ds.SeriesDescription = description
-        ds.PixelData = pixels.tobytes()
-        ds.save_as(folder / f"{name_prefix}{order[k]:03d}.dcm", enforce_file_format=True)
-    return uid, stored
+from datasets.io import (
+    LPS_TO_RAS,
+    NonFiniteWarning,
+    NotHUError,
+    NotHUWarning,
+    Volume,
+    check_finite,
+    check_hu,
+    read_dicom_series,
+    read_image,
+    read_mask,
+    read_nifti,
+    read_volume,
+    write_nifti,
+)
+from tests.helpers import CT_SMALL, write_series
 
 
 # ------------------------------------------------------------------------------------- images

@@ -29,9 +29,7 @@ from models.volumetric import get_task
 from models.volumetric.bundle import check_bundle
 from models.volumetric.covid_cls import ClsConfig, predict_case
 from models.volumetric.inference import load_task_model
-from tests.test_volumetric_covid_cls import TINY_NET, lps_affine
-from tests.test_volumetric_covid_cls import write_case as write_cls_case
-from tests.test_volumetric_data import write_case
+from tests.helpers import TINY_NET, lps_affine, write_case, write_cls_case
 from utils.checkpoint import make_checkpoint, save_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
@@ -246,7 +244,7 @@ def test_checkpoint_with_another_builder_is_refused(tmp_path):
 def test_bundle_crops_to_the_region_infer_volumetric_windows_cover(tmp_path, crop_region, margin, roi):
     """The bundle's ``crop_select`` marks exactly :func:`window_region` of :func:`crop_box`."""
     from models.volumetric.inference import crop_box, window_region
-    from tests.test_volumetric_data import chest_phantom
+    from tests.helpers import chest_phantom
 
     config = get_task("lesion_seg").make_config(crop_region=crop_region, crop_margin=margin, roi_size=roi)
     ckpt = tmp_path / "lesion.pth"

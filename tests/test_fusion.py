@@ -12,15 +12,27 @@ from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
 from models.mask_net import fusion
 from models.mask_net.box_head import FastRCNNPredictor, TwoMLPHead
-from models.mask_net.fusion import (ChannelsLastTwoMLPHead, InferenceBasicBlock, InferenceBottleneck, InferenceFPN,
-                                    InferenceRoIHeads, InferenceRPNHead, add_upsampled_, conv1x1, fold_batchnorm,
-                                    WinogradConv2d, use_fused_residual_blocks, use_gather_pooling,
-                                    use_inference_fpn_and_rpn_head, use_winograd_convolutions)
+from models.mask_net.fusion import (
+    ChannelsLastTwoMLPHead,
+    InferenceBasicBlock,
+    InferenceBottleneck,
+    InferenceFPN,
+    InferenceRoIHeads,
+    InferenceRPNHead,
+    WinogradConv2d,
+    add_upsampled_,
+    conv1x1,
+    fold_batchnorm,
+    use_fused_residual_blocks,
+    use_gather_pooling,
+    use_inference_fpn_and_rpn_head,
+    use_winograd_convolutions,
+)
 from models.mask_net.mask_head import MaskPredictor
 from models.mask_net.poolers import LevelRows, ParallelMultiScaleRoIAlign
 from models.mask_net.roi_heads import RoIHeads
 from models.mask_net.rpn import RPNHead
-from tests.test_mask_net import randomise_batchnorm
+from tests.helpers import randomise_batchnorm
 
 _FUSED = {Bottleneck: InferenceBottleneck, BasicBlock: InferenceBasicBlock}
 

@@ -19,8 +19,8 @@ import torch
 import infer_volumetric
 from datasets.io import NonFiniteWarning
 from models.volumetric.common import IMAGE_KEY, LABEL_KEY, LoadVolumed
-from tests.test_analyze_scan import _volumetric_checkpoint
-from tests.test_volumetric_data import chest_phantom, write_case
+from tests.helpers import chest_phantom, write_case
+from tests.helpers import volumetric_checkpoint as _volumetric_checkpoint
 from utils.paths import refuse_overwriting_inputs
 
 REPO = Path(__file__).resolve().parents[1]

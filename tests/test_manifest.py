@@ -12,7 +12,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from utils.checkpoint import build_model_from_checkpoint, load_checkpoint, make_checkpoint, resolve_builder, save_checkpoint
+from utils.checkpoint import (
+    build_model_from_checkpoint,
+    load_checkpoint,
+    make_checkpoint,
+    resolve_builder,
+    save_checkpoint,
+)
 from utils.manifest import MissingModelError, load_manifest, register, resolve_model, sha256_file, verify
 
 ROOT = Path(__file__).resolve().parents[1]

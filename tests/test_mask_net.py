@@ -9,10 +9,18 @@ import torchvision
 from torchvision.models.detection.roi_heads import paste_masks_in_image
 
 from models.mask_net import maskrcnn_resnet_fpn
-from models.mask_net.fusion import (ChannelsLastTwoMLPHead, InferenceBasicBlock, InferenceBottleneck, InferenceFPN,
-                                    InferenceRoIHeads, InferenceRPNHead, WinogradConv2d)
+from models.mask_net.fusion import (
+    ChannelsLastTwoMLPHead,
+    InferenceBasicBlock,
+    InferenceBottleneck,
+    InferenceFPN,
+    InferenceRoIHeads,
+    InferenceRPNHead,
+    WinogradConv2d,
+)
 from models.mask_net.mask_head import MaskPredictor
 from models.mask_net.paste import paste_masks
+from tests.helpers import randomise_batchnorm
 
 LOSS_KEYS = {"loss_objectness", "loss_rpn_box_reg", "loss_classifier", "loss_box_reg", "loss_mask"}
 SMALL = dict(min_size=64, max_size=96, rpn_pre_nms_top_n_train=300, rpn_post_nms_top_n_train=100,
@@ -231,16 +239,6 @@ def test_bad_targets_and_images_are_named():
         model([torch.rand(3, 64, 64), torch.rand(64, 64)])
 
 
-def randomise_batchnorm(model):
-    """Seeded random running statistics and affine values in every BatchNorm of ``model``, for folding tests."""
-    torch.manual_seed(3)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, (torch.nn.BatchNorm2d, torchvision.ops.FrozenBatchNorm2d)):
-                m.running_mean.uniform_(-0.1, 0.1)
-                m.running_var.uniform_(0.5, 1.5)
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.uniform_(-0.1, 0.1)
 
 
 @pytest.mark.parametrize("norm", ["batchnorm", "frozen"])

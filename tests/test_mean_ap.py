@@ -13,7 +13,6 @@ from pycocotools.cocoeval import COCOeval
 from utils.mean_ap import COCO_IOU_THRESHOLDS, mean_average_precision
 from utils.rle import box_iou_coco, mask_iou_coco
 
-
 # --------------------------------------------------------------------------- random cases
 
 def _ellipse(rng, h, w):

@@ -3,8 +3,17 @@ import numpy as np
 import pytest
 
 from datasets.synthetic import make_chest_volume
-from utils.quantify import (LESION_CONSOLIDATION, LESION_GGO, LUNG_LEFT, LUNG_RIGHT, lesion_types, quantify,
-                            severity_score, split_lungs, voxel_volume_ml)
+from utils.quantify import (
+    LESION_CONSOLIDATION,
+    LESION_GGO,
+    LUNG_LEFT,
+    LUNG_RIGHT,
+    lesion_types,
+    quantify,
+    severity_score,
+    split_lungs,
+    voxel_volume_ml,
+)
 
 
 @pytest.mark.parametrize("orientation", ["RAS", "LPS"])

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from datasets.synthetic import generate_dataset
-from tests.test_volumetric_data import write_datalist
+from tests.helpers import write_datalist
 from utils.checkpoint import load_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -15,7 +15,7 @@ import train_segmentation
 import train_volumetric
 from datasets.synthetic import generate_dataset
 from models.mask_net import maskrcnn_resnet_fpn
-from tests.test_volumetric_data import write_datalist
+from tests.helpers import write_datalist
 from utils.checkpoint import load_checkpoint, make_checkpoint, save_checkpoint
 from utils.run_dir import Best, RunDir
 from utils.training import apply_hyperparameters
@@ -275,7 +275,8 @@ def test_a_user_error_in_train_volumetric_exits_1_with_one_line(datalist, tmp_pa
 def test_a_single_case_last_batch_is_dropped_so_batchnorm_can_train(tmp_path, monkeypatch):
     from models.volumetric import covid_cls
     from models.volumetric.engine import DistContext, make_train_loader
-    from tests.test_volumetric_covid_cls import TINY_NET, _phantom_datalist
+    from tests.helpers import TINY_NET
+    from tests.helpers import cls_datalist as _phantom_datalist
 
     ctx = DistContext(0, 1, torch.device("cpu"))
     sizes = {n: [len(b) for b in make_train_loader(list(range(n)), batch_size=2, ctx=ctx, seed=0)] for n in (1, 3, 4)}

@@ -14,7 +14,6 @@ from models.mask_net.fusion import WinogradConv2d
 from utils.checkpoint import load_checkpoint
 
 
-
 @pytest.fixture(scope="module")
 def seg_root(tmp_path_factory):
     out = tmp_path_factory.mktemp("phantom")

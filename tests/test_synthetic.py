@@ -11,9 +11,20 @@ from PIL import Image
 from scipy import ndimage
 
 from datasets.conventions import CLASS_PREFIXES, parse_slice_name
-from datasets.synthetic import (LUNG_LEFT, LUNG_RIGHT, ORGAN_NAMES, TISSUE_BONE, TISSUE_FAT, TISSUE_LUNG,
-                                generate_dataset, hu_to_png, make_abdomen_volume, make_chest_slice,
-                                make_chest_volume, make_patient)
+from datasets.synthetic import (
+    LUNG_LEFT,
+    LUNG_RIGHT,
+    ORGAN_NAMES,
+    TISSUE_BONE,
+    TISSUE_FAT,
+    TISSUE_LUNG,
+    generate_dataset,
+    hu_to_png,
+    make_abdomen_volume,
+    make_chest_slice,
+    make_chest_volume,
+    make_patient,
+)
 
 SIZE = 64
 VOLUME = (48, 48, 12)

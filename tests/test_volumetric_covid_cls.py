@@ -15,45 +15,17 @@ from models.volumetric import covid_cls
 from models.volumetric.common import unwrap_transform_error
 from models.volumetric.covid_cls import ClsConfig, classification_metrics, lung_region_transforms, predict_case
 from models.volumetric.saliency import TARGET_LAYER, SaliencyExplainer, save_saliency_outputs
+from tests.helpers import TINY_NET, lps_affine
+from tests.helpers import cls_datalist as _phantom_datalist
+from tests.helpers import write_cls_case as write_case
 
 HU_WINDOW = (-1000.0, 500.0)
-TINY_NET = {"init_features": 8, "growth_rate": 4}
 
 
-def chest_phantom(shape=(48, 40, 20), seed=0):
-    """Int16 HU body ellipse with two ellipsoid lungs (-850 HU); uint8 lung mask (1 left, 2 right)."""
-    rng = np.random.default_rng(seed)
-    x, y, z = np.meshgrid(*(np.arange(s) for s in shape), indexing="ij")
-    cx, cy, cz = (s / 2 for s in shape)
-    body = ((x - cx) / (0.45 * shape[0])) ** 2 + ((y - cy) / (0.45 * shape[1])) ** 2 <= 1
-    lung = np.zeros(shape, np.uint8)
-    for value, offset in ((1, -0.2), (2, 0.2)):
-        ellipsoid = (((x - cx - offset * shape[0]) / (0.15 * shape[0])) ** 2 + ((y - cy) / (0.25 * shape[1])) ** 2
-                     + ((z - cz) / (0.3 * shape[2])) ** 2) <= 1
-        lung[ellipsoid] = value
-    image = np.full(shape, -1000, np.int16)
-    image[body] = 40
-    image[lung > 0] = -850
-    return (image + rng.normal(0, 5, shape)).astype(np.int16), lung
 
 
-def write_case(folder, name, *, affine=None, shape=(48, 40, 20), label=1, seed=0, lung=None):
-    """NIfTI image + lung mask; returns the case dict and the arrays."""
-    image, mask = chest_phantom(shape, seed)
-    mask = mask if lung is None else lung
-    affine = np.diag([0.8, 0.8, 2.5, 1.0]) if affine is None else affine
-    paths = {}
-    for key, array in (("image", image), ("label_image", mask)):
-        paths[key] = str(folder / f"{name}_{key}.nii.gz")
-        nib.save(nib.Nifti1Image(array, affine), paths[key])
-    return {**paths, "label": label, "case": name}, image, mask
 
 
-def lps_affine():
-    """Anisotropic LPS grid with an offset: x to the left, y posterior."""
-    affine = np.diag([-0.7, -0.9, 2.5, 1.0])
-    affine[:3, 3] = [12.0, -8.0, 30.0]
-    return affine
 
 
 def preprocess(case, config):
@@ -211,24 +183,6 @@ def test_saliency_files_are_on_the_input_grid(tmp_path):
     assert (tmp_path / "infer" / "lps_saliency.png").stat().st_size > 0
 
 
-def _phantom_datalist(root):
-    """dataset.json of phantom chest CTs (RAS and LPS) with lung masks and COVID-19 labels."""
-    import json
-
-    from datasets.synthetic import make_chest_volume
-
-    root.mkdir(parents=True, exist_ok=True)
-
-    def case(i, cls):
-        volume = make_chest_volume(seed=i, shape=(48, 48, 12), spacing=(6.0, 6.0, 20.0), cls=cls,
-                                   orientation="LPS" if i % 2 else "RAS")
-        for key, array in (("image", volume["image"]), ("lung", volume["lung"])):
-            nib.save(nib.Nifti1Image(array, volume["affine"]), root / f"chest{i}_{key}.nii.gz")
-        return {"image": f"chest{i}_image.nii.gz", "label_image": f"chest{i}_lung.nii.gz", "label": int(cls == 2)}
-
-    datalist = {"training": [case(0, 0), case(1, 2)], "validation": [case(2, 2), case(3, 1)]}
-    (root / "dataset.json").write_text(json.dumps(datalist))
-    return root / "dataset.json"
 
 
 def test_train_validate_infer_end_to_end(tmp_path, monkeypatch):

@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.test_volumetric_data import write_datalist
+from tests.helpers import write_datalist
 from utils.checkpoint import build_model_from_checkpoint, load_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]

@@ -12,7 +12,7 @@ from models.volumetric.engine import make_datasets, train_one_epoch
 from models.volumetric.lesion_seg import build_network as build_segresnet
 from models.volumetric.lung_seg import build_network as build_ahnet
 from models.volumetric.lung_seg import transfer_from_resnet50
-from tests.test_volumetric_data import TINY_CONFIG, write_case
+from tests.helpers import TINY_CONFIG, write_case
 
 
 def test_registry_knows_both_tasks_and_refuses_others():
@@ -98,7 +98,7 @@ def test_lung_postprocessing_keeps_the_two_largest_components():
 
 def test_crop_boxes_cover_the_lungs_and_the_lung_box_is_tighter():
     from models.volumetric.inference import crop_box
-    from tests.test_volumetric_data import chest_phantom
+    from tests.helpers import chest_phantom
 
     volume = chest_phantom(seed=3, shape=(64, 64, 12))
     config = get_task("lesion_seg").make_config(crop_margin=0)

@@ -15,7 +15,7 @@ import train_volumetric
 import validate_volumetric
 from models.volumetric import get_task
 from models.volumetric.inference import predict_case
-from tests.test_volumetric_data import TINY_CONFIG, chest_phantom, write_case, write_datalist, write_dicom_series
+from tests.helpers import TINY_CONFIG, chest_phantom, write_case, write_datalist, write_dicom_series
 from utils.checkpoint import load_checkpoint, make_checkpoint, save_checkpoint
 
 LESION_FLAGS = ["--roi_size", "32", "32", "16", "--spacing", "2", "2", "4"]

@@ -23,9 +23,9 @@ UNRELEASED (the manifest records no hash: nothing to check against, whether or n
 from __future__ import annotations
 
 import argparse
+import errno
 import hashlib
 import json
-import errno
 import os
 import re
 import shutil

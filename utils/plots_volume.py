@@ -13,9 +13,9 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.patches import Patch  # noqa: E402
 import nibabel as nib  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib.patches import Patch  # noqa: E402
 
 MASK_COLOURS = ((0.0, 0.0, 0.0, 0.0), (1.0, 0.2, 0.2, 1.0), (0.2, 0.6, 1.0, 1.0), (1.0, 0.85, 0.1, 1.0))
 

@@ -103,8 +103,13 @@ class MaskRCNN(nn.Module):
         CPU; its state dict differs (no BatchNorm entries) and it is not meant for training. This
         model is unchanged.
         """
-        from .fusion import (fold_batchnorm, use_fused_residual_blocks, use_gather_pooling,
-                             use_inference_fpn_and_rpn_head, use_winograd_convolutions)
+        from .fusion import (
+            fold_batchnorm,
+            use_fused_residual_blocks,
+            use_gather_pooling,
+            use_inference_fpn_and_rpn_head,
+            use_winograd_convolutions,
+        )
 
         fused = fold_batchnorm(copy.deepcopy(self).eval())
         fused.backbone.body.to(memory_format=torch.channels_last)

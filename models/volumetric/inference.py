@@ -13,13 +13,23 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import torch
-from scipy import ndimage
 from monai.data import MetaTensor
 from monai.transforms import Compose, Invertd
+from scipy import ndimage
 
 from models.volumetric import get_task
-from models.volumetric.common import IMAGE_KEY, LABEL_KEY, SegConfig, Task, case_name, hu_to_unit
-from models.volumetric.common import case_stem, load_cases, sliding_window_inferer, unwrap_transform_error
+from models.volumetric.common import (
+    IMAGE_KEY,
+    LABEL_KEY,
+    SegConfig,
+    Task,
+    case_name,
+    case_stem,
+    hu_to_unit,
+    load_cases,
+    sliding_window_inferer,
+    unwrap_transform_error,
+)
 from utils.checkpoint import build_model_from_checkpoint, load_checkpoint
 
 PRED_KEY = "pred"
