@@ -1,35 +1,36 @@
-"""The inference-only stages of models/mask_net/fusion.py against the modules they stand in for."""
+"""The inference-only stages of models/mask_net/fast/ against the modules they stand in for."""
 from __future__ import annotations
 
 import copy
+from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.nn.functional as F
+import torchvision
 from torchvision.models.resnet import BasicBlock, Bottleneck
-from torchvision.ops import FeaturePyramidNetwork
+from torchvision.ops import FeaturePyramidNetwork, MultiScaleRoIAlign
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
-from models.mask_net import fusion
 from models.mask_net.box_head import FastRCNNPredictor, TwoMLPHead
-from models.mask_net.fusion import (
-    ChannelsLastTwoMLPHead,
+from models.mask_net.fast import kernels
+from models.mask_net.fast import roi_heads as fast_roi_heads
+from models.mask_net.fast.fusion import (
     InferenceBasicBlock,
     InferenceBottleneck,
     InferenceFPN,
-    InferenceRoIHeads,
     InferenceRPNHead,
     WinogradConv2d,
     add_upsampled_,
     conv1x1,
     fold_batchnorm,
     use_fused_residual_blocks,
-    use_gather_pooling,
     use_inference_fpn_and_rpn_head,
     use_winograd_convolutions,
 )
+from models.mask_net.fast.poolers import GatherMultiScaleRoIAlign, LevelRows, ParallelMultiScaleRoIAlign
+from models.mask_net.fast.roi_heads import ChannelsLastTwoMLPHead, InferenceRoIHeads, use_gather_pooling
 from models.mask_net.mask_head import MaskPredictor
-from models.mask_net.poolers import LevelRows, ParallelMultiScaleRoIAlign
 from models.mask_net.roi_heads import RoIHeads
 from models.mask_net.rpn import RPNHead
 from tests.helpers import randomise_batchnorm
@@ -161,7 +162,7 @@ def test_fused_block_with_gradients_runs_the_parent():
 
 def _box_only_roi_heads(box_head: torch.nn.Module) -> RoIHeads:
     """RoI heads on one 6-channel level with 3x3 box pooling, a 10-wide ``box_head`` and 3 classes."""
-    return RoIHeads(box_roi_pool=ParallelMultiScaleRoIAlign(featmap_names=["0"], output_size=3, sampling_ratio=2),
+    return RoIHeads(box_roi_pool=MultiScaleRoIAlign(featmap_names=["0"], output_size=3, sampling_ratio=2),
                     box_head=box_head, box_predictor=FastRCNNPredictor(10, 3), mask_roi_pool=None, mask_head=None,
                     mask_predictor=None, fg_iou_thresh=0.5, bg_iou_thresh=0.5, batch_size_per_image=8,
                     positive_fraction=0.25, bbox_reg_weights=(10.0, 10.0, 5.0, 5.0), score_thresh=0.05,
@@ -174,6 +175,7 @@ def test_channels_last_box_head_with_permuted_fc6_matches_the_head(channels_last
     reference = TwoMLPHead(6 * 3 * 3, 10)
     roi_heads = use_gather_pooling(_box_only_roi_heads(copy.deepcopy(reference)))
     assert type(roi_heads) is InferenceRoIHeads and type(roi_heads.box_head) is ChannelsLastTwoMLPHead
+    assert type(roi_heads.box_roi_pool) is GatherMultiScaleRoIAlign
     x = torch.randn(5, 6, 3, 3)
     if channels_last:
         x = x.to(memory_format=torch.channels_last)
@@ -186,7 +188,7 @@ def test_inference_roi_heads_build_no_table_for_a_slice_without_proposals(monkey
     fused = use_gather_pooling(copy.deepcopy(reference))
     features = {"0": torch.randn(1, 6, 8, 8)}
     tables = []
-    monkeypatch.setattr(fusion, "LevelRows", lambda maps: tables.append(maps) or LevelRows(maps))
+    monkeypatch.setattr(fast_roi_heads, "LevelRows", lambda maps: tables.append(maps) or LevelRows(maps))
     with torch.inference_mode():
         (want,), _ = reference(features, [torch.zeros((0, 4))], [(32, 32)])
         (got,), _ = fused(features, [torch.zeros((0, 4))], [(32, 32)])
@@ -206,7 +208,47 @@ def test_winograd_convolution_matches_conv2d_on_each_path(shape, path):
     assert type(fast) is WinogradConv2d
     x = torch.randn(*shape)
     with torch.inference_mode():
-        if torch._nnpack_available():
+        if kernels.nnpack_usable():
             assert fast.path(x) == path
         torch.testing.assert_close(fast(x), reference(x), atol=1e-4, rtol=1e-4)
     assert fast.path(torch.randn(*shape, requires_grad=True)) == "direct"
+
+
+def test_adaptive_sampling_gets_threaded_poolers_and_the_plain_roi_heads():
+    heads = _box_only_roi_heads(TwoMLPHead(6 * 3 * 3, 10))
+    heads.box_roi_pool = MultiScaleRoIAlign(featmap_names=["0"], output_size=3, sampling_ratio=0)
+    fast = use_gather_pooling(heads)
+    assert type(fast) is RoIHeads and type(fast.box_head) is TwoMLPHead
+    assert type(fast.box_roi_pool) is ParallelMultiScaleRoIAlign and fast.box_roi_pool.sampling_ratio == 0
+
+
+@pytest.mark.parametrize("name", ["_nnpack_available", "_nnpack_spatial_convolution"])
+def test_winograd_convolution_without_nnpack_runs_the_parent(monkeypatch, name):
+    torch.manual_seed(0)
+    reference = torch.nn.Conv2d(8, 6, 3, padding=1)
+    fast = use_winograd_convolutions(torch.nn.Sequential(copy.deepcopy(reference)))[0]
+    monkeypatch.delattr(torch, name)
+    assert f"torch.{name}" in kernels.missing() and not kernels.nnpack_usable()
+    x = torch.randn(2, 8, 31, 30)
+    with torch.inference_mode():
+        assert fast.path(x) == "direct"
+        torch.testing.assert_close(fast(x), reference(x), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("block_type", [Bottleneck, BasicBlock])
+def test_fused_blocks_without_the_onednn_ops_run_the_parent(monkeypatch, block_type):
+    torch.manual_seed(0)
+    reference = _stage(block_type, 4, 2)
+    fused = use_fused_residual_blocks(fold_batchnorm(copy.deepcopy(reference)).to(memory_format=torch.channels_last))
+    monkeypatch.setattr(torch.ops, "mkldnn", SimpleNamespace())
+    assert "torch.ops.mkldnn._convolution_pointwise" in kernels.missing() and not kernels.fused_conv_usable()
+    x = torch.randn(2, 8, 9, 11).to(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        torch.testing.assert_close(fused(x), reference(x), atol=1e-5, rtol=1e-5)
+
+
+def test_roi_heads_stay_plain_without_torchvisions_scale_helper(monkeypatch):
+    monkeypatch.delattr(torchvision.ops.poolers, "_setup_scales")
+    heads = _box_only_roi_heads(TwoMLPHead(6 * 3 * 3, 10))
+    fast = use_gather_pooling(heads)
+    assert type(fast) is RoIHeads and type(fast.box_roi_pool) is MultiScaleRoIAlign

@@ -2,22 +2,25 @@
 from __future__ import annotations
 
 import math
+import warnings
+from types import SimpleNamespace
 
 import pytest
 import torch
 import torchvision
 from torchvision.models.detection.roi_heads import paste_masks_in_image
+from torchvision.ops import MultiScaleRoIAlign
 
 from models.mask_net import maskrcnn_resnet_fpn
-from models.mask_net.fusion import (
-    ChannelsLastTwoMLPHead,
+from models.mask_net.fast import FastPathFallbackWarning, fast_inference_copy, kernels
+from models.mask_net.fast.fusion import (
     InferenceBasicBlock,
     InferenceBottleneck,
     InferenceFPN,
-    InferenceRoIHeads,
     InferenceRPNHead,
     WinogradConv2d,
 )
+from models.mask_net.fast.roi_heads import ChannelsLastTwoMLPHead, InferenceRoIHeads
 from models.mask_net.mask_head import MaskPredictor
 from models.mask_net.paste import paste_masks
 from tests.helpers import randomise_batchnorm
@@ -147,7 +150,7 @@ def test_fused_torchvision_preset_matches_torchvision():
     The tolerances allow for float rounding through a random-weight ResNet50 (the fused copy of
     the previous stage already differed by 0.003 px and 0.0015 in mask probability here)."""
     reference, ours = _torchvision_and_preset()
-    fused = ours.fuse_for_inference()
+    fused = fast_inference_copy(ours)
     assert type(fused.roi_heads) is InferenceRoIHeads and type(fused.roi_heads.box_head) is ChannelsLastTwoMLPHead
     assert all(type(b) is InferenceBottleneck for b in fused.backbone.body.layer3)
     fused.roi_heads.box_chunk = 64
@@ -246,7 +249,7 @@ def test_folded_batchnorm_gives_the_same_detections(norm):
     model = small_model("resnet18", 1, norm=norm).eval()
     randomise_batchnorm(model)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    fused = model.fuse_for_inference()
+    fused = fast_inference_copy(model)
     assert not any(isinstance(m, (torch.nn.BatchNorm2d, torchvision.ops.FrozenBatchNorm2d)) for m in fused.modules())
     assert not any(isinstance(m, WinogradConv2d) for m in fused.backbone.body.modules())
     assert all(m.weight.is_contiguous(memory_format=torch.channels_last)
@@ -262,6 +265,76 @@ def test_folded_batchnorm_gives_the_same_detections(norm):
     for key in ("boxes", "scores", "masks"):
         torch.testing.assert_close(got[key], want[key], atol=1e-3, rtol=1e-3)
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+
+
+def test_training_model_pools_with_torchvisions_multiscale_roialign():
+    heads = small_model().roi_heads
+    assert type(heads.box_roi_pool) is MultiScaleRoIAlign and type(heads.mask_roi_pool) is MultiScaleRoIAlign
+
+
+def test_fast_copy_is_new_and_leaves_the_model_and_its_checkpoint_as_they_were(tmp_path):
+    torch.manual_seed(0)
+    model = small_model("resnet18", 1)
+    randomise_batchnorm(model)
+    torch.save(model.state_dict(), tmp_path / "model.pth")
+    image = [torch.rand(3, 64, 72)]
+    with torch.inference_mode():
+        (before,) = model.eval()(image)
+    model.train()
+    state, kinds = {k: v.clone() for k, v in model.state_dict().items()}, [type(m) for m in model.modules()]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fast = fast_inference_copy(model)
+    assert bool(kernels.missing()) == any(issubclass(w.category, FastPathFallbackWarning) for w in caught)
+    assert fast is not model and model.training and not fast.training
+    assert [type(m) for m in model.modules()] == kinds
+    after = model.state_dict()
+    assert list(after) == list(state)
+    assert all(after[k].dtype == v.dtype and torch.equal(after[k], v) for k, v in state.items())
+    ours = {t.untyped_storage().data_ptr() for t in after.values() if t.numel()}
+    assert not ours & {t.untyped_storage().data_ptr() for t in fast.state_dict().values() if t.numel()}
+    model.load_state_dict(torch.load(tmp_path / "model.pth", weights_only=True), strict=True)
+    with torch.inference_mode():
+        fast(image)
+        (again,) = model.eval()(image)
+    assert set(again) == set(before) and all(torch.equal(again[k], before[k]) for k in before)
+
+
+PRIVATE_APIS = ["torch._nnpack_available", "torch._nnpack_spatial_convolution",
+                "torch.ops.mkldnn._convolution_pointwise", "torchvision.ops.poolers._setup_scales"]
+
+
+def _remove_private_api(monkeypatch, name: str) -> None:
+    """Take ``name`` away as a future release might (the oneDNN ops: their whole namespace)."""
+    if name.startswith("torch.ops.mkldnn."):
+        monkeypatch.setattr(torch.ops, "mkldnn", SimpleNamespace())
+    elif name.startswith("torch."):
+        monkeypatch.delattr(torch, name.removeprefix("torch."))
+    else:
+        monkeypatch.delattr(torchvision.ops.poolers, name.rsplit(".", 1)[1])
+
+
+@pytest.mark.parametrize("names", [[name] for name in PRIVATE_APIS] + [PRIVATE_APIS])
+def test_fast_copy_without_a_private_kernel_warns_once_and_gives_the_plain_detections(monkeypatch, names):
+    torch.manual_seed(0)
+    model = small_model("resnet18", 1).eval()
+    randomise_batchnorm(model)
+    image = [torch.rand(3, 64, 72)]
+    with torch.inference_mode():  # first, while torchvision's pooler still has its scale helper to set its scales
+        (want,) = model(image)
+    for name in names:
+        _remove_private_api(monkeypatch, name)
+    assert set(names) <= set(kernels.missing())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fast = fast_inference_copy(model)
+    fallbacks = [w for w in caught if issubclass(w.category, FastPathFallbackWarning)]
+    assert len(fallbacks) == 1 and all(name in str(fallbacks[0].message) for name in names)
+    with torch.inference_mode():
+        (got,) = fast(image)
+    assert want["boxes"].shape[0] > 0 and torch.equal(want["labels"], got["labels"])
+    for key in ("boxes", "scores", "masks"):
+        torch.testing.assert_close(got[key], want[key], atol=1e-3, rtol=1e-3)
 
 
 def test_batchnorm_affine_trainable_with_frozen_statistics():

@@ -5,7 +5,14 @@ import pytest
 import torch
 from torchvision.ops import MultiScaleRoIAlign
 
-from models.mask_net.poolers import GatherMultiScaleRoIAlign, LevelRows, ParallelMultiScaleRoIAlign, split_boxes
+from models.mask_net.fast.poolers import (
+    GatherMultiScaleRoIAlign,
+    LevelRows,
+    ParallelMultiScaleRoIAlign,
+    fast_pooler,
+    filter_input,
+    split_boxes,
+)
 
 LEVELS = ["0", "1", "2"]
 
@@ -138,3 +145,21 @@ def test_gather_pooling_in_double_precision():
         got, want = ours(features, boxes, shapes), reference(features, boxes, shapes)
     assert got.dtype == torch.float64
     torch.testing.assert_close(got, want, atol=1e-10, rtol=1e-10)
+
+
+@pytest.mark.parametrize("sampling,kind", [(2, GatherMultiScaleRoIAlign), (0, ParallelMultiScaleRoIAlign)])
+def test_fast_pooler_is_a_new_pooler_with_the_same_settings_and_results(sampling, kind):
+    plain = MultiScaleRoIAlign(featmap_names=LEVELS, output_size=(7, 5), sampling_ratio=sampling, canonical_scale=112,
+                               canonical_level=3)
+    fast = fast_pooler(plain)
+    assert type(fast) is kind and fast is not plain and type(plain) is MultiScaleRoIAlign
+    for key in ("featmap_names", "output_size", "sampling_ratio", "canonical_scale", "canonical_level"):
+        assert getattr(fast, key) == getattr(plain, key), key
+    features, boxes, shapes = _features(), _boxes_over_the_border((30, 12)), [(256, 192), (256, 192)]
+    with torch.inference_mode():
+        torch.testing.assert_close(fast(features, boxes, shapes), plain(features, boxes, shapes), atol=1e-5, rtol=1e-5)
+
+
+def test_filter_input_picks_the_named_maps_in_input_order():
+    features = _features()
+    assert [m.shape for m in filter_input(features, ["2", "0"])] == [features["0"].shape, features["2"].shape]

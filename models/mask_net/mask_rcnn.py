@@ -4,20 +4,19 @@
 head, mask head) -> postprocess. Variants (backbone depth, truncation, head sizes, presets) change a
 stage, never the wiring. Parameter names follow torchvision's (``backbone.body.*``,
 ``backbone.fpn.*``, ``rpn.head.*``, ``roi_heads.box_head.*``, ``roi_heads.box_predictor.*``,
-``roi_heads.mask_head.*``, ``roi_heads.mask_predictor.*``) for every preset.
+``roi_heads.mask_head.*``, ``roi_heads.mask_predictor.*``) for every preset. The RoI poolers are
+torchvision's ``MultiScaleRoIAlign``; a faster inference-only copy is :func:`models.mask_net.fast.fast_inference_copy`.
 """
 from __future__ import annotations
 
-import copy
-
 import torch
 from torch import nn
+from torchvision.ops import MultiScaleRoIAlign
 
 from .anchors import AnchorGenerator
 from .backbone import RESNETS, load_resnet_weights, resnet_fpn_backbone
 from .box_head import FastRCNNPredictor, TwoMLPHead
 from .mask_head import MaskHead, MaskPredictor
-from .poolers import ParallelMultiScaleRoIAlign
 from .roi_heads import RoIHeads
 from .rpn import RegionProposalNetwork, RPNHead
 from .transform import IMAGENET_MEAN, IMAGENET_STD, DetectionTransform
@@ -78,47 +77,6 @@ class MaskRCNN(nn.Module):
         if self.training:
             return {**rpn_losses, **roi_losses}
         return self.transform.postprocess(detections, batch.image_sizes, original_sizes)
-
-    def fuse_for_inference(self) -> "MaskRCNN":
-        """A copy for inference: eval mode, BatchNorm folded into the convolutions, each stage in the
-        convolution layout that is fastest on CPU.
-
-        - ResNet body: channels-last weights (oneDNN's direct kernels run its 1x1 and strided
-          convolutions about 1.3x faster in NHWC than in NCHW), and each block's ReLUs and residual
-          sum inside its convolutions, the sum written over the block's input where nothing else
-          reads it (:class:`~.fusion.InferenceBottleneck`);
-        - FPN, RPN head and mask head: Winograd 3x3 convolutions (NNPACK, NCHW), 2-4x faster than
-          oneDNN on their larger 256-channel maps and on many RoIs; oneDNN on the small levels and a
-          few RoIs (:meth:`~.fusion.WinogradConv2d.path`). They stay out of the body: switching
-          layout around every bottleneck costs more than Winograd saves there.
-        - FPN laterals: 1x1 convolutions as matrix products that read the channels-last body maps
-          and write NCHW, top-down sums in place (:class:`~.fusion.InferenceFPN`); RPN objectness
-          and deltas as one product per level (:class:`~.fusion.InferenceRPNHead`). At the finest
-          level every avoided temporary is a 41 MB map whose fresh pages cost as much as the arithmetic.
-        - RoI heads: RoIAlign as weighted row gathers from one channels-last table of the levels,
-          shared by the box and mask poolers, and the box branch in chunks of 256 RoIs
-          (:class:`~.fusion.InferenceRoIHeads`), about 3x faster than torchvision's threaded kernel.
-
-        The copy gives the same detections (up to float rounding, about 1e-5 relative) faster on
-        CPU; its state dict differs (no BatchNorm entries) and it is not meant for training. This
-        model is unchanged.
-        """
-        from .fusion import (
-            fold_batchnorm,
-            use_fused_residual_blocks,
-            use_gather_pooling,
-            use_inference_fpn_and_rpn_head,
-            use_winograd_convolutions,
-        )
-
-        fused = fold_batchnorm(copy.deepcopy(self).eval())
-        fused.backbone.body.to(memory_format=torch.channels_last)
-        use_fused_residual_blocks(fused.backbone.body)
-        use_inference_fpn_and_rpn_head(fused)
-        use_gather_pooling(fused.roi_heads)
-        for stage in (fused.backbone.fpn, fused.rpn, fused.roi_heads):
-            use_winograd_convolutions(stage)
-        return fused
 
 
 def check_targets(targets: list[dict] | None, num_images: int, *, need_masks: bool) -> None:
@@ -193,8 +151,7 @@ def _build_rpn(cfg: dict, channels: int, num_levels: int) -> RegionProposalNetwo
 
 def _build_roi_heads(cfg: dict, channels: int, level_names: list[str], num_classes: int) -> RoIHeads:
     def pool(size):
-        return ParallelMultiScaleRoIAlign(featmap_names=level_names, output_size=size,
-                                          sampling_ratio=cfg["sampling_ratio"])
+        return MultiScaleRoIAlign(featmap_names=level_names, output_size=size, sampling_ratio=cfg["sampling_ratio"])
 
     rep = cfg["representation_size"]
     mask_head = MaskHead(channels, tuple(cfg["mask_layers"])) if cfg["with_masks"] else None

@@ -41,7 +41,8 @@ class RoIHeads(nn.Module):
     """
 
     def __init__(self, *, box_roi_pool: MultiScaleRoIAlign, box_head: nn.Module, box_predictor: nn.Module,
-                 mask_roi_pool: MultiScaleRoIAlign | None, mask_head: nn.Module | None, mask_predictor: nn.Module | None,
+                 mask_roi_pool: MultiScaleRoIAlign | None, mask_head: nn.Module | None,
+                 mask_predictor: nn.Module | None,
                  fg_iou_thresh: float, bg_iou_thresh: float, batch_size_per_image: int, positive_fraction: float,
                  bbox_reg_weights: tuple[float, float, float, float], score_thresh: float, nms_thresh: float,
                  detections_per_img: int) -> None:
@@ -108,7 +109,8 @@ class RoIHeads(nn.Module):
         """Indices of the kept candidates, best score first: score > thresh, not tiny, per-class NMS, top-n."""
         keep = torch.where(candidates["scores"] > score_thresh)[0]
         keep = keep[remove_small_boxes(candidates["boxes"][keep], MIN_DETECTION_SIZE)]
-        order = batched_nms(candidates["boxes"][keep], candidates["scores"][keep], candidates["labels"][keep], nms_thresh)
+        order = batched_nms(candidates["boxes"][keep], candidates["scores"][keep], candidates["labels"][keep],
+                            nms_thresh)
         return keep[order[:max_detections]]
 
     def detect(self, features: dict[str, torch.Tensor], proposals: list[torch.Tensor],
@@ -149,7 +151,8 @@ class RoIHeads(nn.Module):
             gt_boxes = target["boxes"].to(props.dtype)
             props = torch.cat([props, gt_boxes])
             lab, idx = self._label_rois(props, gt_boxes, target["labels"])
-            pos, neg = sample_balanced(lab, batch_size=self.batch_size_per_image, positive_fraction=self.positive_fraction)
+            pos, neg = sample_balanced(lab, batch_size=self.batch_size_per_image,
+                                       positive_fraction=self.positive_fraction)
             chosen = torch.sort(torch.cat([pos, neg])).values
             gt_for_rows = gt_boxes[idx[chosen]] if gt_boxes.numel() else torch.zeros_like(props[chosen])
             rois.append(props[chosen])

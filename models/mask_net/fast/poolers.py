@@ -1,17 +1,19 @@
 """Multi-scale RoIAlign for CPU inference: RoIs shared out over threads, or pooled as row gathers.
 
-torchvision's CPU ``roi_align`` kernel runs on one thread, so on a 2-core machine the box and mask
-poolers of ``maskrcnn_resnet50_fpn`` (1,000 proposals and 100 detections per slice) leave a core
-idle for about a tenth of the slice's time. Each RoI is pooled on its own (its level depends on its
-size alone), so splitting the RoIs into consecutive runs, pooling the runs on separate threads (the
-kernel releases the GIL) and concatenating gives exactly the same tensor.
+The readable model pools with torchvision's ``MultiScaleRoIAlign``; the fast copy swaps in these
+(:func:`fast_pooler`), with the same arguments and results.
+
+torchvision's CPU ``roi_align`` kernel runs on one thread, so with many RoIs the poolers leave the
+other cores idle. Each RoI is pooled on its own (its level depends on its size alone), so splitting
+the RoIs into consecutive runs, pooling the runs on separate threads (the kernel releases the GIL)
+and concatenating gives exactly the same tensor (:class:`ParallelMultiScaleRoIAlign`).
 
 :class:`GatherMultiScaleRoIAlign` goes further for inference. The kernel reads NCHW maps, so each
 bilinear sample strides across every channel plane. Here the levels are laid out once as the rows
 of one channels-last table (pixel -> C values, :class:`LevelRows`), and every output bin is a
 weighted sum of the table rows under its samples: ``grid^2`` samples times 4 corners, computed for
-all RoIs at once and summed by one ``embedding_bag``. Same results to float rounding, about 3x
-faster than the threaded kernel for 1,000 RoIs on a 200x200 finest level.
+all RoIs at once and summed by one ``embedding_bag``. Same results to float rounding; measured
+speed-ups are in benchmarks/README.md.
 """
 from __future__ import annotations
 
@@ -22,7 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torchvision.ops import MultiScaleRoIAlign
-from torchvision.ops.poolers import _filter_input, _setup_scales
+
+from . import kernels
 
 _POOLS: dict[tuple[int, int], ThreadPoolExecutor] = {}
 
@@ -31,6 +34,19 @@ def cpu_inference(maps: list[Tensor], boxes: list[Tensor]) -> bool:
     """No gradient is needed and the maps are on CPU: when the threaded and gather paths apply."""
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (*maps, *boxes))
     return not needs_grad and all(m.device.type == "cpu" for m in maps)
+
+
+def filter_input(x: dict[str, Tensor], featmap_names: list[str]) -> list[Tensor]:
+    """The maps of ``x`` named in ``featmap_names``, in the order of ``x`` (as torchvision's pooler picks them)."""
+    return [v for k, v in x.items() if k in featmap_names]
+
+
+def fast_pooler(pool: MultiScaleRoIAlign) -> MultiScaleRoIAlign:
+    """A new :class:`GatherMultiScaleRoIAlign` with the settings of ``pool`` (a :class:`ParallelMultiScaleRoIAlign`
+    for an adaptive ``sampling_ratio``, which the gather form does not cover)."""
+    cls = GatherMultiScaleRoIAlign if pool.sampling_ratio > 0 else ParallelMultiScaleRoIAlign
+    return cls(featmap_names=list(pool.featmap_names), output_size=pool.output_size, sampling_ratio=pool.sampling_ratio,
+               canonical_scale=pool.canonical_scale, canonical_level=pool.canonical_level)
 
 
 class ParallelMultiScaleRoIAlign(MultiScaleRoIAlign):
@@ -46,11 +62,9 @@ class ParallelMultiScaleRoIAlign(MultiScaleRoIAlign):
         """Args: x: level name -> Float[B, C, H_l, W_l]; boxes: per image Float[N_i, 4] xyxy in image
         coordinates; image_shapes: per image (H, W). Returns: Float[sum N_i, C, S, S], RoIs in order."""
         threads = self._threads(x, boxes)
-        if threads < 2:
+        # The scales are set once, before any thread reads them.
+        if threads < 2 or not self._set_scales(filter_input(x, self.featmap_names), image_shapes):
             return super().forward(x, boxes, image_shapes)
-        if self.scales is None or self.map_levels is None:  # set once, before any thread reads them
-            self.scales, self.map_levels = _setup_scales(_filter_input(x, self.featmap_names), image_shapes,
-                                                         self.canonical_scale, self.canonical_level)
         inference = torch.is_inference_mode_enabled()
 
         def pool(part: list[Tensor]) -> Tensor:
@@ -59,6 +73,15 @@ class ParallelMultiScaleRoIAlign(MultiScaleRoIAlign):
                 return MultiScaleRoIAlign.forward(self, x, part, image_shapes)
 
         return torch.cat(list(_pool(threads).map(pool, split_boxes(boxes, threads))))
+
+    def _set_scales(self, maps: list[Tensor], image_shapes: list[tuple[int, int]]) -> bool:
+        """Set torchvision's ``scales`` and ``map_levels`` unless set; False where they cannot be set here."""
+        if self.scales is None or self.map_levels is None:
+            geometry = kernels.pooler_scales(maps, image_shapes, self.canonical_scale, self.canonical_level)
+            if geometry is None:
+                return False
+            self.scales, self.map_levels = geometry
+        return True
 
     def _threads(self, x: dict[str, Tensor], boxes: list[Tensor]) -> int:
         """How many threads to split over: 1 when the parent should run as it is."""
@@ -123,18 +146,18 @@ class GatherMultiScaleRoIAlign(ParallelMultiScaleRoIAlign):
 
     Same arguments and results as ``MultiScaleRoIAlign``; the result has channels-last strides.
     ``x`` may be a plain dict (its table is built here) or :class:`LevelRows` shared by several
-    poolers. With gradients, off CPU or with an adaptive ``sampling_ratio`` the parent runs.
+    poolers. With gradients, off CPU, with an adaptive ``sampling_ratio`` or without torchvision's scale
+    helper the parent runs.
     """
 
     def forward(self, x: dict[str, Tensor], boxes: list[Tensor], image_shapes: list[tuple[int, int]]) -> Tensor:
         """Args: x: level name -> Float[B, C, H_l, W_l]; boxes: per image Float[N_i, 4] xyxy in image
         coordinates; image_shapes: per image (H, W). Returns: Float[sum N_i, C, S, S], RoIs in order."""
-        maps = _filter_input(x, self.featmap_names)
+        maps = filter_input(x, self.featmap_names)
         num_rois = sum(len(b) for b in boxes)
-        if self.sampling_ratio <= 0 or not num_rois or not cpu_inference(maps, boxes):
+        if (self.sampling_ratio <= 0 or not num_rois or not cpu_inference(maps, boxes)
+                or not self._set_scales(maps, image_shapes)):
             return super().forward(x, boxes, image_shapes)
-        if self.scales is None or self.map_levels is None:
-            self.scales, self.map_levels = _setup_scales(maps, image_shapes, self.canonical_scale, self.canonical_level)
         rows = x if isinstance(x, LevelRows) else LevelRows({name: x[name] for name in self.featmap_names})
         levels = self.map_levels(boxes) if len(maps) > 1 else torch.zeros(num_rois, dtype=torch.int64)
         index, weight = bin_samples(boxes, levels, self._level_geometry(maps, rows), self.output_size,
