@@ -1,32 +1,31 @@
 """Per-slice inference time of our Mask R-CNN against torchvision's, with the outputs checked equal.
 
-    python benchmarks/bench_inference_2d.py
+    python -m benchmarks.bench_inference_2d            (from the repository root)
 
 Torchvision's ``maskrcnn_resnet50_fpn`` and our ``preset="torchvision"`` model share one random
 state dict (copied). Both see the same 512x512 slice; with ``--num_classes 2`` untrained heads score
 every foreground box near 0.5, so each slice yields the full ``box_detections_per_img`` (100)
 detections and masks: the heaviest realistic case (``--detections_per_img`` lowers the cap for all
-models alike). Our model runs as ``fuse_for_inference()`` (BN
-folded, channels-last); the unfused model is checked to match torchvision within 1e-4 first. The
-lightweight COVID-CT-Mask-Net models (ResNet18/34, truncation 0-1-2, covid preset) are timed on the
-same slice and reported as ratios to torchvision. Times are medians of interleaved repeats.
+models alike). Our model runs as its fast inference copy (``models.mask_net.fast.fast_inference_copy``:
+BatchNorm folded, channels-last); the model itself is checked to match torchvision within 1e-4 first.
+The lightweight COVID-CT-Mask-Net models (ResNet18/34, truncation 0-1-2, covid preset) are timed on
+the same slice and reported as ratios to torchvision. Times are medians of interleaved repeats.
+Results so far, and the machine they came from: benchmarks/README.md.
 """
 from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
 import torchvision
 from torch.utils.flop_counter import FlopCounterMode
 from torchvision.ops import box_iou
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from models.mask_net import maskrcnn_resnet_fpn  # noqa: E402
-from utils.cli import add_device_args, resolve_device  # noqa: E402
+from models.mask_net import maskrcnn_resnet_fpn
+from models.mask_net.fast import fast_inference_copy
+from utils.cli import add_device_args, resolve_device
 
 LIGHT_CONFIGS = [(name, t) for name in ("resnet18", "resnet34") for t in (0, 1, 2)]
 
@@ -111,14 +110,14 @@ def main(args: argparse.Namespace) -> dict:
     image = torch.rand(3, args.image_size, args.image_size, device=device)
     with torch.inference_mode():
         want, exact = reference([image])[0], ours([image])[0]
-        fused = ours.fuse_for_inference()
-        got = fused([image])[0]
+        fast = fast_inference_copy(ours)
+        got = fast([image])[0]
     print(f"device {device}, threads {torch.get_num_threads()}, slice {args.image_size}x{args.image_size}, "
           f"{want['boxes'].shape[0]} detections")
-    print(f"unfused ours vs torchvision: max abs diff {max_abs_diff(want, exact):.2e}")
+    print(f"ours vs torchvision: max abs diff {max_abs_diff(want, exact):.2e}")
     agreement = compare(want, got)
-    report_agreement("fused ours vs torchvision", agreement)
-    models = {"torchvision maskrcnn_resnet50_fpn": reference, "ours, torchvision preset (fused)": fused}
+    report_agreement("fast copy of ours vs torchvision", agreement)
+    models = {"torchvision maskrcnn_resnet50_fpn": reference, "ours, torchvision preset (fast)": fast}
     if not args.skip_light:
         models.update(light_models(args.num_classes, device, image, args.detections_per_img))
     times = time_models(models, image, args.repeats)
@@ -151,15 +150,15 @@ def arithmetic_bound(reference: torch.nn.Module, image: torch.Tensor, seconds: f
 
 
 def light_models(num_classes: int, device: torch.device, image: torch.Tensor, detections: int) -> dict:
-    """Fused lightweight models, each checked against its unfused self."""
+    """Fast copies of the lightweight models, each checked against its model."""
     models = {}
     for name, truncation in LIGHT_CONFIGS:
         model = maskrcnn_resnet_fpn(backbone_name=name, truncation=truncation, num_classes=num_classes,
                                     box_detections_per_img=detections).eval().to(device)
-        fused = model.fuse_for_inference()
+        fast = fast_inference_copy(model)
         with torch.inference_mode():
-            report_agreement(f"{name} t{truncation} fused vs unfused", compare(model([image])[0], fused([image])[0]))
-        models[f"ours, {name} truncation {truncation} (fused)"] = fused
+            report_agreement(f"{name} t{truncation} fast copy vs model", compare(model([image])[0], fast([image])[0]))
+        models[f"ours, {name} truncation {truncation} (fast)"] = fast
     return models
 
 
