@@ -10,7 +10,9 @@ away and fc6 reads its input in another order, so its state dict fits no checkpo
 - :mod:`.fusion`: BatchNorm folding, fused ResNet blocks, Winograd convolutions, FPN and RPN head;
 - :mod:`.poolers`, :mod:`.roi_heads`: RoIAlign as row gathers, the box branch in chunks.
 
-Measured speed-ups (and the machine they came from) are in benchmarks/README.md.
+The stage converters (``use_*``, :func:`~.fusion.fold_batchnorm`) change the module they are given
+in place; :func:`fast_inference_copy` applies them only to its own deep copy. Measured speed-ups (and
+the machine they came from) are in benchmarks/README.md.
 """
 from __future__ import annotations
 
