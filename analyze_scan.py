@@ -42,9 +42,9 @@ import numpy as np
 import torch
 from scipy import ndimage
 
+from datasets.conventions import LUNG_WINDOW, hu_to_png
 from datasets.io import NotHUError, NotHUWarning, Volume, read_volume, write_nifti
 from datasets.png_stack import read_png_stack
-from datasets.synthetic.chest import LUNG_WINDOW, hu_to_png
 from models.volumetric.covid_cls import MASK_KEY
 from models.volumetric.inference import load_task_model, predict_case, save_mask
 from models.volumetric.saliency import save_saliency_outputs

@@ -1,5 +1,5 @@
 """Dataset interfaces shared by the 2D and 3D tracks.
 
-This package shadows the Hugging Face ``datasets`` package on purpose (DESIGN.md): the project never
+This package shadows the Hugging Face ``datasets`` package on purpose (docs/ARCHITECTURE.md): the project never
 depends on it.
 """

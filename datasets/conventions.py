@@ -1,13 +1,16 @@
-"""Data conventions of the project, defined once and imported everywhere (see DESIGN.md).
+"""Data conventions of the project, defined once and imported everywhere (see docs/ARCHITECTURE.md).
 
-Mask PNG values (CNCB layout), slice classes, ``mask_type`` label maps and the slice file-name
-convention ``[Class]_[PatientID]_[ScanNum]_[SliceNum].png``.
+Mask PNG values (CNCB layout), slice classes, ``mask_type`` label maps, the slice file-name
+convention ``[Class]_[PatientID]_[ScanNum]_[SliceNum].png`` and the lung window that maps Hounsfield
+units to the 8-bit grey levels of slice pictures.
 """
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
 from pathlib import Path
+
+import numpy as np
 
 # Mask PNG values (CNCB): one value per tissue class.
 MASK_BACKGROUND = 0
@@ -38,6 +41,10 @@ CLASS_PREFIXES = {"0": 0, "1": 1, "2": 2, "Normal": 0, "CP": 1, "NCP": 2}
 CLASS_TO_PREFIX = {CLASS_CONTROL: "Normal", CLASS_CP: "CP", CLASS_COVID: "NCP"}
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+
+# HU mapped to grey 0 and 255 in slice pictures (centre -600, width 1500): the phantom's slices, the
+# 2D model's input and the default assumption for a folder of slice pictures.
+LUNG_WINDOW = (-1350.0, 150.0)
 
 _SLICE_NAME = re.compile(r"^(?P<cls>[0-2]|Normal|CP|NCP)_(?P<patient>[^_]+)_(?P<scan>[^_]+)_(?P<slice>[^_]+)$")
 
@@ -88,3 +95,23 @@ def parse_slice_name(path: str | Path) -> SliceName:
             f"with Class one of {sorted(CLASS_PREFIXES)}"
         )
     return SliceName(CLASS_PREFIXES[match["cls"]], match["patient"], match["scan"], match["slice"])
+
+
+def hu_to_png(hu: np.ndarray, window: tuple[float, float] = LUNG_WINDOW) -> np.ndarray:
+    """Map HU to 8-bit grey levels through a window (default lung window: centre -600, width 1500).
+
+    Args:
+        hu: array of Hounsfield units, any shape.
+        window: (low, high) HU mapped to 0 and 255.
+
+    Returns:
+        uint8 array of the same shape.
+
+    Raises:
+        ValueError: when ``high <= low``.
+    """
+    lo, hi = window
+    if hi <= lo:
+        raise ValueError(f"window must be (low, high) with high > low, got {window!r}")
+    scaled = (np.asarray(hu, np.float32) - lo) * (255.0 / (hi - lo))
+    return np.clip(np.round(scaled), 0, 255).astype(np.uint8)

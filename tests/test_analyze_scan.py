@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 import analyze_scan
-from datasets.synthetic.chest import LUNG_WINDOW, hu_to_png
+from datasets.conventions import LUNG_WINDOW, hu_to_png
 from models.mask_net.covid_mask_net import covid_mask_net
 from tests.helpers import VOLUMETRIC, chest_phantom
 from tests.helpers import volumetric_checkpoint as _volumetric_checkpoint

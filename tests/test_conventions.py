@@ -1,7 +1,15 @@
-"""The data conventions of DESIGN.md, defined once in datasets.conventions."""
+"""The data conventions of docs/ARCHITECTURE.md, defined once in datasets.conventions."""
+import numpy as np
 import pytest
 
-from datasets.conventions import MASK_TYPE_LABELS, class_names_for, num_detection_classes, parse_slice_name
+from datasets.conventions import (
+    LUNG_WINDOW,
+    MASK_TYPE_LABELS,
+    class_names_for,
+    hu_to_png,
+    num_detection_classes,
+    parse_slice_name,
+)
 
 
 @pytest.mark.parametrize("name, label", [("NCP_96_1328_0032.png", 2), ("2_96_1328_0032.png", 2),
@@ -26,3 +34,11 @@ def test_labels_come_from_mask_values():
     assert [num_detection_classes(t) for t in ("both", "ggo", "merge")] == [3, 2, 2]
     with pytest.raises(ValueError, match="mask_type must be one of"):
         class_names_for("lesions")
+
+
+def test_hu_to_png_lung_window():
+    out = hu_to_png(np.array([-2000.0, -1350.0, -600.0, 150.0, 1000.0]))
+    assert out.dtype == np.uint8 and out.tolist() == [0, 0, 128, 255, 255]
+    assert LUNG_WINDOW == (-1350.0, 150.0)  # centre -600, width 1500
+    with pytest.raises(ValueError, match="window"):
+        hu_to_png(np.zeros(3), window=(100, -100))

@@ -3,9 +3,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from datasets.conventions import LUNG_WINDOW, hu_to_png
 from datasets.png_stack import list_slices, read_png_stack
 from datasets.synthetic import make_chest_volume
-from datasets.synthetic.chest import LUNG_WINDOW, hu_to_png
 from utils.quantify import split_lungs
 
 

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 from scipy import ndimage
 
-from datasets.conventions import CLASS_PREFIXES, parse_slice_name
+from datasets.conventions import CLASS_PREFIXES, hu_to_png, parse_slice_name
 from datasets.synthetic import (
     LUNG_LEFT,
     LUNG_RIGHT,
@@ -19,7 +19,6 @@ from datasets.synthetic import (
     TISSUE_FAT,
     TISSUE_LUNG,
     generate_dataset,
-    hu_to_png,
     make_abdomen_volume,
     make_chest_slice,
     make_chest_volume,
@@ -162,13 +161,6 @@ def test_abdomen_volume():
     assert nib.aff2axcodes(vol["affine"]) == ("R", "A", "S")
 
 
-def test_hu_to_png_lung_window():
-    out = hu_to_png(np.array([-2000.0, -1350.0, -600.0, 150.0, 1000.0]))
-    assert out.dtype == np.uint8 and out.tolist() == [0, 0, 128, 255, 255]
-    with pytest.raises(ValueError, match="window"):
-        hu_to_png(np.zeros(3), window=(100, -100))
-
-
 def test_bad_arguments_are_named():
     with pytest.raises(ValueError, match="cls must be"):
         make_chest_slice(seed=0, size=(SIZE, SIZE), cls=3)
@@ -263,7 +255,8 @@ def test_volume_orientations_mixed(phantom):
 def test_generation_is_deterministic(phantom, tmp_path):
     out, _ = phantom
     generate_dataset(tmp_path, seed=1, n_patients=6, n_seg_patients=6, slices_per_patient=3, image_size=SIZE,
-                     volume_shape=VOLUME, n_volumes=4, n_abdomen=2, abdomen_shape=(32, 32, 12), outputs=("seg", "volumes"),
+                     volume_shape=VOLUME, n_volumes=4, n_abdomen=2, abdomen_shape=(32, 32, 12),
+                     outputs=("seg", "volumes"),
                      montage=False, workers=2)
     for rel in ["seg/train/masks", "seg/train/imgs", "volumes/imagesTr"]:
         names = sorted(p.name for p in (out / rel).iterdir())

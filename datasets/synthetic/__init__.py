@@ -19,7 +19,8 @@ Label maps
     11 pancreas, 12 right adrenal, 13 left adrenal).
 
 Layout written by ``generate_dataset(out_dir)`` (all paths below are relative to ``out_dir``)
-    ``seg/{train,test}/imgs/<name>.png`` 8-bit lung window (centre -600, width 1500) and
+    ``seg/{train,test}/imgs/<name>.png`` 8-bit lung window (``datasets.conventions.LUNG_WINDOW``:
+    centre -600, width 1500) and
     ``seg/{train,test}/masks/<name>.png`` with the same names, values 0..3.
     ``cls/{train,val,test}/<name>.png`` and ``cls/{train,val,test}_COVIDx_CT.txt``, one line per
     slice: ``<filename> <class> <xmin> <ymin> <xmax> <ymax>`` (class 0/1/2, body box in pixels,
@@ -40,7 +41,7 @@ Layout written by ``generate_dataset(out_dir)`` (all paths below are relative to
     Patients are split by patient (stratified by class) and never appear in two splits or outputs.
 """
 from .abdomen import ORGAN_NAMES, make_abdomen_volume
-from .chest import LUNG_WINDOW, Patient, hu_to_png, make_chest_slice, make_patient
+from .chest import Patient, make_chest_slice, make_patient
 from .generate import generate_dataset
 from .lesions import LESION_CONSOLIDATION, LESION_GGO
 from .tissues import TISSUE_AIR, TISSUE_AIRWAY, TISSUE_BONE, TISSUE_FAT, TISSUE_LUNG, TISSUE_SOFT
@@ -51,7 +52,7 @@ LUNG_LEFT, LUNG_RIGHT = 1, 2
 
 __all__ = [
     "COVID_LABELS", "LESION_CONSOLIDATION", "LESION_GGO", "LESION_LABELS", "LUNG_LABELS", "LUNG_LEFT",
-    "LUNG_RIGHT", "LUNG_WINDOW", "ORGAN_NAMES", "Patient", "TISSUE_AIR", "TISSUE_AIRWAY", "TISSUE_BONE",
-    "TISSUE_FAT", "TISSUE_LUNG", "TISSUE_SOFT", "generate_dataset", "hu_to_png", "make_abdomen_volume",
+    "LUNG_RIGHT", "ORGAN_NAMES", "Patient", "TISSUE_AIR", "TISSUE_AIRWAY", "TISSUE_BONE",
+    "TISSUE_FAT", "TISSUE_LUNG", "TISSUE_SOFT", "generate_dataset", "make_abdomen_volume",
     "make_chest_slice", "make_chest_volume", "make_patient",
 ]

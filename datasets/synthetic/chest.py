@@ -13,8 +13,6 @@ from .lesions import LESION_CONSOLIDATION, LESION_GGO, Lesion, lesion_fields, sa
 from .tissues import HU_BLOOD, TISSUE_LUNG, paint_tissues
 from .vessels import VesselTree, make_vessel_tree, vessel_fraction
 
-LUNG_WINDOW = (-1350.0, 150.0)  # centre -600, width 1500
-
 
 @dataclass(frozen=True)
 class Patient:
@@ -165,20 +163,3 @@ def _check_size(size) -> tuple[int, int]:
     if len(size) != 2 or min(size) < 16:
         raise ValueError(f"size must be (H, W) with both >= 16, got {size!r}")
     return int(size[0]), int(size[1])
-
-
-def hu_to_png(hu: np.ndarray, window: tuple[float, float] = LUNG_WINDOW) -> np.ndarray:
-    """Map HU to 8-bit grey levels through a window (default lung window: centre -600, width 1500).
-
-    Args:
-        hu: array of Hounsfield units, any shape.
-        window: (low, high) HU mapped to 0 and 255.
-
-    Returns:
-        uint8 array of the same shape.
-    """
-    lo, hi = window
-    if hi <= lo:
-        raise ValueError(f"window must be (low, high) with high > low, got {window!r}")
-    scaled = (np.asarray(hu, np.float32) - lo) * (255.0 / (hi - lo))
-    return np.clip(np.round(scaled), 0, 255).astype(np.uint8)

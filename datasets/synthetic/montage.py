@@ -6,9 +6,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from datasets.conventions import CLASS_NAMES, MASK_CONSOLIDATION, MASK_GGO, MASK_LUNG, parse_slice_name
-
-from .chest import hu_to_png
+from datasets.conventions import CLASS_NAMES, MASK_CONSOLIDATION, MASK_GGO, MASK_LUNG, hu_to_png, parse_slice_name
 
 OVERLAY = {MASK_GGO: (1.0, 0.85, 0.0), MASK_CONSOLIDATION: (1.0, 0.15, 0.1)}
 LUNG_COLOURS = {1: (0.2, 0.5, 1.0), 2: (0.1, 0.9, 0.4)}
@@ -95,7 +93,8 @@ def volume_montage(volumes_dir: str | Path, out_path: str | Path, *, n: int = 3)
         for row, (img, lab), aspect in ((0, axial, zooms[1] / zooms[0]), (1, coronal, zooms[2] / zooms[0])):
             axes[row, j].imshow(overlay(hu_to_png(img), lab, colours, 0.3), aspect=aspect)
             axes[row, j].axis("off")
-        axes[0, j].set_title(f"{path.name} {nib.aff2axcodes(nib.load(str(path)).affine)} {tuple(round(float(z), 2) for z in zooms)}", fontsize=7)
+        codes = nib.aff2axcodes(nib.load(str(path)).affine)
+        axes[0, j].set_title(f"{path.name} {codes} {tuple(round(float(z), 2) for z in zooms)}", fontsize=7)
     _legend(fig, plt, {"left lung (1)": LUNG_COLOURS[1], "right lung (2)": LUNG_COLOURS[2],
                        "GGO": OVERLAY[MASK_GGO], "consolidation": OVERLAY[MASK_CONSOLIDATION]})
     return _save(fig, plt, out_path, "Phantom chest volumes: axial (radiological) and coronal views")

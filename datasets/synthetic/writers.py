@@ -7,9 +7,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from datasets.conventions import CLASS_TO_PREFIX
+from datasets.conventions import CLASS_TO_PREFIX, hu_to_png
 
-from .chest import hu_to_png, lesion_heights, make_chest_slice, make_patient
+from .chest import lesion_heights, make_chest_slice, make_patient
 
 OUTPUTS = ("seg", "cls", "volumes", "abdomen")
 SEG_SPLITS, CLS_SPLITS = ("train", "test"), ("train", "val", "test")
@@ -137,7 +137,8 @@ def write_seg(out: Path, *, seed: int, n_patients: int, n_slices: int, size, wor
                           folder=str(folder), n_slices=n_slices, size=size))
     records = _run(_seg_patient, tasks, workers)
     counts = {name: sum(len(r) for r, t in zip(records, tasks) if splits[t["pid"]] == name) for name in SEG_SPLITS}
-    return dict(root=str(out / "seg"), slices=counts, patients={n: sorted(p for p, s in splits.items() if s == n) for n in SEG_SPLITS})
+    patients = {n: sorted(p for p, s in splits.items() if s == n) for n in SEG_SPLITS}
+    return dict(root=str(out / "seg"), slices=counts, patients=patients)
 
 
 def write_cls(out: Path, *, seed: int, n_patients: int, n_slices: int, size, workers: int) -> dict:
