@@ -43,8 +43,10 @@ class Step:
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data_dir", default="data/phantom", help="where the phantom data set is written (default: data/phantom)")
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data_dir", default="data/phantom",
+                   help="where the phantom data set is written (default: data/phantom)")
     p.add_argument("--out", default="runs/demo", help="where runs, reports and index.html go (default: runs/demo)")
     p.add_argument("--seed", type=int, default=0, help="seed of the phantom data and the training runs (default: 0)")
     p.add_argument("--device", default="cpu", help="device for training and inference (default: cpu)")
@@ -95,14 +97,17 @@ def classifier_2d_steps(data: Path, out: Path, seed: int, device: str) -> list[S
     cls, run = data / "cls", out / "classifier"
     return [
         Step("train_cls", "2D COVID-CT-Mask-Net classifier: S trained on the segmentation model (brief)",
-             ["train_classifier.py", "--pretrained_segmentation_model", str(out / "segmentation" / "checkpoint_best.pth"),
+             ["train_classifier.py",
+              "--pretrained_segmentation_model", str(out / "segmentation" / "checkpoint_best.pth"),
               "--backbone_name", "resnet18", "--truncation", "1", "--num_epochs", "1", "--save_every", "1",
               "--batch_size", "4", "--lrate", "1e-3", "--image_size", "256", "--train_data_dir", str(cls / "train"),
-              "--val_data_dir", str(cls / "val"), "--save_dir", str(run), "--overwrite", "--seed", str(seed), "--device", device,
+              "--val_data_dir", str(cls / "val"), "--save_dir", str(run), "--overwrite", "--seed", str(seed),
+              "--device", device,
               "--no_progress"],
              [f"{run}/metrics.jsonl"]),
         Step("eval_cls", "2D classifier: confusion matrix, sensitivity, AUC on the test slices (and per scan)",
-             ["evaluate_classifier.py", "--ckpt", str(run / "checkpoint_best.pth"), "--test_data_dir", str(cls / "test"),
+             ["evaluate_classifier.py", "--ckpt", str(run / "checkpoint_best.pth"),
+              "--test_data_dir", str(cls / "test"),
               "--aggregate", "scan", "--save_dir", str(run / "eval"), "--device", device],
              [f"{run}/eval/confusion_matrix.png", f"{run}/eval/roc.png"]),
     ]
@@ -110,7 +115,8 @@ def classifier_2d_steps(data: Path, out: Path, seed: int, device: str) -> list[S
 
 # 3D settings for a few minutes on two CPU cores: coarse grids and small windows.
 VOLUMETRIC = {
-    "lung_seg": (["--epochs", "30", "--lr", "1e-3", "--spacing", "2", "2", "4", "--roi_size", "64", "64", "32"], "lung"),
+    "lung_seg": (["--epochs", "30", "--lr", "1e-3", "--spacing", "2", "2", "4", "--roi_size", "64", "64", "32"],
+                 "lung"),
     "lesion_seg": (["--epochs", "200", "--val_every", "20", "--lr", "2e-3", "--spacing", "1.5", "1.5", "3",
                     "--roi_size", "64", "64", "16"], "lesion"),
     "covid_cls": (["--epochs", "10", "--lr", "1e-4", "--roi_size", "64", "64", "32"], "covid"),
@@ -141,7 +147,7 @@ def register_steps(data: Path, out: Path) -> list[Step]:
                ("mask_net_classifier", out / "classifier", "eval/metrics.json", "phantom 2D test slices"),
                *((task, out / task, "test/metrics.json", "phantom test scans") for task in VOLUMETRIC)]
     return [Step(f"register_{name}", f"Register {name} in {models}/manifest.json",
-                 ["-m", "utils.checkpoint", "register", str(models), "--name", name,
+                 ["-m", "utils.manifest", "register", str(models), "--name", name,
                   "--ckpt", str(run / "checkpoint_best.pth"), "--metrics", str(run / metrics),
                   "--data", f"{text} ({data})", "--command", f"python demo.py (step train of {name})"],
                  [f"{models}/manifest.json"] if name == "covid_cls" else [])

@@ -11,7 +11,7 @@ from utils import manifest
 
 def _parse(argv: list[str]) -> None:
     if argv[0] == "-m":
-        assert argv[1] == "utils.checkpoint"
+        assert argv[1] == "utils.manifest"
         manifest.get_args_parser().parse_args(argv[2:])
     else:
         importlib.import_module(Path(argv[0]).stem).get_args_parser().parse_args(argv[1:])

@@ -34,7 +34,7 @@ def _checkpoint(path: Path, seed: int = 0, task: str = "lesion_seg") -> Path:
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "utils.checkpoint", *args], cwd=ROOT, capture_output=True, text=True)
+    return subprocess.run([sys.executable, "-m", "utils.manifest", *args], cwd=ROOT, capture_output=True, text=True)
 
 
 def test_register_then_verify_ok_failed_missing(tmp_path):
@@ -73,7 +73,8 @@ def test_register_names_the_task_of_a_2d_checkpoint(tmp_path):
     from models.mask_net import maskrcnn_resnet_fpn
 
     kwargs = dict(backbone_name="resnet18", truncation=2, num_classes=2, min_size=64, max_size=64)
-    path = save_checkpoint(make_checkpoint(model=maskrcnn_resnet_fpn(**kwargs), builder="models.mask_net.maskrcnn_resnet_fpn",
+    path = save_checkpoint(make_checkpoint(model=maskrcnn_resnet_fpn(**kwargs),
+                                           builder="models.mask_net.maskrcnn_resnet_fpn",
                                            builder_kwargs=kwargs, epoch=0), tmp_path / "seg.pth")
     assert register(tmp_path / "models", name="mask_net_segmentation", ckpt=path)["task"] == "segmentation_2d"
 
@@ -98,13 +99,13 @@ def test_missing_model_message_says_how_to_produce_it(tmp_path):
         resolve_model(tmp_path, "lung_seg")
     message = str(err.value)
     assert message.startswith("lung_seg: no manifest.json") and str(tmp_path / "manifest.json") in message
-    assert f"python -m utils.checkpoint register {tmp_path} --name lung_seg --ckpt" in message
+    assert f"python -m utils.manifest register {tmp_path} --name lung_seg --ckpt" in message
     shutil.copy(ROOT / "pretrained_models" / "manifest.json", tmp_path / "manifest.json")
     with pytest.raises(MissingModelError) as err:
         resolve_model(tmp_path, "lung_seg")
     message = str(err.value)
     assert f"lung_seg: {tmp_path / 'lung_seg.pth'} does not exist" in message
-    assert message.index("train_volumetric.py --task lung_seg") < message.index("utils.checkpoint register")
+    assert message.index("train_volumetric.py --task lung_seg") < message.index("utils.manifest register")
     assert isinstance(err.value, FileNotFoundError)
     with pytest.raises(MissingModelError, match=r"unknown: no such entry .* \(it lists \['mask_net_segmentation'"):
         resolve_model(tmp_path, "unknown")
@@ -214,16 +215,19 @@ def test_committed_builder_kwargs_are_what_the_commands_save():
     import train_classifier
     import train_segmentation
     import train_volumetric
-    from datasets.conventions import num_detection_classes
+    from models.mask_net.workflows.classifier import ClassifierTrainConfig, classifier_kwargs_from_segmentation
+    from models.mask_net.workflows.segmentation import SegmentationTrainConfig, segmentation_builder_kwargs
     from models.volumetric import get_task
+    from utils.cli import config_from_args
 
     entries = {e["name"]: e for e in load_manifest(ROOT / "pretrained_models")["models"]}
     argv = {name: shlex.split(e["command"])[2:] for name, e in entries.items()}
     seg = train_segmentation.get_args_parser().parse_args(argv["mask_net_segmentation"])
-    seg_kwargs = train_segmentation.builder_kwargs_from_args(seg, num_detection_classes(seg.mask_type))
+    seg_kwargs = segmentation_builder_kwargs(config_from_args(SegmentationTrainConfig, seg))
     assert seg_kwargs == entries["mask_net_segmentation"]["builder_kwargs"]
     cls = train_classifier.get_args_parser().parse_args(argv["mask_net_classifier"])
-    assert train_classifier._kwargs_from_segmentation(cls, seg_kwargs) == entries["mask_net_classifier"]["builder_kwargs"]
+    expected = entries["mask_net_classifier"]["builder_kwargs"]
+    assert classifier_kwargs_from_segmentation(config_from_args(ClassifierTrainConfig, cls), seg_kwargs) == expected
     for name in ("lung_seg", "lesion_seg", "covid_cls"):
         args = train_volumetric.get_args_parser().parse_args(argv[name])
         task = get_task(args.task)

@@ -1,4 +1,4 @@
-"""Checkpoints in the project's schema (DESIGN.md), written atomically and loaded safely.
+"""Checkpoints in the project's schema (docs/ARCHITECTURE.md), written atomically and loaded safely.
 
 A checkpoint is a dict::
 
@@ -203,9 +203,3 @@ def _plain(value: Any) -> Any:
     if value is None or isinstance(value, (bool, int, float, str, torch.Tensor)):
         return value
     raise TypeError(f"checkpoint values must be plain Python values or tensors, got {type(value).__name__}")
-
-
-if __name__ == "__main__":  # python -m utils.checkpoint verify|register ... (see utils.manifest)
-    from utils.manifest import main
-
-    raise SystemExit(main())

@@ -11,10 +11,10 @@ A models folder (``pretrained_models/`` by default) holds ``manifest.json``::
 and the checkpoint files it names. ``sha256`` null means the weights are not released: the entry
 then only documents how to produce them. Weights are never committed.
 
-Command line (``python -m utils.checkpoint ...`` delegates here)::
+Command line::
 
-    python -m utils.checkpoint verify pretrained_models/           # like `sha256sum -c`
-    python -m utils.checkpoint register pretrained_models/ --name lung_seg --ckpt runs/lung_seg/checkpoint_best.pth \\
+    python -m utils.manifest verify pretrained_models/           # like `sha256sum -c`
+    python -m utils.manifest register pretrained_models/ --name lung_seg --ckpt runs/lung_seg/checkpoint_best.pth \\
         --metrics runs/lung_seg/test/metrics.json --data "..." --command "..."
 
 Statuses of ``verify``: OK (hash matches), FAILED (hash differs), MISSING (hashed file absent),
@@ -137,12 +137,12 @@ def resolve_model(folder: str | Path, name: str) -> Path:
         raise MissingModelError(f"{name}: {path} does not exist. {recipe} {_register_hint(folder, name)}")
     if entry["sha256"] and sha256_file(path) != entry["sha256"]:
         raise ValueError(f"{name}: {path} does not match the sha256 in {Path(folder) / MANIFEST}; "
-                         f"run `python -m utils.checkpoint verify {folder}`")
+                         f"run `python -m utils.manifest verify {folder}`")
     return path
 
 
 def _register_hint(folder: str | Path, name: str) -> str:
-    return f"`python -m utils.checkpoint register {folder} --name {name} --ckpt <checkpoint>`"
+    return f"`python -m utils.manifest register {folder} --name {name} --ckpt <checkpoint>`"
 
 
 def sha256_file(path: str | Path) -> str:
@@ -208,7 +208,8 @@ def register(folder: str | Path, *, name: str, ckpt: str | Path, metrics: dict |
     if metrics is not None and not isinstance(metrics, dict):
         raise ValueError(f"{name}: metrics must be a dict, got {type(metrics).__name__}")
     checkpoint = load_checkpoint(ckpt)
-    manifest = load_manifest(folder) if (folder / MANIFEST).is_file() else {"schema_version": SCHEMA_VERSION, "models": []}
+    empty = {"schema_version": SCHEMA_VERSION, "models": []}
+    manifest = load_manifest(folder) if (folder / MANIFEST).is_file() else empty
     old = next((e for e in manifest["models"] if e["name"] == name), {})
     task = checkpoint.get("task") or TASK_BY_BUILDER.get(checkpoint["builder"]) or old.get("task", name)
     if old and old["task"] != task:
@@ -272,7 +273,7 @@ def _entry_name(entry) -> str:
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m utils.checkpoint", description="Verify or register pretrained models.")
+    p = argparse.ArgumentParser(prog="python -m utils.manifest", description="Verify or register pretrained models.")
     sub = p.add_subparsers(dest="command", required=True)
     v = sub.add_parser("verify", help="check the files of a models folder against manifest.json")
     v.add_argument("folder", help="folder with manifest.json, e.g. pretrained_models/ (required)")
@@ -334,3 +335,7 @@ def _verify_cli(args: argparse.Namespace) -> int:
     if bad:
         print(f"WARNING: {len(bad)} of {len(rows)} files did not verify", file=sys.stderr)
     return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
