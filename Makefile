@@ -26,7 +26,7 @@ test-slow: setup
 	$(PY) -m pytest -q -m slow
 
 bench: setup
-	for b in benchmarks/bench_*.py; do $(PY) $$b || exit 1; done
+	for b in benchmarks/bench_*.py; do $(PY) -m benchmarks.$$(basename $$b .py) || exit 1; done
 
 clean:
 	rm -rf $(DEMO_DIR) $(DATA_DIR)

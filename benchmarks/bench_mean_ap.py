@@ -6,9 +6,11 @@ time includes binarising the masks, RLE-encoding them (Fortran-ordered uint8, as
 needs), building their COCO objects, and evaluate/accumulate/summarize. The values are checked
 against pycocotools (1e-6) before the ratios are printed.
 
-    python benchmarks/bench_mean_ap.py                    # 1,000 slices of 512x512: ~1 min, ~5 GB RAM
-    python benchmarks/bench_mean_ap.py --n_images 100     # quick run
-    python benchmarks/bench_mean_ap.py --mask_format binary
+Run from the repository root::
+
+    python -m benchmarks.bench_mean_ap                    # 1,000 slices of 512x512: ~1 min, ~5 GB RAM
+    python -m benchmarks.bench_mean_ap --n_images 100     # quick run
+    python -m benchmarks.bench_mean_ap --mask_format binary
 
 The probability masks of 1,000 slices take 5 GB (5 predictions x 1 MB each); ``--mask_format
 binary`` uses UInt8 masks (1.3 GB). Absolute times depend on the machine, printed first.
@@ -20,16 +22,12 @@ import contextlib
 import io
 import os
 import platform
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
-
-from utils.mean_ap import mean_average_precision  # noqa: E402
+from utils.mean_ap import mean_average_precision
 
 LUNGS = ((0.5, 0.3, 0.32, 0.17), (0.5, 0.7, 0.32, 0.17))  # (cy, cx, ry, rx) as fractions of the slice
 

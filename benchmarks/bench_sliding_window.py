@@ -1,8 +1,9 @@
 """Lesion sliding-window inference: our path against the MONAI tutorial default, same network and weights.
 
-Canonical command (about 4 minutes on 2 CPU cores; ``--quick`` is a 4x smaller analogue)::
+Canonical command, from the repository root (about 4 minutes on 2 CPU cores; ``--quick`` is a 4x smaller
+analogue)::
 
-    python benchmarks/bench_sliding_window.py
+    python -m benchmarks.bench_sliding_window
 
 A 512 x 512 x 64-slice COVID-19 phantom chest CT is pre-processed with the lesion_seg transforms
 (RAS, 0.8 x 0.8 x 5 mm, [-1000, 500] HU) once; both paths then segment the same resampled volume:
@@ -28,13 +29,12 @@ A readout of random features is a weak model whose output depends on where the w
 agreement says little. ``--ckpt`` takes a trained lesion_seg checkpoint instead (weights, spacing
 and HU window from the checkpoint, ROI as above), and the target is the phantom's lesions::
 
-    python benchmarks/bench_sliding_window.py --ckpt runs/demo/lesion_seg/checkpoint_best.pth
+    python -m benchmarks.bench_sliding_window --ckpt runs/demo/lesion_seg/checkpoint_best.pth
 """
 from __future__ import annotations
 
 import argparse
 import copy
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -44,30 +44,26 @@ import torch
 from monai.inferers import sliding_window_inference
 from monai.transforms import Compose
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from datasets.synthetic.volumes import make_chest_volume  # noqa: E402
-from models.volumetric import get_task  # noqa: E402
-from models.volumetric.inference import (  # noqa: E402
-    crop_box,
-    load_task_model,
-    prepare_for_inference,
-    segment,
-    window_region,  # noqa: E402
-)
-from utils.dice import dice_per_class  # noqa: E402
-from utils.reproducibility import seed_everything  # noqa: E402
+from datasets.synthetic.volumes import make_chest_volume
+from models.volumetric import get_task
+from models.volumetric.inference import crop_box, load_task_model, prepare_for_inference, segment, window_region
+from utils.dice import dice_per_class
+from utils.reproducibility import seed_everything
 
 FULL = {"shape": (512, 512, 64), "spacing": (0.7, 0.7, 5.0), "working_spacing": (0.8, 0.8, 5.0), "roi": (224, 224, 32)}
-QUICK = {"shape": (256, 256, 32), "spacing": (1.4, 1.4, 10.0), "working_spacing": (1.6, 1.6, 10.0), "roi": (112, 112, 16)}
+QUICK = {"shape": (256, 256, 32), "spacing": (1.4, 1.4, 10.0), "working_spacing": (1.6, 1.6, 10.0),
+         "roi": (112, 112, 16)}
 
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="256x256x32 phantom, 112x112x16 ROI (default: off, 512x512x64 and 224x224x32)")
+    parser.add_argument("--quick", action="store_true",
+                        help="256x256x32 phantom, 112x112x16 ROI (default: off, 512x512x64 and 224x224x32)")
     parser.add_argument("--seed", type=int, default=1, help="phantom patient and weight seed (default: 1)")
-    parser.add_argument("--fit_steps", type=int, default=300, help="Adam steps fitting the network's readout (default: 300)")
-    parser.add_argument("--target", choices=("lung", "lesion"), default="lung", help="what the network is fitted to (default: lung)")
+    parser.add_argument("--fit_steps", type=int, default=300,
+                        help="Adam steps fitting the network's readout (default: 300)")
+    parser.add_argument("--target", choices=("lung", "lesion"), default="lung",
+                        help="what the network is fitted to (default: lung)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--ckpt", default=None,
                         help="trained lesion_seg checkpoint: its weights, spacing and HU window replace the fitted "
@@ -194,7 +190,8 @@ def warm_up(model: torch.nn.Module, fast: torch.nn.Module, *, roi) -> None:
         fast(window.contiguous(memory_format=torch.channels_last_3d))
 
 
-def run_table(model: torch.nn.Module, image: torch.Tensor, truth: torch.Tensor, *, config, truth_name: str) -> list[dict]:
+def run_table(model: torch.nn.Module, image: torch.Tensor, truth: torch.Tensor, *, config,
+              truth_name: str) -> list[dict]:
     """Time every variant once and print the table; rows as dicts (seconds, speed-up, agreement, Dice)."""
     fast = prepare_for_inference(copy.deepcopy(model), device=torch.device("cpu"))
     warm_up(model, fast, roi=config.roi_size)
