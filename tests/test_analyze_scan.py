@@ -1,4 +1,5 @@
-"""analyze_scan.py end to end on tiny phantoms: outputs on the input grid, quantities, report, bad input."""
+"""analyze_scan.py and models.analysis end to end on tiny phantoms: outputs on the input grid, quantities,
+report, bad input, and the library called from Python."""
 from __future__ import annotations
 
 import json
@@ -11,6 +12,7 @@ from PIL import Image
 
 import analyze_scan
 from datasets.conventions import LUNG_WINDOW, hu_to_png
+from models.analysis import steps as analysis_steps
 from models.mask_net.covid_mask_net import covid_mask_net
 from tests.helpers import VOLUMETRIC, chest_phantom
 from tests.helpers import volumetric_checkpoint as _volumetric_checkpoint
@@ -20,8 +22,6 @@ from utils.quantify import voxel_volume_ml
 
 CLS_KWARGS = dict(backbone_name="resnet18", truncation=2, num_classes=3, roi_batch_size=8, s_features=16,
                   min_size=64, max_size=64, rpn_pre_nms_top_n_test=50, rpn_post_nms_top_n_test=20)
-
-
 
 
 @pytest.fixture(scope="module")
@@ -82,9 +82,8 @@ def test_quantities_from_known_masks(tmp_path, monkeypatch, checkpoints, orienta
     """With the segmentation step giving the phantom's truth, the report gives the truth's volumes."""
     volume, affine = _write_scan(tmp_path / "scan.nii.gz", orientation=orientation, seed=4)
     truth = {"lung_seg": (volume["lung"] > 0).astype(np.uint8), "lesion_seg": (volume["lesion"] > 0).astype(np.uint8)}
-    monkeypatch.setattr(analyze_scan, "segment", lambda name, *a, **k: (truth[name], affine))
-    monkeypatch.setattr(analyze_scan, "resolve_model_paths", lambda args: {k: checkpoints[k] for k in truth})
-    report = _run([str(tmp_path / "scan.nii.gz"), "--out", str(tmp_path / "out"),
+    monkeypatch.setattr(analysis_steps, "segment", lambda name, *a, **k: (truth[name], affine))
+    report = _run([str(tmp_path / "scan.nii.gz"), "--out", str(tmp_path / "out"), *_flags(checkpoints),
                    "--skip", "covid_cls", "mask_net_classifier"])
     q, ml = report["quantities"], voxel_volume_ml(affine)
     assert q["left"]["lung_ml"] == pytest.approx((volume["lung"] == 1).sum() * ml)
@@ -190,16 +189,46 @@ def test_nan_voxels_are_refused_or_filled_and_reported(tmp_path, monkeypatch, ch
         _run([*argv, *_flags(checkpoints)])
     read = {}
 
-    def segment(name, ckpt, image_path, **_):
+    def segment(name, image_path, **_):
         read[name] = nib.load(image_path).get_fdata()
         return (volume["lung" if name == "lung_seg" else "lesion"] > 0).astype(np.uint8), affine
 
-    monkeypatch.setattr(analyze_scan, "segment", segment)
-    monkeypatch.setattr(analyze_scan, "resolve_model_paths",
-                        lambda args: {k: checkpoints[k] for k in ("lung_seg", "lesion_seg")})
-    report = _run([*argv, "--fill_nan", "-1000"])
+    monkeypatch.setattr(analysis_steps, "segment", segment)
+    report = _run([*argv, *_flags(checkpoints), "--fill_nan", "-1000"])
     assert all(np.isfinite(a).all() and (a[np.isnan(image)] == -1000).all() for a in read.values())
     assert report["assumed"] == {"fill_nan_hu": -1000.0}
     assert report["warnings"] == [f"NonFiniteWarning: {tmp_path / 'scan_nan.nii.gz'}: {bad} of {image.size} voxels "
                                   "are NaN or infinite; replaced by -1000 HU"]
     assert report["quantities"]["total"]["lung_ml"] > 0
+
+
+def test_the_library_loads_models_once_and_analyses_paths_and_arrays(tmp_path, monkeypatch, checkpoints):
+    """What a notebook or a cohort runner does: load the models once, then analyse several scans."""
+    from models.analysis import analyze, load_models, loading
+
+    volume, affine = _write_scan(tmp_path / "scan.nii.gz", seed=3)
+    models = load_models(tmp_path / "none", checkpoints=dict(checkpoints), skip=["covid_cls"])
+    monkeypatch.setattr(loading, "_load", lambda *a, **k: pytest.fail("a model was loaded twice"))
+    kept = analyze(tmp_path / "scan.nii.gz", models, out_dir=tmp_path / "out", verbose=False)
+    in_memory = analyze(volume["image"].astype(np.float32), models, affine=affine, verbose=False)
+    assert kept.page == tmp_path / "out" / "report.html" and kept.page.is_file()
+    assert in_memory.page is None and in_memory.summary["files"] == {} and in_memory.summary["input"] == "<array>"
+    assert in_memory.summary["quantities"] == kept.summary["quantities"]
+    assert in_memory.summary["covid"] == kept.summary["covid"]
+    np.testing.assert_array_equal(in_memory.lesions, kept.lesions)
+    assert kept.lungs.shape == volume["image"].shape and set(np.unique(kept.lungs)) <= {0, 1, 2}
+    with pytest.raises(ValueError, match="needs its affine"):
+        analyze(volume["image"], models, verbose=False)
+
+
+def test_models_load_now_or_when_first_needed(tmp_path, checkpoints):
+    from models.analysis import CLASSIFIERS, load_models
+
+    (tmp_path / "empty.pth").write_bytes(b"")
+    given = {"lung_seg": tmp_path / "empty.pth", "lesion_seg": checkpoints["lesion_seg"]}
+    with pytest.raises(ValueError, match="empty.pth: the checkpoint file is empty"):
+        load_models(tmp_path / "none", checkpoints=given, skip=CLASSIFIERS)
+    lazy = load_models(tmp_path / "none", checkpoints=given, skip=CLASSIFIERS, lazy=True)
+    assert list(lazy.paths) == ["lung_seg", "lesion_seg"] and "covid_cls" not in lazy
+    with pytest.raises(ValueError, match="unknown models \\['lungs'\\]"):
+        load_models(tmp_path / "none", checkpoints={"lungs": checkpoints["lung_seg"]}, lazy=True)

@@ -1,8 +1,9 @@
 """The report a person reads for one analysed scan: montages, quantities, probabilities, models.
 
-:func:`write_report` takes the ``report.json`` dict of ``analyze_scan.py`` and the masks, draws the
-pictures next to it and writes ``report.html`` (self-contained apart from the PNGs beside it). The
-run's warnings, when there are any, come first, so that a report never looks clean when the run was not.
+:func:`write_report` takes the ``report.json`` dict of :func:`models.analysis.analyze` (what
+``analyze_scan.py`` runs) and the masks, draws the pictures next to it and writes ``report.html``
+(self-contained apart from the PNGs beside it). The run's warnings, when there are any, come first,
+so that a report never looks clean when the run was not.
 """
 from __future__ import annotations
 
@@ -131,7 +132,8 @@ def _quantity_table(quantities: dict) -> str:
 def _covid_table(covid: dict) -> str:
     if not covid:
         return "<h2>COVID-19 probability</h2><p>No classifier was run.</p>"
-    names = {"covid_cls": "3D DenseNet121 (lung region)", "mask_net_classifier": "2D COVID-CT-Mask-Net (mean over lung slices)"}
+    names = {"covid_cls": "3D DenseNet121 (lung region)",
+             "mask_net_classifier": "2D COVID-CT-Mask-Net (mean over lung slices)"}
     rows = "".join(f"<tr><th>{html.escape(names.get(k, k))}</th><td>{v['probability']:.3f}</td></tr>"
                    for k, v in covid.items())
     return f"<h2>COVID-19 probability</h2><table>{rows}</table>"
