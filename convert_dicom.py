@@ -21,7 +21,8 @@ from utils.cli import run_cli
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("input_dir", type=Path, help="folder of DICOM files; non-DICOM files are skipped (required)")
     p.add_argument("output_dir", type=Path, help="folder for the .nii.gz files, created when missing (required)")
     p.add_argument("--recursive", action="store_true", help="also read DICOM files in sub-folders (default: off)")

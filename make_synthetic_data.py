@@ -19,13 +19,17 @@ from utils.cli import non_negative_int, positive_int, run_cli
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="data/phantom", help="output folder (default: data/phantom)")
     p.add_argument("--seed", type=int, default=0, help="data-set seed (default: 0)")
-    p.add_argument("--n_patients", type=non_negative_int, default=30, help="patients of the classification set (default: 30)")
-    p.add_argument("--n_seg_patients", type=non_negative_int, default=15, help="patients of the segmentation set (default: 15)")
+    p.add_argument("--n_patients", type=non_negative_int, default=30,
+                   help="patients of the classification set (default: 30)")
+    p.add_argument("--n_seg_patients", type=non_negative_int, default=15,
+                   help="patients of the segmentation set (default: 15)")
     p.add_argument("--slices_per_patient", type=positive_int, default=8, help="slices per 2D patient (default: 8)")
-    p.add_argument("--image_size", type=positive_int, default=512, help="side of the 2D slices in pixels (default: 512)")
+    p.add_argument("--image_size", type=positive_int, default=512,
+                   help="side of the 2D slices in pixels (default: 512)")
     p.add_argument("--n_volumes", type=non_negative_int, default=12,
                    help="chest volumes; 12 put every class in the validation split (default: 12)")
     p.add_argument("--volume_shape", type=positive_int, nargs=3, default=[128, 128, 40], metavar=("X", "Y", "Z"),

@@ -37,8 +37,8 @@ def detection_overlay(image: torch.Tensor, detections: dict, path: str | Path, *
     fig, ax = plt.subplots(figsize=(6, 6), dpi=100)
     ax.imshow(_blend_masks(rgb, detections, mask_threshold, alpha))
     _draw_boxes(ax, detections)
-    present = sorted({int(l) for l in detections["labels"]})
-    handles = [Patch(color=LABEL_COLOURS[l % len(LABEL_COLOURS)], label=class_names[l]) for l in present]
+    present = sorted({int(label) for label in detections["labels"]})
+    handles = [Patch(color=LABEL_COLOURS[c % len(LABEL_COLOURS)], label=class_names[c]) for c in present]
     ax.legend(handles=handles or [Patch(color="none", label="no lesion detected")], loc="lower right", fontsize=8)
     ax.set_title(title or "", fontsize=9)
     ax.axis("off")
