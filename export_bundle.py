@@ -1,4 +1,4 @@
-"""Export a volumetric checkpoint (lung_seg, lesion_seg, covid_cls) as a MONAI bundle.
+"""Export a volumetric checkpoint (lung_seg, lesion_seg, covid_cls: the tasks with a bundle) as a MONAI bundle.
 
 Canonical command::
 
@@ -20,31 +20,29 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from models.volumetric.bundle import EXPORTABLE_TASKS, export_bundle
+from models.volumetric.bundle.writer import export_bundle, exportable_tasks
+from models.volumetric.cli import add_checkpoint_arg, add_output_arg, add_task_arg
 from utils.cli import run_cli
 
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--task", required=True, choices=EXPORTABLE_TASKS, help="task of the checkpoint (required)")
-    parser.add_argument("--ckpt", required=True, help="checkpoint from train_volumetric.py (required)")
-    parser.add_argument("--out", required=True, help="bundle folder to write; must be new or empty (required)")
+    add_task_arg(parser, choices=exportable_tasks(), help="task of the checkpoint (required)")
+    add_checkpoint_arg(parser)
+    add_output_arg(parser, dest="out", required=True, help="bundle folder to write; must be new or empty (required)")
     parser.add_argument("--version", default="0.1.0", help="bundle version in metadata.json (default: 0.1.0)")
     parser.add_argument("--authors", default="covid-ct project", help="metadata authors (default: covid-ct project)")
     parser.add_argument("--copyright", default="Copyright (c) the covid-ct project authors",
                         help="metadata copyright (default: Copyright (c) the covid-ct project authors)")
-    parser.add_argument("--overwrite", action="store_true", help="replace the files of an existing bundle folder (default: off)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the files of an existing bundle folder (default: off)")
     return parser
 
 
 def main(args: argparse.Namespace) -> Path:
     """Write the bundle; returns its folder."""
-    out = export_bundle(ckpt_path=args.ckpt, task_name=args.task, out_dir=args.out, version=args.version,
-                        authors=args.authors, copyright=args.copyright, overwrite=args.overwrite)
-    inputs = "--input_file SCAN.nii.gz" + (" --lung_mask_file LUNG.nii.gz" if args.task == "covid_cls" else "")
-    print(f"{args.task} bundle -> {out}\nrun it: cd {out} && python -m monai.bundle run "
-          f"--config_file configs/inference.json {inputs} --output_dir OUT")
-    return out
+    return export_bundle(ckpt_path=args.ckpt, task_name=args.task, out_dir=args.out, version=args.version,
+                         authors=args.authors, copyright=args.copyright, overwrite=args.overwrite)
 
 
 if __name__ == "__main__":

@@ -26,17 +26,19 @@ from monai.bundle.utils import DEFAULT_METADATA
 import export_bundle
 import infer_volumetric
 from models.volumetric import get_task
-from models.volumetric.bundle import check_bundle
-from models.volumetric.covid_cls import ClsConfig, predict_case
+from models.volumetric.bundle.writer import check_bundle
+from models.volumetric.covid_cls import classify_case
 from models.volumetric.inference import load_task_model
 from tests.helpers import TINY_NET, lps_affine, write_case, write_cls_case
 from utils.checkpoint import make_checkpoint, save_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
-SEG_CONFIG = {"lesion_seg": {"spacing": (2.0, 2.0, 4.0), "roi_size": (32, 32, 16)},
-              "lung_seg": {"spacing": (2.0, 2.0, 4.0), "roi_size": (32, 32, 32)}}
+TASK_CONFIG = {"lesion_seg": {"spacing": (2.0, 2.0, 4.0), "roi_size": (32, 32, 16)},
+               "lung_seg": {"spacing": (2.0, 2.0, 4.0), "roi_size": (32, 32, 32)},
+               "covid_cls": {"roi_size": (32, 32, 32)}}
 # Keys every tensor of network_data_format must have (MONAI bundle specification).
-TENSOR_KEYS = {"type", "format", "num_channels", "spatial_shape", "dtype", "value_range", "is_patch_data", "channel_def"}
+TENSOR_KEYS = {"type", "format", "num_channels", "spatial_shape", "dtype", "value_range", "is_patch_data",
+               "channel_def"}
 
 
 def _checkpoint(path: Path, task_name: str, **network) -> Path:
@@ -44,7 +46,7 @@ def _checkpoint(path: Path, task_name: str, **network) -> Path:
     task = get_task(task_name)
     torch.manual_seed(0)
     model, kwargs = task.build_network(**network)
-    config = ClsConfig(roi_size=(32, 32, 32)) if task_name == "covid_cls" else task.make_config(**SEG_CONFIG[task_name])
+    config = task.make_config(**TASK_CONFIG[task_name])
     ckpt = make_checkpoint(model=model, builder=task.builder, builder_kwargs=kwargs, epoch=3, task=task.name,
                            task_config=config.to_dict(), metrics={"epoch": 3, "val_dice": 0.5})
     return save_checkpoint(ckpt, path)
@@ -79,7 +81,8 @@ def run_bundle(bundle: Path, **overrides: str) -> subprocess.CompletedProcess:
         command = [sys.executable, "-m", "monai.bundle", "run", "--config_file", "configs/inference.json", *flags]
     else:
         call = json.dumps({"config_file": "configs/inference.json", **overrides})
-        command = [sys.executable, "-c", f"import json; from monai.bundle.scripts import run; run(**json.loads({call!r}))"]
+        command = [sys.executable, "-c",
+                   f"import json; from monai.bundle.scripts import run; run(**json.loads({call!r}))"]
     result = subprocess.run(command, cwd=bundle, env=_bundle_env(), capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-4000:]
     return result
@@ -124,7 +127,7 @@ def test_covid_cls_bundle_gives_infer_volumetric_probability(tmp_path, bundles):
         ["--task", "covid_cls", "--ckpt", str(ckpt), "--input", str(tmp_path / "dataset.json"),
          "--output", str(tmp_path / "ours")]))
     model, _, config, _ = load_task_model(ckpt, device=torch.device("cpu"))
-    exact = predict_case(case, model=model, config=config, device=torch.device("cpu"))["probability"]
+    exact = classify_case(case, model=model, config=config, device=torch.device("cpu"))["probability"]
     run_bundle(bundle, input_file=case["image"], lung_mask_file=case["label_image"],
                output_dir=str(tmp_path / "bundle_out"), device="cpu")
     with (tmp_path / "bundle_out" / "predictions.csv").open() as handle:
@@ -187,7 +190,8 @@ def test_dataset_dir_input_and_missing_input(tmp_path, bundles):
         label.unlink()
     run(config_file=str(bundle / "configs" / "inference.json"), logging_file=False, bundle_root=str(bundle),
         dataset_dir=str(tmp_path / "scans"), output_dir=str(tmp_path / "out"), device="cpu")
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["scan0_lesion_seg.nii.gz", "scan1_lesion_seg.nii.gz"]
+    written = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert written == ["scan0_lesion_seg.nii.gz", "scan1_lesion_seg.nii.gz"]
     ours = _ours(ckpt, "lesion_seg", str(tmp_path / "scans" / "scan1.nii.gz"), tmp_path / "ours")
     np.testing.assert_array_equal(np.asarray(nib.load(tmp_path / "out" / "scan1_lesion_seg.nii.gz").dataobj),
                                   np.asarray(ours.dataobj))
@@ -233,9 +237,10 @@ def test_checkpoint_with_another_builder_is_refused(tmp_path):
     covid = get_task("covid_cls")
     model, kwargs = covid.build_network(**TINY_NET)
     ckpt = make_checkpoint(model=model, builder=covid.builder, builder_kwargs=kwargs, epoch=0, task="lesion_seg",
-                           task_config=get_task("lesion_seg").make_config(**SEG_CONFIG["lesion_seg"]).to_dict())
+                           task_config=get_task("lesion_seg").make_config(**TASK_CONFIG["lesion_seg"]).to_dict())
     path = save_checkpoint(ckpt, tmp_path / "odd.pth")
-    with pytest.raises(ValueError, match=r"odd.pth: builder 'models.volumetric.covid_cls.build_network' is not lesion_seg's"):
+    with pytest.raises(ValueError,
+                       match=r"odd.pth: builder 'models.volumetric.covid_cls.build_network' is not lesion_seg's"):
         _export(path, "lesion_seg", tmp_path / "out")
 
 
@@ -243,7 +248,7 @@ def test_checkpoint_with_another_builder_is_refused(tmp_path):
 @pytest.mark.parametrize("margin, roi", [(0, (48, 48, 8)), (3, (16, 16, 24)), (12, (32, 32, 16))])
 def test_bundle_crops_to_the_region_infer_volumetric_windows_cover(tmp_path, crop_region, margin, roi):
     """The bundle's ``crop_select`` marks exactly :func:`window_region` of :func:`crop_box`."""
-    from models.volumetric.inference import crop_box, window_region
+    from models.volumetric.sliding_window import crop_box, window_region
     from tests.helpers import chest_phantom
 
     config = get_task("lesion_seg").make_config(crop_region=crop_region, crop_margin=margin, roi_size=roi)

@@ -274,7 +274,7 @@ def test_a_user_error_in_train_volumetric_exits_1_with_one_line(datalist, tmp_pa
 
 def test_a_single_case_last_batch_is_dropped_so_batchnorm_can_train(tmp_path, monkeypatch):
     from models.volumetric import covid_cls
-    from models.volumetric.engine import DistContext, make_train_loader
+    from models.volumetric.training import DistContext, make_train_loader
     from tests.helpers import TINY_NET
     from tests.helpers import cls_datalist as _phantom_datalist
 

@@ -13,7 +13,7 @@ from monai.visualize import GradCAM
 
 from models.volumetric import covid_cls
 from models.volumetric.common import unwrap_transform_error
-from models.volumetric.covid_cls import ClsConfig, classification_metrics, lung_region_transforms, predict_case
+from models.volumetric.covid_cls import ClsConfig, classification_metrics, classify_case, lung_region_transforms
 from models.volumetric.saliency import TARGET_LAYER, SaliencyExplainer, save_saliency_outputs
 from tests.helpers import TINY_NET, lps_affine
 from tests.helpers import cls_datalist as _phantom_datalist
@@ -170,7 +170,7 @@ def test_saliency_files_are_on_the_input_grid(tmp_path):
     case, image, _ = write_case(tmp_path, "lps", affine=affine, shape=(70, 60, 20))
     config = ClsConfig(roi_size=(64, 32, 32))
     model = _model_with_head_sign(-1.0)
-    out = predict_case(case, model=model, config=config, device=torch.device("cpu"), saliency="gradcam")
+    out = classify_case(case, model=model, config=config, device=torch.device("cpu"), saliency="gradcam")
     assert out["prediction"] == 0 and out["probability"] < 0.5 and out["label"] == 1
     files = save_saliency_outputs(out, tmp_path / "infer")
     written = nib.load(files["saliency"])

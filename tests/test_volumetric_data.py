@@ -11,7 +11,7 @@ import torch
 from datasets.io import NotHUWarning
 from models.volumetric import get_task
 from models.volumetric.common import IMAGE_KEY, LABEL_KEY, LoadVolumed, load_cases
-from models.volumetric.inference import predict_case
+from models.volumetric.segmentation import segment_case
 from tests.helpers import TINY_CONFIG, TINY_SHAPE, write_case, write_datalist
 
 # Coarse working grids and small windows so every network runs in about a second on a CPU.
@@ -51,7 +51,8 @@ def test_2d_image_is_refused(tmp_path):
 def test_image_and_label_of_different_shapes_are_refused(tmp_path):
     case = write_case(tmp_path, "mismatch", seed=0)
     nib.save(nib.Nifti1Image(np.zeros((32, 32, 16), np.uint8), np.eye(4)), case[LABEL_KEY])
-    with pytest.raises(ValueError, match=r"case mismatch: image .* has shape \(64, 64, 16\) but label .* \(32, 32, 16\)"):
+    with pytest.raises(ValueError,
+                       match=r"case mismatch: image .* has shape \(64, 64, 16\) but label .* \(32, 32, 16\)"):
         LoadVolumed((IMAGE_KEY, LABEL_KEY))(case)
 
 
@@ -67,5 +68,5 @@ def test_volume_smaller_than_roi_is_padded_and_works(tmp_path):
     task = get_task("lesion_seg")
     config = task.make_config(**TINY_CONFIG["lesion_seg"])
     model, _ = task.build_network()
-    out = predict_case(case, model=model.eval(), task=task, config=config, device=torch.device("cpu"))
+    out = segment_case(case, model=model.eval(), task=task, config=config, device=torch.device("cpu"))
     assert out["mask"].shape == (20, 18, 4)

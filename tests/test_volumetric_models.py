@@ -7,11 +7,11 @@ import torchvision
 from monai.data import DataLoader
 
 from models.volumetric import get_task, task_names
-from models.volumetric.common import SegConfig
-from models.volumetric.engine import make_datasets, train_one_epoch
+from models.volumetric.config import SegConfig
 from models.volumetric.lesion_seg import build_network as build_segresnet
 from models.volumetric.lung_seg import build_network as build_ahnet
 from models.volumetric.lung_seg import transfer_from_resnet50
+from models.volumetric.training import make_datasets, train_one_epoch
 from tests.helpers import TINY_CONFIG, write_case
 
 
@@ -97,7 +97,7 @@ def test_lung_postprocessing_keeps_the_two_largest_components():
 
 
 def test_crop_boxes_cover_the_lungs_and_the_lung_box_is_tighter():
-    from models.volumetric.inference import crop_box
+    from models.volumetric.sliding_window import crop_box
     from tests.helpers import chest_phantom
 
     volume = chest_phantom(seed=3, shape=(64, 64, 12))
@@ -119,7 +119,7 @@ def test_crop_boxes_cover_the_lungs_and_the_lung_box_is_tighter():
     ((slice(5, 9), slice(20, 50), slice(4, 5)), (70, 64, 30), (20, 16, 6), ((0, 20), (20, 50), (2, 8))),
 ])
 def test_window_region_grows_short_sides_to_the_roi_inside_the_volume(box, shape, roi, want):
-    from models.volumetric.inference import window_region
+    from models.volumetric.sliding_window import window_region
 
     region = window_region(box, shape, roi)
     assert tuple((s.start, s.stop) for s in region) == want
@@ -131,7 +131,7 @@ def test_window_region_grows_short_sides_to_the_roi_inside_the_volume(box, shape
 
 def test_segment_windows_hold_the_image_around_a_small_box():
     """A box narrower than the ROI is segmented with the image around it, not zero padding."""
-    from models.volumetric.inference import segment
+    from models.volumetric.sliding_window import segment
 
     seen = []
 
@@ -154,7 +154,7 @@ def test_segment_over_the_whole_volume_is_monais_sliding_window_inference(blend_
     """With ``crop_region="none"`` our path is MONAI's ``sliding_window_inference`` with the same blending."""
     from monai.inferers import sliding_window_inference
 
-    from models.volumetric.inference import prepare_for_inference, segment
+    from models.volumetric.sliding_window import prepare_for_inference, segment
 
     torch.manual_seed(0)
     model = build_segresnet().eval()

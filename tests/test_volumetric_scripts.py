@@ -14,7 +14,7 @@ import infer_volumetric
 import train_volumetric
 import validate_volumetric
 from models.volumetric import get_task
-from models.volumetric.inference import predict_case
+from models.volumetric.segmentation import segment_case
 from tests.helpers import TINY_CONFIG, chest_phantom, write_case, write_datalist, write_dicom_series
 from utils.checkpoint import load_checkpoint, make_checkpoint, save_checkpoint
 
@@ -49,7 +49,7 @@ def test_mask_has_the_input_grid_and_lands_where_the_structure_is(tmp_path, crop
     path, image, affine = _lps_cube_volume(tmp_path)
     task = get_task("lesion_seg")
     config = task.make_config(**TINY_CONFIG["lesion_seg"], crop_region=crop_region)
-    out = predict_case({"image": str(path)}, model=ThresholdNet(0.5), task=task, config=config,
+    out = segment_case({"image": str(path)}, model=ThresholdNet(0.5), task=task, config=config,
                        device=torch.device("cpu"))
     assert out["mask"].shape == image.shape
     np.testing.assert_allclose(out["affine"], affine, atol=1e-6)
@@ -68,7 +68,8 @@ def test_train_validate_infer_end_to_end(tmp_path):
     assert [r["epoch"] for r in records] == [0, 1] and all("val_dice" in r for r in records)
     ckpt = load_checkpoint(run / "checkpoint_best.pth")
     assert ckpt["task"] == "lesion_seg" and ckpt["builder"] == "models.volumetric.lesion_seg.build_network"
-    assert ckpt["task_config"]["roi_size"] == [32, 32, 16] and ckpt["best"]["value"] == max(r["val_dice"] for r in records)
+    assert ckpt["task_config"]["roi_size"] == [32, 32, 16]
+    assert ckpt["best"]["value"] == max(r["val_dice"] for r in records)
     _check_validate(run, datalist, tmp_path / "val")
     _check_infer(run, tmp_path)
 
@@ -81,7 +82,8 @@ def _check_validate(run, datalist, out):
         rows = list(csv.DictReader(handle))
     assert len(rows) == 1 and summary["cases"] == 1
     mask, label = nib.load(rows[0]["prediction"]).get_fdata(), nib.load(rows[0]["label"]).get_fdata() > 0
-    expected = DiceMetric(ignore_empty=False)(torch.as_tensor(mask)[None, None], torch.as_tensor(label)[None, None].float())
+    expected = DiceMetric(ignore_empty=False)(torch.as_tensor(mask)[None, None],
+                                              torch.as_tensor(label)[None, None].float())
     assert float(rows[0]["dice"]) == pytest.approx(expected.item(), abs=1e-6)
     with (out / "metrics.csv").open() as handle:
         metrics = dict(csv.reader(handle))
@@ -107,7 +109,8 @@ def test_resume_continues_after_the_stored_epoch(tmp_path):
     train_volumetric.main(train_volumetric.get_args_parser().parse_args(
         [*common, "--epochs", "1", "--save_dir", str(tmp_path / "a")]))
     train_volumetric.main(train_volumetric.get_args_parser().parse_args(
-        [*common, "--epochs", "2", "--save_dir", str(tmp_path / "b"), "--resume", str(tmp_path / "a" / "checkpoint_last.pth")]))
+        [*common, "--epochs", "2", "--save_dir", str(tmp_path / "b"),
+         "--resume", str(tmp_path / "a" / "checkpoint_last.pth")]))
     records = [json.loads(line) for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in records] == [1]
     with pytest.raises(ValueError, match="checkpoint is for task 'lesion_seg', not 'lung_seg'"):

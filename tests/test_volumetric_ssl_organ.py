@@ -24,7 +24,8 @@ def abdomen_phantom(shape=(40, 36, 24), seed=0):
     label = np.zeros(shape, np.uint8)
     image[((x - shape[0] / 2) / (0.45 * shape[0])) ** 2 + ((y - shape[1] / 2) / (0.45 * shape[1])) ** 2 <= 1] = -80
     for organ in range(1, 14):
-        centre = (8 + (organ * 5) % (shape[0] - 16), 8 + (organ * 7) % (shape[1] - 16), 6 + (organ * 3) % (shape[2] - 12))
+        centre = (8 + (organ * 5) % (shape[0] - 16), 8 + (organ * 7) % (shape[1] - 16),
+                  6 + (organ * 3) % (shape[2] - 12))
         ball = (x - centre[0]) ** 2 + (y - centre[1]) ** 2 + (z - centre[2]) ** 2 <= 9
         image[ball], label[ball] = 20 + 10 * organ, organ
     return (image + rng.normal(0, 5, shape)).astype(np.int16), label
@@ -164,7 +165,7 @@ def test_organ_validation_per_organ_dice_against_monai(tmp_path):
     from monai.metrics import DiceMetric
     from monai.networks.utils import one_hot
 
-    from models.volumetric.inference import predict_case
+    from models.volumetric.segmentation import segment_case
 
     config = organ_seg.TASK.make_config(roi_size=ROI)
     case = write_abdomen(tmp_path, "a0")
@@ -172,7 +173,7 @@ def test_organ_validation_per_organ_dice_against_monai(tmp_path):
     model = organ_seg.build_network(feature_size=8, **VIT).eval()
     rows, summary = organ_seg.validate_cases([case], model=model, task=organ_seg.TASK, config=config,
                                              device=torch.device("cpu"), progress=False)
-    mask = predict_case({"image": case["image"]}, model=model, task=organ_seg.TASK, config=config,
+    mask = segment_case({"image": case["image"]}, model=model, task=organ_seg.TASK, config=config,
                         device=torch.device("cpu"))["mask"]
     truth = np.asarray(nib.load(case["label"]).dataobj)
     assert mask.shape == truth.shape
@@ -189,7 +190,8 @@ def test_organ_evaluate_reports_every_organ(tmp_path):
     dataset = Dataset([write_abdomen(tmp_path, "a0")], Compose(organ_seg.preprocessing(config)))
     model = organ_seg.build_network(feature_size=8, **VIT)
     result = organ_seg.evaluate(model, dataset, task=organ_seg.TASK, config=config, device=torch.device("cpu"))
-    assert [k for k in result if k.startswith("dice_")] == [f"dice_{n.replace(' ', '_')}" for n in organ_seg.ORGAN_NAMES]
+    organ_columns = [f"dice_{n.replace(' ', '_')}" for n in organ_seg.ORGAN_NAMES]
+    assert [k for k in result if k.startswith("dice_")] == organ_columns
     assert 0.0 <= result["dice"] <= 1.0
 
 

@@ -48,7 +48,7 @@ def axial_montage(image: np.ndarray, mask: np.ndarray | None, path: str | Path, 
     if image.ndim != 3 or (mask is not None and mask.shape != image.shape):
         raise ValueError(f"need a 3D image and a mask of the same shape, got {image.shape} and "
                          f"{None if mask is None else mask.shape}")
-    image, mask = _to_ras(image, affine), None if mask is None else _to_ras(mask, affine)
+    image, mask = to_ras(image, affine), None if mask is None else to_ras(mask, affine)
     first, last = z_range if z_range is not None else (0, image.shape[2] - 1)
     picks = np.unique(np.linspace(first, last, min(n_slices, last - first + 1)).round().astype(int))
     rows = int(np.ceil(len(picks) / columns))
@@ -79,26 +79,30 @@ def display_slices(volume: np.ndarray, affine: np.ndarray) -> np.ndarray:
     Returns:
         Array[Z, rows, cols] (a view where possible): anterior up, the patient's right on the left.
     """
-    ras = _to_ras(volume, affine)
+    ras = to_ras(volume, affine)
     return np.flip(np.transpose(ras, (2, 1, 0)), axis=(1, 2))  # [Z, y, x] -> anterior up, right on the left
 
 
-def _to_ras(volume: np.ndarray, affine: np.ndarray) -> np.ndarray:
+def to_ras(volume: np.ndarray, affine: np.ndarray) -> np.ndarray:
+    """Array[X, Y, Z] on the grid of ``affine`` reoriented to RAS (a view where possible)."""
     ornt = nib.orientations.io_orientation(affine)
     return nib.orientations.apply_orientation(volume, ornt)
 
 
-def _display(plane: np.ndarray) -> np.ndarray:
-    """RAS slice [x, y] -> picture rows: x grows to the patient's right, y to anterior; transpose so
-    y runs down the rows, then flip both axes: anterior up, patient's right on the picture's left."""
+def display_plane(plane: np.ndarray) -> np.ndarray:
+    """RAS slice [x, y] -> picture rows: anterior up, the patient's right on the picture's left.
+
+    x grows to the patient's right and y to anterior; the slice is transposed so that y runs down the
+    rows, then both axes are flipped. The one display flip of the project's volume pictures.
+    """
     return np.flip(plane.T, axis=(0, 1))
 
 
 def _draw_slice(ax, image: np.ndarray, mask: np.ndarray | None, window: tuple[float, float], alpha: float,
                 colours: Sequence[tuple[float, float, float, float]] = MASK_COLOURS) -> None:
-    ax.imshow(_display(image), cmap="gray", vmin=window[0], vmax=window[1], interpolation="nearest")
+    ax.imshow(display_plane(image), cmap="gray", vmin=window[0], vmax=window[1], interpolation="nearest")
     if mask is not None and mask.any():
         labels = np.clip(mask.astype(int), 0, len(colours) - 1)
-        rgba = np.asarray(colours, dtype=float)[_display(labels)]
+        rgba = np.asarray(colours, dtype=float)[display_plane(labels)]
         rgba[..., 3] *= alpha
         ax.imshow(rgba, interpolation="nearest")

@@ -1,15 +1,16 @@
 """The volumetric (3D, MONAI) tasks, one module each, looked up by name.
 
 A new task is one module under ``models/volumetric/`` that defines ``TASK`` (a
-:class:`models.volumetric.common.Task`) plus one line in ``TASK_MODULES``; the training,
-validation and inference scripts then accept ``--task <name>`` without further changes for the
-kinds they support (``Task.kind``).
+:class:`models.volumetric.task.Task`, whose fields hold everything the task does differently) plus
+one line in ``TASK_MODULES``; training, validation, inference and bundle export then accept
+``--task <name>`` without further changes. See docs/ARCHITECTURE.md for the module layout.
 """
 from __future__ import annotations
 
 import importlib
 
-from models.volumetric.common import SegConfig, Task
+from models.volumetric.config import SegConfig
+from models.volumetric.task import Task
 
 # Task name -> module that defines TASK. Modules are imported on first use.
 TASK_MODULES = {
@@ -20,7 +21,7 @@ TASK_MODULES = {
     "organ_seg": "models.volumetric.organ_seg",
 }
 
-__all__ = ["TASK_MODULES", "SegConfig", "Task", "get_task", "task_names", "task_stage"]
+__all__ = ["TASK_MODULES", "SegConfig", "Task", "get_task", "task_names"]
 
 
 def task_names() -> tuple[str, ...]:
@@ -40,14 +41,3 @@ def get_task(name: str) -> Task:
     if task.name != name:
         raise ValueError(f"module {TASK_MODULES[name]} defines task {task.name!r}, registered as {name!r}")
     return task
-
-
-def task_stage(task: Task, name: str, default):
-    """A stage the task's module defines in place of the shared one, else ``default``.
-
-    Tasks of other kinds than binary segmentation replace stages by defining them in their module:
-    ``train_one_epoch`` and ``evaluate`` (signatures of :mod:`models.volumetric.engine`),
-    ``validate_cases`` and ``predict_case`` (of :mod:`models.volumetric.inference`), and
-    ``SELECTION_METRIC = (name, higher_is_better)`` for ``checkpoint_best.pth``.
-    """
-    return getattr(importlib.import_module(TASK_MODULES[task.name]), name, default)

@@ -1,44 +1,32 @@
-"""Parts shared by the volumetric tasks: the Task record, the segmentation config, volume loading.
+"""Volume loading shared by the volumetric tasks: dictionary keys, datalists, the checked loader.
 
-A task module (``lung_seg.py``, ``lesion_seg.py``, ...) defines one :class:`Task`: its network
-builder, pre-processing and augmentation (MONAI dictionary transforms), loss, inferer and
-post-processing. The scripts look it up with :func:`models.volumetric.get_task` and never branch on
-the task's name.
-
-Volumes flow as MONAI dictionaries ``{"image": path, "label": path}``; after pre-processing,
-``image`` is a MetaTensor Float[1, X, Y, Z] scaled to [0, 1] on the task's grid (orientation and
-spacing) and ``label`` a MetaTensor Float[1, X, Y, Z] with values {0, 1}.
+Volumes flow as MONAI dictionaries ``{"image": path, "label": path}``; after a task's
+pre-processing, ``image`` is a MetaTensor Float[1, X, Y, Z] scaled to [0, 1] on the task's grid
+(orientation and spacing) and ``label`` a MetaTensor Float[1, X, Y, Z]. A task itself (its network,
+transforms, loss and stages) is one :class:`models.volumetric.task.Task`; see
+docs/ARCHITECTURE.md for how the pieces fit.
 """
 from __future__ import annotations
 
-import dataclasses
+import json
 import logging
 import warnings
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
 from monai.data import ImageReader
-from monai.inferers import SlidingWindowInferer
-from monai.transforms import (
-    AsDiscreted,
-    EnsureChannelFirstd,
-    LoadImage,
-    MapTransform,
-    Orientationd,
-    ScaleIntensityRanged,
-    Spacingd,
-)
+from monai.transforms import EnsureChannelFirstd, LoadImage, MapTransform
 
-from datasets.io import check_finite, check_hu
+from datasets.io import NotHUWarning, check_finite, check_hu, read_volume
+from datasets.volumes import load_datalist
 
 IMAGE_KEY, LABEL_KEY = "image", "label"
-CROP_REGIONS = ("body", "lung", "none")
-BLEND_MODES = ("gaussian", "constant")
-# Any label value above zero is foreground (lung: 1 left / 2 right; lesion: 1 GGO / 2 consolidation).
-FOREGROUND_THRESHOLD = 0.5
+# Datalist sections, named once. MSD writes training/test, Clara training/validation/testing; a section
+# is read under any of its names, the first one the file has.
+TRAINING, VALIDATION, TEST = "training", "validation", "test"
+SECTION_NAMES = {TRAINING: (TRAINING,), VALIDATION: (VALIDATION,), TEST: (TEST, "testing")}
 # Messages of optional MONAI DICOM back ends that are not installed; harmless, so kept quiet.
 _QUIET_READER_WARNINGS = ("NvImgCodecPydicomReader.*",)
 # Logged by MONAI each time a loader is built (once per LoadVolumed, so several times a run). DICOM is
@@ -60,134 +48,6 @@ class _DropMessage(logging.Filter):
 logging.getLogger(_QUIET_LOG[0]).addFilter(_DropMessage(_QUIET_LOG[1]))
 
 
-@dataclass(frozen=True)
-class SegConfig:
-    """Pre-processing and inference settings of a segmentation task (stored in checkpoints).
-
-    Attributes:
-        spacing: target voxel size (x, y, z) in mm after orientation.
-        roi_size: training crop and sliding-window size (x, y, z) in voxels.
-        hu_window: (min, max) HU; intensities are clipped to it and scaled to [0, 1].
-        orientation: axis codes of the working grid, e.g. ``"RAS"``.
-        overlap: sliding-window overlap, one value or one per axis.
-        sw_batch_size: windows per network call.
-        crop_region: where the windows run, the rest being background: ``"body"`` (bounding box of
-            the voxels above ``body_threshold_hu``), ``"lung"`` (box of the darker voxels enclosed
-            by the body outline in each axial slice: lungs and airways) or ``"none"``.
-        body_threshold_hu: HU above which a voxel counts as body for ``crop_region``.
-        crop_margin: voxels added around the box on each side.
-        blend_mode: how overlapping windows are blended: ``"gaussian"`` (weights falling off towards
-            the window border, less sensitive to where windows fall) or ``"constant"`` (a plain mean,
-            MONAI's default, for outputs comparable with ``sliding_window_inference``).
-        strict_hu: refuse (instead of warn about) volumes that do not look like HU.
-        fill_nan: HU value that replaces NaN and infinite image voxels; None (the default) refuses
-            such volumes.
-    """
-
-    spacing: tuple[float, float, float]
-    roi_size: tuple[int, int, int]
-    hu_window: tuple[float, float]
-    orientation: str = "RAS"
-    overlap: float | tuple[float, float, float] = 0.25
-    sw_batch_size: int = 4
-    crop_region: str = "body"
-    body_threshold_hu: float = -500.0
-    crop_margin: int = 8
-    blend_mode: str = "gaussian"
-    strict_hu: bool = False
-    fill_nan: float | None = None
-
-    def __post_init__(self) -> None:
-        _check_triple("spacing", self.spacing, float, positive=True)
-        _check_triple("roi_size", self.roi_size, int, positive=True)
-        low, high = self.hu_window
-        if not low < high:
-            raise ValueError(f"hu_window must be (min, max) with min < max, got {tuple(self.hu_window)}")
-        overlaps = self.overlap if isinstance(self.overlap, (tuple, list)) else (self.overlap,)
-        if not all(0.0 <= o < 1.0 for o in overlaps):
-            raise ValueError(f"overlap must lie in [0, 1), got {self.overlap}")
-        if self.crop_region not in CROP_REGIONS:
-            raise ValueError(f"crop_region must be one of {CROP_REGIONS}, got {self.crop_region!r}")
-        if self.blend_mode not in BLEND_MODES:
-            raise ValueError(f"blend_mode must be one of {BLEND_MODES}, got {self.blend_mode!r}")
-        if self.sw_batch_size < 1:
-            raise ValueError(f"sw_batch_size must be >= 1, got {self.sw_batch_size}")
-        if self.fill_nan is not None and not np.isfinite(self.fill_nan):
-            raise ValueError(f"fill_nan must be a finite HU value, got {self.fill_nan}")
-
-    def replace(self, **changes: Any) -> "SegConfig":
-        """A copy with ``changes`` applied (None values are ignored), validated again."""
-        changes = {k: _as_tuple(v) for k, v in changes.items() if v is not None}
-        return dataclasses.replace(self, **changes)
-
-    def to_dict(self) -> dict:
-        """Plain dict for checkpoints (tuples become lists)."""
-        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(self).items()}
-
-    @classmethod
-    def from_dict(cls, values: dict) -> "SegConfig":
-        """Inverse of :meth:`to_dict`; unknown keys are an error naming them."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - names)
-        if unknown:
-            raise ValueError(f"unknown {cls.__name__} keys {unknown}; expected some of {sorted(names)}")
-        return cls(**{k: _as_tuple(v) for k, v in values.items()})
-
-
-@dataclass(frozen=True)
-class Task:
-    """One volumetric task, defined once.
-
-    Attributes:
-        name: registry name, e.g. ``"lung_seg"``.
-        kind: ``"segmentation"`` (scripts choose their loops by kind; classification and
-            self-supervised tasks add their own kinds).
-        builder: dotted path of the keyword-only network builder (stored in checkpoints).
-        network_kwargs: default builder keyword arguments.
-        default_config: default :class:`SegConfig`.
-        roi_multiple: every ROI side must be a multiple of this (network down-sampling).
-        preprocessing: ``f(config, *, keys) -> list`` of deterministic dictionary transforms.
-        augmentation: ``f(config) -> list`` of training transforms (crops and random ones).
-        loss: ``f() -> nn.Module`` taking logits Float[B, C, X, Y, Z] and labels Float[B, 1, X, Y, Z].
-        postprocessing: ``f(config) -> callable`` on a label map Int[1, X, Y, Z] (working grid).
-        default_lr: default Adam learning rate.
-        class_names: output class names, background first.
-    """
-
-    name: str
-    kind: str
-    builder: str
-    network_kwargs: dict
-    default_config: SegConfig
-    roi_multiple: int
-    preprocessing: Callable[..., list]
-    augmentation: Callable[[SegConfig], list]
-    loss: Callable[[], torch.nn.Module]
-    postprocessing: Callable[[SegConfig], Callable]
-    default_lr: float = 1e-3
-    class_names: tuple[str, ...] = field(default=("background", "foreground"))
-
-    def make_config(self, **overrides: Any) -> SegConfig:
-        """The default config with ``overrides`` (None values ignored), checked against the network.
-
-        Raises:
-            ValueError: when an ROI side is not a multiple of ``roi_multiple``.
-        """
-        config = self.default_config.replace(**overrides)
-        bad = [s for s in config.roi_size if s % self.roi_multiple]
-        if bad:
-            raise ValueError(f"{self.name}: every roi_size side must be a multiple of {self.roi_multiple} "
-                             f"for this network, got {list(config.roi_size)}")
-        return config
-
-    def build_network(self, **overrides: Any) -> tuple[torch.nn.Module, dict]:
-        """Build the network with the default kwargs updated by ``overrides``; returns (model, kwargs)."""
-        from utils.checkpoint import resolve_builder
-
-        kwargs = {**self.network_kwargs, **overrides}
-        return resolve_builder(self.builder)(**kwargs), kwargs
-
-
 class DicomSeriesReader(ImageReader):
     """MONAI image reader for DICOM (a series folder or one file) through ``datasets.io.read_volume``.
 
@@ -207,8 +67,6 @@ class DicomSeriesReader(ImageReader):
         return len(paths) == 1 and (Path(paths[0]).is_dir() or str(paths[0]).lower().endswith(".dcm"))
 
     def read(self, data, **kwargs):
-        from datasets.io import NotHUWarning, read_volume
-
         if not self.verify_suffix(data):
             raise ValueError(f"{data}: not a DICOM folder or .dcm file")
         path = data[0] if isinstance(data, (list, tuple)) else data
@@ -306,43 +164,6 @@ def _check_finite(volume: torch.Tensor, label: str, fill_nan: float | None) -> N
         values[...] = filled
 
 
-
-def seg_preprocessing(config: SegConfig, *, keys: Sequence[str] = (IMAGE_KEY, LABEL_KEY)) -> list:
-    """Deterministic pre-processing: load, orient, resample, window the image, binarise the label.
-
-    Args:
-        config: the task's settings.
-        keys: ``("image",)`` at inference, ``("image", "label")`` with ground truth.
-
-    Returns:
-        Dictionary transforms; ``image`` ends as Float[1, X, Y, Z] in [0, 1], ``label`` in {0, 1}.
-    """
-    keys = tuple(keys)
-    modes = tuple("bilinear" if k == IMAGE_KEY else "nearest" for k in keys)
-    low, high = config.hu_window
-    transforms = [
-        LoadVolumed(keys, strict_hu=config.strict_hu, fill_nan=config.fill_nan),
-        Orientationd(keys, axcodes=config.orientation, labels=None),
-        Spacingd(keys, pixdim=config.spacing, mode=modes),
-        ScaleIntensityRanged(IMAGE_KEY, a_min=low, a_max=high, b_min=0.0, b_max=1.0, clip=True),
-    ]
-    if LABEL_KEY in keys:
-        transforms.append(AsDiscreted(LABEL_KEY, threshold=FOREGROUND_THRESHOLD))
-    return transforms
-
-
-def sliding_window_inferer(config: SegConfig) -> SlidingWindowInferer:
-    """MONAI sliding-window inferer with the task's ROI, overlap and blending."""
-    return SlidingWindowInferer(roi_size=config.roi_size, sw_batch_size=config.sw_batch_size,
-                                overlap=config.overlap, mode=config.blend_mode)
-
-
-def hu_to_unit(config: SegConfig, hu: float) -> float:
-    """The value that ``hu`` takes after windowing and scaling to [0, 1]."""
-    low, high = config.hu_window
-    return float(min(max((hu - low) / (high - low), 0.0), 1.0))
-
-
 def case_name(data: dict) -> str:
     """A readable case identifier: the ``case`` field, else the image file's name."""
     if data.get("case"):
@@ -369,16 +190,31 @@ def _check_same_shape(out: dict, name: str, data: dict) -> None:
                              f"{data[LABEL_KEY]} has shape {label}; they must be on the same grid")
 
 
-def load_cases(path: str | Path, *, data_root: str | Path | None = None, section: str = "training") -> list[dict]:
+def load_cases(path: str | Path, *, data_root: str | Path | None = None, section: str = TRAINING) -> list[dict]:
     """Cases of one section of a ``dataset.json`` with absolute paths and a ``case`` name each.
+
+    Args:
+        path: the datalist.
+        data_root: folder its relative paths start from (default: the datalist's folder).
+        section: the section to read, under any of its names (:data:`SECTION_NAMES`: ``test`` and
+            ``testing`` are one section).
 
     Raises:
         FileNotFoundError, ValueError: from the datalist reader, naming the file or case.
     """
-    from datasets.volumes import load_datalist
-
-    cases = load_datalist(path, data_root=data_root, section=section, check_files=True)
+    cases = load_datalist(path, data_root=data_root, section=section_in(path, section), check_files=True)
     return [{**c, "case": c.get("case") or case_stem(c[IMAGE_KEY])} for c in cases]
+
+
+def section_in(path: str | Path, section: str) -> str:
+    """The name under which the datalist at ``path`` holds ``section`` (``section`` itself when none)."""
+    names = next((n for n in SECTION_NAMES.values() if section in n), (section,))
+    try:
+        document = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return section  # the datalist reader reports the problem, naming the file
+    present = [n for n in names if isinstance(document, dict) and n in document]
+    return section if section in present or not present else present[0]
 
 
 def case_stem(path: str | Path) -> str:
@@ -396,19 +232,6 @@ def _root_message(err: BaseException) -> str:
     return f"{type(err).__name__}: {err}"
 
 
-def _check_triple(name: str, values: Sequence, kind: type, *, positive: bool) -> None:
-    if len(values) != 3 or not all(isinstance(v, (int, float)) for v in values):
-        raise ValueError(f"{name} must be three numbers (x, y, z), got {values}")
-    if kind is int and not all(float(v).is_integer() for v in values):
-        raise ValueError(f"{name} must be integers, got {values}")
-    if positive and not all(v > 0 for v in values):
-        raise ValueError(f"{name} must be positive, got {values}")
-
-
-def _as_tuple(value: Any) -> Any:
-    return tuple(value) if isinstance(value, list) else value
-
-
 def unwrap_transform_error(err: BaseException) -> BaseException:
     """The first project error (ValueError/FileNotFoundError) under MONAI's "applying transform" wrappers."""
     current: BaseException | None = err
@@ -417,3 +240,15 @@ def unwrap_transform_error(err: BaseException) -> BaseException:
             return current
         current = current.__cause__
     return err
+
+
+def apply_transform(transform: Callable, data: Any) -> Any:
+    """``transform(data)``, with the project error under MONAI's "applying transform" wrapper raised instead.
+
+    Raises:
+        ValueError, FileNotFoundError: the error a transform raised, naming the case.
+    """
+    try:
+        return transform(data)
+    except RuntimeError as err:  # MONAI wraps errors in "applying transform ..."
+        raise unwrap_transform_error(err) from err

@@ -3,7 +3,8 @@
 Pre-processing: orientation RAS, resample to 0.8 x 0.8 x 5 mm, clip to [-1000, 500] HU and scale to
 [0, 1]. Augmentation: random 224 x 224 x 32 crops (short scans padded; half of them centred on a
 lesion), random flips, a small in-plane rotation and an intensity shift. Training: Adam 1e-3,
-DiceCE loss. GGO and consolidation (label values 1 and 2) are one lesion class.
+DiceCE loss. GGO and consolidation (label values 1 and 2) are one lesion class. The task has a MONAI
+bundle.
 """
 from __future__ import annotations
 
@@ -21,7 +22,11 @@ from monai.transforms import (
     SpatialPadd,
 )
 
-from models.volumetric.common import IMAGE_KEY, LABEL_KEY, SegConfig, Task, seg_preprocessing
+from models.volumetric.bundle.segmentation import segmentation_bundle
+from models.volumetric.common import IMAGE_KEY, LABEL_KEY
+from models.volumetric.config import SegConfig
+from models.volumetric.segmentation import seg_preprocessing
+from models.volumetric.task import Task
 
 NORM_GROUPS = 8  # SegResNet's default group norm
 ROTATION_DEGREES = 15.0
@@ -49,7 +54,8 @@ def build_network(*, in_channels: int = 1, out_channels: int = 2, init_filters: 
         raise ValueError(f"need in_channels >= 1, out_channels >= 2, init_filters >= 1, got "
                          f"{in_channels}, {out_channels}, {init_filters}")
     if init_filters % NORM_GROUPS:
-        raise ValueError(f"init_filters must be a multiple of {NORM_GROUPS} (SegResNet's group norm), got {init_filters}")
+        raise ValueError(f"init_filters must be a multiple of {NORM_GROUPS} (SegResNet's group norm), "
+                         f"got {init_filters}")
     if len(blocks_up) != len(blocks_down) - 1:
         raise ValueError(f"blocks_up needs len(blocks_down) - 1 = {len(blocks_down) - 1} entries, "
                          f"got {tuple(blocks_up)}")
@@ -84,6 +90,22 @@ def postprocessing(config: SegConfig) -> Identity:
     return Identity()
 
 
+def bundle_postprocessing(config: SegConfig) -> list[dict]:
+    """:func:`postprocessing` in a MONAI bundle: nothing."""
+    return []
+
+
+BUNDLE = segmentation_bundle(
+    network="SegResNet",
+    fixed_args={"spatial_dims": 3},
+    task_text="COVID-19 lesion (ground-glass opacity and consolidation) segmentation of chest CT",
+    purpose="segments COVID-19 lesions, ground-glass opacity and consolidation as one class",
+    reference="Myronenko A. 3D MRI brain tumor segmentation using autoencoder regularization. "
+              "BrainLes 2018. https://arxiv.org/abs/1810.11654",
+    postprocessing=bundle_postprocessing,
+    post_text="Post-processing: argmax.",
+)
+
 TASK = Task(
     name="lesion_seg",
     kind="segmentation",
@@ -99,4 +121,5 @@ TASK = Task(
     postprocessing=postprocessing,
     default_lr=1e-3,
     class_names=("background", "lesion"),
+    bundle=BUNDLE,
 )

@@ -3,7 +3,8 @@
 Pre-processing: orientation RAS, resample to 0.8 x 0.8 x 5 mm, clip to [-1500, 500] HU and scale to
 [0, 1]. Training: 224 x 224 x 32 random crops (short scans padded), soft Dice loss. Inference:
 sliding window with Gaussian blending. Post-processing: keep the two largest connected components
-(the two lungs). Both lungs (label values 1 and 2) are one foreground class.
+(the two lungs). Both lungs (label values 1 and 2) are one foreground class. AH-Net's encoder can
+start from a torchvision ResNet50 (``pretrained_2d``). The task has a MONAI bundle.
 """
 from __future__ import annotations
 
@@ -14,7 +15,11 @@ from monai.losses import DiceLoss
 from monai.networks.nets import AHNet
 from monai.transforms import KeepLargestConnectedComponent, RandSpatialCropd, SpatialPadd
 
-from models.volumetric.common import IMAGE_KEY, LABEL_KEY, SegConfig, Task, seg_preprocessing
+from models.volumetric.bundle.segmentation import segmentation_bundle
+from models.volumetric.common import IMAGE_KEY, LABEL_KEY
+from models.volumetric.config import SegConfig
+from models.volumetric.segmentation import seg_preprocessing
+from models.volumetric.task import Task
 
 # AH-Net down-samples every axis 32 times; psp_block_num > 2 fails at a 224 x 224 x 32 ROI.
 MAX_PSP_BLOCKS = 2
@@ -94,6 +99,26 @@ def postprocessing(config: SegConfig) -> KeepLargestConnectedComponent:
     return KeepLargestConnectedComponent(applied_labels=[1], is_onehot=False, num_components=2)
 
 
+def bundle_postprocessing(config: SegConfig) -> list[dict]:
+    """:func:`postprocessing` as a MONAI bundle transform on ``pred``."""
+    post = postprocessing(config)
+    return [{"_target_": "KeepLargestConnectedComponentd", "keys": "pred", "applied_labels": list(post.applied_labels),
+             "is_onehot": post.is_onehot, "independent": post.independent, "connectivity": post.connectivity,
+             "num_components": post.num_components}]
+
+
+BUNDLE = segmentation_bundle(
+    network="AHNet",
+    fixed_args={"spatial_dims": 3, "pretrained": False},
+    task_text="Lung segmentation of chest CT",
+    purpose="segments both lungs (one foreground class)",
+    reference="Liu S. et al. 3D Anisotropic Hybrid Network: Transferring Convolutional Features from 2D "
+              "Images to 3D Anisotropic Volumes. MICCAI 2018. https://arxiv.org/abs/1711.08580",
+    postprocessing=bundle_postprocessing,
+    post_text="Post-processing: argmax, then the two largest connected lung components are kept.",
+    packages=("scikit-image",),
+)
+
 TASK = Task(
     name="lung_seg",
     kind="segmentation",
@@ -107,4 +132,6 @@ TASK = Task(
     postprocessing=postprocessing,
     default_lr=1e-4,
     class_names=("background", "lung"),
+    pretrained={"pretrained_2d": transfer_from_resnet50},
+    bundle=BUNDLE,
 )

@@ -33,8 +33,14 @@ from monai.transforms import (
 from tqdm import tqdm
 
 from datasets.synthetic.abdomen import ORGAN_NAMES as BTCV_LABELS
-from models.volumetric.common import IMAGE_KEY, LABEL_KEY, LoadVolumed, SegConfig, Task, case_name
-from models.volumetric.ssl_pretrain import PATCH_SIZE, check_vit_sizes
+from models.volumetric.common import IMAGE_KEY, LABEL_KEY, LoadVolumed, case_name
+from models.volumetric.config import SegConfig
+from models.volumetric.segmentation import segment_case
+from models.volumetric.sliding_window import segment
+from models.volumetric.task import Task
+from models.volumetric.vit import PATCH_SIZE, check_vit_sizes, img_size_from_roi
+from utils.checkpoint import load_checkpoint
+from utils.dice import dice_per_class, mean_ignoring_nan
 
 LOGGER = logging.getLogger(__name__)
 CLASS_NAMES = BTCV_LABELS  # BTCV order: "background", then organs with label values 1..13
@@ -146,8 +152,6 @@ def load_pretrained_encoder(model: UNETR, path: str | Path) -> dict:
         ValueError: naming the file when a ViT key is missing or has another shape (e.g. other
             ``hidden_size``/``mlp_dim``/``num_heads`` or ROI), or the checkpoint is no ViTAutoEnc.
     """
-    from utils.checkpoint import load_checkpoint
-
     ckpt = load_checkpoint(path)
     source = ckpt["model"]
     target = model.vit.state_dict()
@@ -164,6 +168,13 @@ def load_pretrained_encoder(model: UNETR, path: str | Path) -> dict:
     return report
 
 
+def print_encoder_transfer(model: UNETR, path: str | Path) -> dict:
+    """:func:`load_pretrained_encoder`, saying how many keys loaded (``Task.pretrained["pretrained_encoder"]``)."""
+    report = load_pretrained_encoder(model, path)
+    print(f"pretrained encoder: loaded {report['loaded']}/{report['expected']} ViT keys from {path}")
+    return report
+
+
 def evaluate(model: torch.nn.Module, dataset, *, task: Task, config: SegConfig, device: torch.device,
              amp: bool = False, progress: bool = False) -> dict:
     """Sliding-window per-organ Dice of every validation case on the task's working grid.
@@ -173,9 +184,6 @@ def evaluate(model: torch.nn.Module, dataset, *, task: Task, config: SegConfig, 
         in names become underscores) and ``per_case`` (per-organ lists), with the empty-GT
         convention of :mod:`utils.dice`.
     """
-    from models.volumetric.inference import segment
-    from utils.dice import dice_per_class, mean_ignoring_nan
-
     model.eval()
     post = task.postprocessing(config)
     per_case = []
@@ -199,14 +207,11 @@ def validate_cases(cases: list[dict], *, model: torch.nn.Module, task: Task, con
         one ``dice_<organ>`` column per organ; summary with ``mean_dice`` and ``dice_<organ>``
         means over cases).
     """
-    from models.volumetric.inference import predict_case
-    from utils.dice import dice_per_class, mean_ignoring_nan
-
     rows = []
     for case in tqdm(cases, desc="validate", disable=not progress):
         if not case.get(LABEL_KEY):
             raise ValueError(f"case {case_name(case)}: validation needs a 'label' file")
-        out = predict_case({IMAGE_KEY: case[IMAGE_KEY], "case": case_name(case)}, model=model, task=task,
+        out = segment_case({IMAGE_KEY: case[IMAGE_KEY], "case": case_name(case)}, model=model, task=task,
                            config=config, device=device, amp=amp)
         truth = LoadVolumed((LABEL_KEY,))({LABEL_KEY: case[LABEL_KEY], "case": case_name(case)})[LABEL_KEY]
         scores = dice_per_class(out["mask"], truth[0].round().to(torch.uint8).numpy(),
@@ -239,4 +244,8 @@ TASK = Task(
     postprocessing=postprocessing,
     default_lr=1e-4,
     class_names=CLASS_NAMES,
+    evaluate=evaluate,
+    validate_cases=validate_cases,
+    network_for_config=img_size_from_roi,
+    pretrained={"pretrained_encoder": print_encoder_transfer},
 )

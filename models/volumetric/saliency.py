@@ -26,6 +26,9 @@ import numpy as np
 import torch
 from monai.visualize import GradCAM, GradCAMpp
 
+from datasets.io import Volume, write_nifti
+from utils.plots_volume import display_plane, to_ras
+
 TARGET_LAYER = "class_layers.relu"
 METHODS = {"gradcam": GradCAM, "gradcampp": GradCAMpp}
 _WRAPPED_PREFIX = "model."
@@ -144,13 +147,12 @@ def save_overlay(image_hu: np.ndarray, saliency: np.ndarray, path: str | Path, *
 
     if image_hu.shape != saliency.shape or image_hu.ndim != 3:
         raise ValueError(f"image {image_hu.shape} and saliency {saliency.shape} must be one 3D grid")
-    ornt = nib.orientations.io_orientation(affine)
-    image_hu, saliency = (nib.orientations.apply_orientation(v, ornt) for v in (image_hu, saliency))
+    image_hu, saliency = to_ras(image_hu, affine), to_ras(saliency, affine)
     slices = _overlay_slices(saliency, num_slices)
     fig, axes = plt.subplots(1, len(slices), figsize=(2.2 * len(slices), 2.6), dpi=100, squeeze=False)
     for ax, z in zip(axes[0], slices):
-        ax.imshow(_display(image_hu[:, :, z]), cmap="gray", vmin=hu_window[0], vmax=hu_window[1])
-        heat = np.ma.masked_less_equal(_display(saliency[:, :, z]), 0.05)
+        ax.imshow(display_plane(image_hu[:, :, z]), cmap="gray", vmin=hu_window[0], vmax=hu_window[1])
+        heat = np.ma.masked_less_equal(display_plane(saliency[:, :, z]), 0.05)
         ax.imshow(heat, cmap="jet", vmin=0.0, vmax=1.0, alpha=0.45)
         ax.set_title(f"z={z}", fontsize=8)
         ax.axis("off")
@@ -162,11 +164,6 @@ def save_overlay(image_hu: np.ndarray, saliency: np.ndarray, path: str | Path, *
     return path
 
 
-def _display(plane: np.ndarray) -> np.ndarray:
-    """RAS slice [x, y] -> picture rows: anterior up, patient's right on the picture's left."""
-    return np.flip(plane.T, axis=(0, 1))
-
-
 def _overlay_slices(saliency: np.ndarray, num_slices: int) -> list[int]:
     hit = np.flatnonzero(saliency.reshape(-1, saliency.shape[2]).max(axis=0) > 0)
     first, last = (int(hit[0]), int(hit[-1])) if hit.size else (0, saliency.shape[2] - 1)
@@ -176,10 +173,10 @@ def _overlay_slices(saliency: np.ndarray, num_slices: int) -> list[int]:
 
 def save_saliency_outputs(out: dict, folder: str | Path, *, png: bool = True,
                           hu_window: tuple[float, float] = (-1000.0, 500.0)) -> dict[str, str]:
-    """Write ``<case>_saliency.nii.gz`` (float32, the input's affine) and ``<case>_saliency.png``.
+    """Write ``<case>_saliency.nii.gz`` (``datasets.io.write_nifti``, the input's affine) and ``<case>_saliency.png``.
 
     Args:
-        out: a result of :func:`models.volumetric.covid_cls.predict_case` with a saliency map
+        out: a result of :func:`models.volumetric.covid_cls.classify_case` with a saliency map
             (``case``, ``saliency``, ``affine``, ``image``, ``probability``).
         folder: output folder.
         png: also write the overlay montage.
@@ -190,11 +187,9 @@ def save_saliency_outputs(out: dict, folder: str | Path, *, png: bool = True,
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    nifti = nib.Nifti1Image(np.asarray(out["saliency"], dtype=np.float32), out["affine"])
-    nifti.set_sform(out["affine"], code=1)
-    nifti.set_qform(out["affine"], code=1)
     path = folder / f"{out['case']}_saliency.nii.gz"
-    nib.save(nifti, path)
+    spacing = tuple(float(s) for s in nib.affines.voxel_sizes(out["affine"]))
+    write_nifti(Volume(np.asarray(out["saliency"], dtype=np.float32), out["affine"], spacing, str(path)), path)
     overlay = ""
     if png:
         title = f"{out['case']}: p(COVID-19) = {out['probability']:.3f}"

@@ -17,10 +17,10 @@ are what UNETR reads (``organ_seg``), so the encoder transfers key for key.
 """
 from __future__ import annotations
 
-import contextlib
 from typing import Sequence
 
 import torch
+from monai.data import DataLoader, Dataset
 from monai.losses import ContrastiveLoss
 from monai.networks.nets import ViTAutoEnc
 from monai.transforms import (
@@ -39,14 +39,16 @@ from monai.transforms import (
 )
 from tqdm import tqdm
 
-from models.volumetric.common import IMAGE_KEY, LoadVolumed, SegConfig, Task
+from models.volumetric.amp import autocast
+from models.volumetric.common import IMAGE_KEY, LoadVolumed
+from models.volumetric.config import SegConfig
+from models.volumetric.task import Task
+from models.volumetric.vit import PATCH_SIZE, check_vit_sizes, img_size_from_roi
 
-PATCH_SIZE = 16
 VIEW_KEYS = (IMAGE_KEY, "image_2")
 TARGET_KEY = "gt_image"
 TEMPERATURE = 0.05
 TUTORIAL_ROI = 96  # hole sizes below are the tutorial's at this ROI side
-SELECTION_METRIC = ("loss", False)  # validation loss selects checkpoint_best.pth (lower is better)
 
 
 def build_network(*, img_size: Sequence[int] = (96, 96, 96), in_channels: int = 1, hidden_size: int = 768,
@@ -77,19 +79,6 @@ def build_network(*, img_size: Sequence[int] = (96, 96, 96), in_channels: int = 
     return ViTAutoEnc(in_channels=in_channels, out_channels=in_channels, img_size=img_size, patch_size=PATCH_SIZE,
                       hidden_size=hidden_size, mlp_dim=mlp_dim, num_layers=num_layers, num_heads=num_heads,
                       proj_type="conv", dropout_rate=dropout_rate, spatial_dims=3)
-
-
-def check_vit_sizes(img_size: Sequence[int], *, hidden_size: int, num_heads: int, mlp_dim: int,
-                     dropout_rate: float) -> tuple[int, int, int]:
-    """Shared checks of the ViT's sizes (also used by ``organ_seg``); returns img_size as a tuple."""
-    img_size = tuple(int(s) for s in img_size)
-    if len(img_size) != 3 or any(s < PATCH_SIZE or s % PATCH_SIZE for s in img_size):
-        raise ValueError(f"img_size must be three multiples of the patch size {PATCH_SIZE}, got {img_size}")
-    if num_heads < 1 or hidden_size % num_heads:
-        raise ValueError(f"hidden_size must be a multiple of num_heads, got {hidden_size} and {num_heads}")
-    if mlp_dim < 1 or not 0.0 <= dropout_rate < 1.0:
-        raise ValueError(f"need mlp_dim >= 1 and dropout_rate in [0, 1), got {mlp_dim} and {dropout_rate}")
-    return img_size
 
 
 def preprocessing(config: SegConfig, *, keys: Sequence[str] = (IMAGE_KEY,)) -> list:
@@ -215,13 +204,6 @@ def train_one_epoch(model: torch.nn.Module, loader, *, optimizer: torch.optim.Op
     return {k: v / max(steps, 1) for k, v in sums.items()}
 
 
-def autocast(device: torch.device, amp: bool):
-    """Mixed precision context: float16 on CUDA, bfloat16 on CPU; a no-op when ``amp`` is off."""
-    if not amp:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=torch.float16 if device.type == "cuda" else torch.bfloat16)
-
-
 def evaluate(model: torch.nn.Module, dataset, *, config: SegConfig, device: torch.device, seed: int = 0,
              batch_size: int = 2, **_: object) -> dict[str, float]:
     """Mean losses on pre-processed validation volumes, with views drawn from a fixed seed.
@@ -229,8 +211,6 @@ def evaluate(model: torch.nn.Module, dataset, *, config: SegConfig, device: torc
     The same seed every call keeps the validation loss comparable between epochs. Returns
     ``loss``, ``l1``, ``contrastive``.
     """
-    from monai.data import DataLoader, Dataset
-
     views = Compose(augmentation(config)).set_random_state(seed=seed)
     items = [views(dict(dataset[i])) for i in range(len(dataset))]
     model.eval()
@@ -268,4 +248,10 @@ TASK = Task(
     postprocessing=postprocessing,
     default_lr=1e-4,
     class_names=("image",),
+    train_one_epoch=train_one_epoch,
+    evaluate=evaluate,
+    selection_metric=("loss", False),  # validation loss selects checkpoint_best.pth (lower is better)
+    validate_cases=validate_cases,
+    infer_cases=None,
+    network_for_config=img_size_from_roi,
 )

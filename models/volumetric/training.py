@@ -1,4 +1,7 @@
-"""Training loops of the volumetric segmentation tasks, single-process or DistributedDataParallel.
+"""Training stages of the volumetric tasks: datasets, loaders, one epoch, validation Dice; DDP set-up.
+
+A task whose stages differ (classification, self-supervised pre-training) names its own in its
+:class:`models.volumetric.task.Task`; these are the segmentation defaults.
 
 Under ``torchrun`` (``WORLD_SIZE`` > 1) every process trains on its DistributedSampler share; only
 rank 0 validates, logs and writes checkpoints, the others wait at a barrier.
@@ -14,8 +17,10 @@ from monai.data import CacheDataset, DataLoader, Dataset
 from monai.transforms import Compose
 from tqdm import tqdm
 
-from models.volumetric.common import IMAGE_KEY, LABEL_KEY, SegConfig, Task, unwrap_transform_error
-from models.volumetric.inference import _autocast, segment
+from models.volumetric.amp import autocast
+from models.volumetric.common import IMAGE_KEY, LABEL_KEY, apply_transform, unwrap_transform_error
+from models.volumetric.config import SegConfig
+from models.volumetric.sliding_window import segment
 from utils.dice import dice_per_class, mean_ignoring_nan
 from utils.engine import backward_step
 
@@ -61,9 +66,15 @@ def cleanup_distributed(ctx: DistContext) -> None:
         dist.destroy_process_group()
 
 
-def make_datasets(task: Task, config: SegConfig, *, train_cases: list[dict], val_cases: list[dict],
+def make_datasets(task, config: SegConfig, *, train_cases: list[dict], val_cases: list[dict],
                   cache_rate: float) -> tuple[Dataset, Dataset]:
     """CacheDatasets for training (pre-processing cached, augmentation per sample) and validation.
+
+    Args:
+        task: the :class:`models.volumetric.task.Task` (its pre-processing and augmentation).
+        config: its settings.
+        train_cases, val_cases: the datalist's two sections.
+        cache_rate: fraction of pre-processed cases kept in memory.
 
     Raises:
         ValueError: naming the case when one cannot be loaded (unreadable, 2D, shapes differ).
@@ -113,7 +124,7 @@ def train_one_epoch(model: torch.nn.Module, loader: DataLoader, *, optimizer: to
     for batch in tqdm(_batches(loader), desc=desc, total=len(loader), disable=not progress, leave=False):
         images, labels = batch[IMAGE_KEY].to(device), batch[LABEL_KEY].to(device)
         optimizer.zero_grad(set_to_none=True)
-        with _autocast(device, amp):
+        with autocast(device, amp):
             loss = loss_fn(model(images), labels)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"{desc}: loss is {loss.item()} at step {steps}")
@@ -122,7 +133,7 @@ def train_one_epoch(model: torch.nn.Module, loader: DataLoader, *, optimizer: to
     return total / max(steps, 1)
 
 
-def evaluate_dice(model: torch.nn.Module, dataset: Dataset, *, task: Task, config: SegConfig,
+def evaluate_dice(model: torch.nn.Module, dataset: Dataset, *, task, config: SegConfig,
                   device: torch.device, amp: bool = False, progress: bool = False) -> dict:
     """Sliding-window Dice of every validation case on the task's working grid.
 
@@ -133,18 +144,11 @@ def evaluate_dice(model: torch.nn.Module, dataset: Dataset, *, task: Task, confi
     post = task.postprocessing(config)
     scores = []
     for index in tqdm(range(len(dataset)), desc="validate", disable=not progress, leave=False):
-        item = _item(dataset, index)
+        item = apply_transform(dataset.__getitem__, index)
         pred = post(segment(model, item[IMAGE_KEY], config=config, device=device, amp=amp))
         truth = (item[LABEL_KEY] > 0).to(torch.uint8)
         scores.append(dice_per_class(pred, truth, num_classes=2)[0])
     return {"dice": mean_ignoring_nan(scores), "per_case": scores}
-
-
-def _item(dataset: Dataset, index: int) -> dict:
-    try:
-        return dataset[index]
-    except RuntimeError as err:
-        raise unwrap_transform_error(err) from err
 
 
 def _batches(loader: DataLoader):
@@ -156,3 +160,12 @@ def _batches(loader: DataLoader):
             return
         except RuntimeError as err:
             raise unwrap_transform_error(err) from err
+
+
+def mean_over_ranks(value: float, ctx: DistContext) -> float:
+    """The mean of ``value`` over the processes (``value`` itself for a single process)."""
+    if not ctx.distributed:
+        return value
+    tensor = torch.tensor([value], dtype=torch.float64, device=ctx.device)
+    dist.all_reduce(tensor)
+    return float(tensor.item()) / ctx.world_size
