@@ -33,6 +33,22 @@ def test_datalist_paths_are_absolute_and_exist(tmp_path):
     assert len(cases) == 2 and all(Path(c[IMAGE_KEY]).is_absolute() and Path(c[LABEL_KEY]).is_file() for c in cases)
 
 
+def test_test_and_testing_name_one_section(tmp_path):
+    """MSD writes 'test', Clara 'testing' (as write_datalist does); either name reads the section it has."""
+    import json
+
+    path = write_datalist(tmp_path, n_train=1, n_val=1)
+    testing = load_cases(path, data_root=tmp_path, section="testing")
+    test = load_cases(path, data_root=tmp_path, section="test")
+    assert [c[IMAGE_KEY] for c in test] == [c[IMAGE_KEY] for c in testing]
+    listing = json.loads(path.read_text())
+    listing["test"] = listing.pop("testing")
+    path.write_text(json.dumps(listing))
+    assert len(load_cases(path, data_root=tmp_path, section="testing")) == len(testing) == 1
+    with pytest.raises(ValueError, match="no section 'nothing'"):
+        load_cases(path, data_root=tmp_path, section="nothing")
+
+
 def test_non_hu_volume_is_warned_about_naming_the_case(tmp_path):
     image = np.random.default_rng(0).integers(0, 256, TINY_SHAPE).astype(np.uint8)
     nib.save(nib.Nifti1Image(image, np.eye(4)), tmp_path / "png_like.nii.gz")

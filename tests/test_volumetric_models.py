@@ -172,3 +172,15 @@ def test_segment_over_the_whole_volume_is_monais_sliding_window_inference(blend_
 def test_blend_mode_is_checked():
     with pytest.raises(ValueError, match="blend_mode must be one of"):
         get_task("lesion_seg").make_config(blend_mode="mean")
+
+
+def test_tasks_load_without_the_registry_users():
+    """No cycle: the task modules never import the modules that look tasks up (inference, trainer, bundle writer)."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from models.volumetric import get_task, task_names; [get_task(n) for n in task_names()]; "
+            "print(sorted(m for m in sys.modules if m in ('models.volumetric.inference', 'models.volumetric.trainer', "
+            "'models.volumetric.bundle.writer', 'models.volumetric.validation')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

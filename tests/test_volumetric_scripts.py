@@ -103,6 +103,23 @@ def _check_infer(run, tmp_path):
     assert (out / "lps_case_lesion_seg.png").stat().st_size > 0 and rows[0]["case"] == "lps_case"
 
 
+def test_the_2d_flag_names_are_aliases_of_the_3d_ones():
+    train = train_volumetric.get_args_parser().parse_args(
+        ["--task", "lesion_seg", "--datalist", "d.json", "--lrate", "0.5", "--num_epochs", "7", "--num_workers", "3",
+         "--out", "run"])
+    assert (train.lr, train.epochs, train.workers, train.save_dir) == (0.5, 7, 3, "run")
+    common = ["--task", "lesion_seg", "--ckpt", "c.pth"]
+    for flag in ("--output", "--save_dir", "--out"):
+        infer = infer_volumetric.get_args_parser().parse_args([*common, "--input", "x.nii.gz", flag, "o"])
+        validate = validate_volumetric.get_args_parser().parse_args([*common, "--datalist", "d.json", flag, "o"])
+        assert infer.output == validate.output == "o"
+
+
+def test_roi_size_help_shows_each_tasks_default():
+    text = " ".join(train_volumetric.get_args_parser().format_help().split())
+    assert "lung_seg 224 224 32" in text and "covid_cls 192 192 64" in text
+
+
 def test_resume_continues_after_the_stored_epoch(tmp_path):
     datalist = write_datalist(tmp_path / "data", label="lesion", n_train=1, n_val=1)
     common = ["--task", "lesion_seg", "--datalist", str(datalist), "--batch_size", "1", *LESION_FLAGS]
