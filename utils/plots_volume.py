@@ -79,8 +79,7 @@ def display_slices(volume: np.ndarray, affine: np.ndarray) -> np.ndarray:
     Returns:
         Array[Z, rows, cols] (a view where possible): anterior up, the patient's right on the left.
     """
-    ras = to_ras(volume, affine)
-    return np.flip(np.transpose(ras, (2, 1, 0)), axis=(1, 2))  # [Z, y, x] -> anterior up, right on the left
+    return display_plane(np.moveaxis(to_ras(volume, affine), 2, 0))
 
 
 def to_ras(volume: np.ndarray, affine: np.ndarray) -> np.ndarray:
@@ -90,12 +89,12 @@ def to_ras(volume: np.ndarray, affine: np.ndarray) -> np.ndarray:
 
 
 def display_plane(plane: np.ndarray) -> np.ndarray:
-    """RAS slice [x, y] -> picture rows: anterior up, the patient's right on the picture's left.
+    """RAS slice(s) [..., x, y] -> picture [..., rows, cols]: anterior up, the patient's right on the left.
 
-    x grows to the patient's right and y to anterior; the slice is transposed so that y runs down the
-    rows, then both axes are flipped. The one display flip of the project's volume pictures.
+    x grows to the patient's right and y to anterior; the last two axes are swapped so that y runs
+    down the rows, then both are flipped. The one display flip of the project's volume pictures.
     """
-    return np.flip(plane.T, axis=(0, 1))
+    return np.flip(np.swapaxes(plane, -1, -2), axis=(-2, -1))
 
 
 def _draw_slice(ax, image: np.ndarray, mask: np.ndarray | None, window: tuple[float, float], alpha: float,

@@ -21,13 +21,14 @@ from __future__ import annotations
 import weakref
 from pathlib import Path
 
+import matplotlib.pyplot as plt
 import nibabel as nib
 import numpy as np
 import torch
 from monai.visualize import GradCAM, GradCAMpp
 
 from datasets.io import Volume, write_nifti
-from utils.plots_volume import display_plane, to_ras
+from utils.plots_volume import display_plane, to_ras  # also selects the Agg backend
 
 TARGET_LAYER = "class_layers.relu"
 METHODS = {"gradcam": GradCAM, "gradcampp": GradCAMpp}
@@ -140,11 +141,6 @@ def save_overlay(image_hu: np.ndarray, saliency: np.ndarray, path: str | Path, *
         num_slices: axial slices shown, evenly spaced over the slices where the map is non-zero.
         hu_window: display window in HU.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     if image_hu.shape != saliency.shape or image_hu.ndim != 3:
         raise ValueError(f"image {image_hu.shape} and saliency {saliency.shape} must be one 3D grid")
     image_hu, saliency = to_ras(image_hu, affine), to_ras(saliency, affine)
