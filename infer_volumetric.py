@@ -67,8 +67,8 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def main(args: argparse.Namespace) -> list[dict]:
     """Run the checkpoint on every input case; returns the predictions.csv rows."""
-    return infer(task_name=args.task, ckpt=args.ckpt, input=args.input, output=args.output, data_root=args.data_root,
-                 section=args.section, window=window_overrides(args), fill_nan=args.fill_nan,
+    return infer(task_name=args.task, ckpt=args.ckpt, input_path=args.input, output=args.output,
+                 data_root=args.data_root, section=args.section, window=window_overrides(args), fill_nan=args.fill_nan,
                  montage=not args.no_montage, amp=args.amp, saliency=args.saliency, lung_ckpt=args.lung_ckpt,
                  device=args.device)
 

@@ -71,7 +71,7 @@ def input_cases(path: str | Path, *, data_root: str | Path | None = None, sectio
     return [{IMAGE_KEY: str(path), "case": case_stem(path)}]
 
 
-def infer(*, task_name: str, ckpt: str | Path, input: str | Path, output: str | Path,
+def infer(*, task_name: str, ckpt: str | Path, input_path: str | Path, output: str | Path,
           data_root: str | Path | None = None, section: str = TEST, window: dict | None = None,
           fill_nan: float | None = None, montage: bool = True, amp: bool = False, saliency: str | None = None,
           lung_ckpt: str | Path | None = None, device: str = "cpu") -> list[dict]:
@@ -80,7 +80,7 @@ def infer(*, task_name: str, ckpt: str | Path, input: str | Path, output: str | 
     Args:
         task_name: the task the checkpoint must be for.
         ckpt: checkpoint from ``train_volumetric.py``.
-        input: NIfTI file, DICOM folder/file or dataset.json.
+        input_path: NIfTI file, DICOM folder/file or dataset.json (``--input``).
         output: folder for the outputs.
         data_root, section: dataset.json input: where its paths start, which section is read.
         window: sliding-window settings replacing the checkpoint's (``overlap``, ``sw_batch_size``,
@@ -97,11 +97,11 @@ def infer(*, task_name: str, ckpt: str | Path, input: str | Path, output: str | 
         ValueError, FileNotFoundError: naming the input, case or flag that is wrong.
     """
     torch_device = resolve_device(device)
-    cases = input_cases(input, data_root=data_root, section=section)
+    cases = input_cases(input_path, data_root=data_root, section=section)
     if not cases:
-        raise ValueError(f"--input {input}: no cases in section {section!r}")
+        raise ValueError(f"--input {input_path}: no cases in section {section!r}")
     folder = Path(output)
-    refuse_overwriting_inputs(input_files([input, ckpt, lung_ckpt], cases), output_files(cases, task_name, folder))
+    refuse_overwriting_inputs(input_files([input_path, ckpt, lung_ckpt], cases), output_files(cases, task_name, folder))
     model, task, config, _ = load_task_model(ckpt, device=torch_device, task_name=task_name)
     config = config.replace(**(window or {}), fill_nan=fill_nan)
     _check_fill_nan(task, config, fill_nan)
