@@ -5,16 +5,16 @@ from torch import nn
 
 from models.mask_net import maskrcnn_resnet_fpn
 from models.mask_net.covid_mask_net import (
-    ORIGINAL_PARAMETER_TABLE,
+    CLASSIFIER_BUILDER,
+    SEGMENTATION_BUILDER,
     ClassificationModuleS,
     covid_mask_net,
     fill_ranked_rows,
-    format_parameter_table,
     load_segmentation_weights,
-    parameter_counts,
-    parameter_table,
 )
-from utils.engine import train_one_epoch
+from models.mask_net.workflows.loops import train_one_epoch
+from models.summary import ORIGINAL_PARAMETER_TABLE, format_parameter_table, parameter_counts, parameter_table
+from utils.checkpoint import resolve_builder
 
 TINY = dict(backbone_name="resnet18", truncation=1, num_classes=3, min_size=64, max_size=64,
             rpn_pre_nms_top_n_test=200, rpn_post_nms_top_n_test=100)
@@ -171,3 +171,8 @@ def test_resnet50_published_trainable_is_s_alone():
     _, trainable = parameter_counts(model)
     assert trainable == s_parameter_count(256, 1024)
     assert abs(trainable / 2.36e6 - 1) < 0.01
+
+
+def test_builder_ids_name_the_builders():
+    assert resolve_builder(SEGMENTATION_BUILDER) is maskrcnn_resnet_fpn
+    assert resolve_builder(CLASSIFIER_BUILDER) is covid_mask_net

@@ -24,6 +24,9 @@ from torch import nn
 
 from .mask_rcnn import MaskRCNN, maskrcnn_resnet_fpn
 
+# The ids that checkpoints record as their ``builder`` (dotted paths of the 2D builders), spelled once.
+SEGMENTATION_BUILDER = "models.mask_net.maskrcnn_resnet_fpn"
+CLASSIFIER_BUILDER = "models.mask_net.covid_mask_net"
 NUM_SLICE_CLASSES = 3  # Control, CP, COVID-19
 ROW_WIDTH = 5  # score, dx, dy, dw, dh
 SCORE_FILTER_OFF = -1.0  # softmax scores are >= 0, so every candidate passes
@@ -221,82 +224,3 @@ def load_segmentation_weights(model: CovidMaskNet, state_dict: dict[str, torch.T
 
 def _is_mask_branch(key: str) -> bool:
     return any(part.startswith("mask_") for part in key.split("."))
-
-
-# The original's table: (backbone, truncation, B, s_features) -> (total, trainable) in millions.
-ORIGINAL_PARAMETER_TABLE = {
-    ("resnet34", 0, 128, 512): (24.86, 0.6), ("resnet34", 1, 128, 512): (11.74, 0.6),
-    ("resnet34", 2, 128, 512): (4.92, 0.6), ("resnet18", 0, 128, 512): (14.75, 0.6),
-    ("resnet18", 1, 128, 512): (6.35, 0.6), ("resnet18", 2, 128, 512): (4.25, 0.6),
-    ("resnet50", 0, 256, 1024): (34.14, 2.36),
-}
-# Why a row differs from the published figure by more than 1% (README text).
-FPN_LATERAL_NOTE = ("total: ours is lower by about the difference between a 512-channel and our {c}-channel "
-                    "FPN lateral 1x1 convolution ({d:,} parameters); the published truncated rows are consistent "
-                    "with a lateral convolution that reads 512 channels whatever the truncation, while ours reads "
-                    "the channels of the last kept stage, as the forward pass needs")
-TRAINABLE_ROUNDING_NOTE = "trainable: the published figure has one decimal (0.6M); ours rounds to the same value"
-RESNET50_NOTES = ("total: ours has no mask branch (2.62M in the segmentation model's torchvision-style 4x256 mask "
-                  "head and predictor); counting it, ours would be 34.09M (-0.1%), so the published figure appears "
-                  "to include the unused mask branch",
-                  "trainable: ours counts the 53,120 BatchNorm affine parameters of the ResNet50 body; S alone is "
-                  "2.364M (+0.2%), matching the published figure, which leaves BatchNorm out (as torchvision's "
-                  "FrozenBatchNorm2d would; norm='frozen' builds that variant)")
-
-
-def parameter_counts(model: nn.Module) -> tuple[int, int]:
-    """(total, trainable) parameter values of ``model``."""
-    params = list(model.parameters())
-    return sum(p.numel() for p in params), sum(p.numel() for p in params if p.requires_grad)
-
-
-def parameter_table(*, num_classes: int = 2) -> list[dict]:
-    """Our parameter counts beside the original's, one row per configuration of its table.
-
-    Models are built on the meta device (shapes only, no memory or initialisation).
-
-    Args:
-        num_classes: the segmentation model's classes (2, mask_type merge, the original's default,
-            as in ``models.summary``; 3 adds 645 parameters to every row).
-
-    Returns:
-        Per row: ``model`` (name), ``total`` and ``trainable`` (ours), ``original_total`` and
-        ``original_trainable`` (millions, as published), ``total_diff`` / ``trainable_diff``
-        (relative differences of ours from the published figures) and ``notes`` (why a figure
-        differs by more than 1%).
-    """
-    rows = []
-    for (backbone_name, truncation, b, s), (orig_total, orig_trainable) in ORIGINAL_PARAMETER_TABLE.items():
-        with torch.device("meta"):
-            model = covid_mask_net(backbone_name=backbone_name, truncation=truncation, num_classes=num_classes,
-                                   roi_batch_size=b, s_features=s)
-        total, trainable = parameter_counts(model)
-        name = f"{backbone_name}+FPN, " + ("full" if backbone_name == "resnet50" else f"truncation {truncation}")
-        row = {"model": f"COVID-CT-Mask-Net {name} (B={b}, S={s})", "total": total, "trainable": trainable,
-               "original_total": orig_total, "original_trainable": orig_trainable,
-               "total_diff": total / (orig_total * 1e6) - 1, "trainable_diff": trainable / (orig_trainable * 1e6) - 1}
-        rows.append({**row, "notes": _notes(row, model)})
-    return rows
-
-
-def _notes(row: dict, model: CovidMaskNet) -> list[str]:
-    """Explanations for the differences above 1% of one row."""
-    if row["model"].startswith("COVID-CT-Mask-Net resnet50"):
-        return list(RESNET50_NOTES)
-    notes = []
-    if abs(row["total_diff"]) > 0.01:
-        channels = model.backbone.body.out_channels_list[-1]
-        notes.append(FPN_LATERAL_NOTE.format(c=channels, d=(512 - channels) * model.backbone.out_channels))
-    if abs(row["trainable_diff"]) > 0.01 and round(row["trainable"] / 1e6, 1) == row["original_trainable"]:
-        notes.append(TRAINABLE_ROUNDING_NOTE)
-    return notes
-
-
-def format_parameter_table(rows: list[dict]) -> str:
-    """The rows of :func:`parameter_table` as a text table (millions; relative differences in %)."""
-    lines = [f"{'model':<58}{'total':>9}{'orig.':>8}{'diff':>8}{'trainable':>11}{'orig.':>7}{'diff':>8}"]
-    for r in rows:
-        lines.append(f"{r['model']:<58}{r['total'] / 1e6:>8.2f}M{r['original_total']:>7.2f}M{100 * r['total_diff']:>+7.1f}%"
-                     f"{r['trainable'] / 1e6:>10.3f}M{r['original_trainable']:>6.2f}M{100 * r['trainable_diff']:>+7.1f}%")
-        lines += [f"    note: {note}" for note in r["notes"]]
-    return "\n".join(lines)

@@ -29,11 +29,16 @@ from datasets.conventions import CLASS_NAMES, class_names_for, num_detection_cla
 from utils.checkpoint import make_checkpoint
 
 from .backbone import RESNETS, STAGES, out_channels_of
-from .covid_mask_net import NUM_SLICE_CLASSES, ROW_WIDTH, S_PREFIX, covid_mask_net
+from .covid_mask_net import (
+    CLASSIFIER_BUILDER,
+    NUM_SLICE_CLASSES,
+    ROW_WIDTH,
+    S_PREFIX,
+    SEGMENTATION_BUILDER,
+    covid_mask_net,
+)
 from .mask_rcnn import COVID_DEFAULTS, FULL_MASK_LAYERS, LIGHT_MASK_LAYERS, maskrcnn_resnet_fpn
 
-SEGMENTATION_BUILDER = "models.mask_net.maskrcnn_resnet_fpn"
-CLASSIFIER_BUILDER = "models.mask_net.covid_mask_net"
 ANCHOR_GENERATOR_PATHS = ("models.mask_net.rpn", "models.mask_net.rpn_segmentation")
 LEGACY_S_PREFIX = "s2new."
 
