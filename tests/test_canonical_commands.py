@@ -225,3 +225,69 @@ def test_cheap_command_runs_end_to_end(source, command, workspace, tmp_path, mon
         os.symlink(workspace / PHANTOM, tmp_path / PHANTOM, target_is_directory=True)
     monkeypatch.chdir(tmp_path)
     RUNNERS[script](importlib.import_module(Path(script).stem), command, workspace)
+
+
+# ------------------------------------------------------------ the 2D scripts: parser + one library call
+# Script -> (its pipeline config, the arguments it requires).
+ENTRY_POINTS = {
+    "train_segmentation.py": ("models.mask_net.workflows.segmentation.SegmentationTrainConfig", {}),
+    "train_classifier.py": ("models.mask_net.workflows.classifier.ClassifierTrainConfig", {}),
+    "inference_segmentation.py": ("models.mask_net.workflows.segmentation.SegmentationInferenceConfig",
+                                  {"ckpt": "c.pth"}),
+    "evaluation_mean_ap.py": ("models.mask_net.workflows.evaluation.MeanAPConfig", {"ckpt": "c.pth"}),
+    "evaluate_classifier.py": ("models.mask_net.workflows.classifier_evaluation.ClassifierEvalConfig",
+                               {"ckpt": "c.pth"}),
+    "convert_checkpoint.py": ("models.mask_net.workflows.conversion.ConversionConfig", {"old": "a", "new": "b"}),
+}
+ROOT_SCRIPTS = {p.stem for p in ROOT.glob("*.py")}
+
+
+def _config_class(dotted: str):
+    module, name = dotted.rsplit(".", 1)
+    return getattr(importlib.import_module(module), name)
+
+
+def _argv(required: dict) -> list[str]:
+    positional = [required[k] for k in ("old", "new") if k in required]
+    return positional + [word for k, v in required.items() if k not in ("old", "new") for word in (f"--{k}", v)]
+
+
+@pytest.mark.parametrize("script", sorted(ENTRY_POINTS))
+def test_script_is_a_parser_and_one_call_and_imports_no_script(script):
+    tree = ast.parse((ROOT / script).read_text())
+    functions = [node.name for node in tree.body if isinstance(node, (ast.FunctionDef, ast.ClassDef))]
+    assert functions == ["get_args_parser", "main"], functions
+    imported = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import)
+                for alias in node.names}
+    imported |= {node.module.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    assert not imported & (ROOT_SCRIPTS - {Path(script).stem}), imported
+    assert len((ROOT / script).read_text().splitlines()) <= 120
+
+
+@pytest.mark.parametrize("script", sorted(ENTRY_POINTS))
+def test_every_flag_reaches_the_config_with_the_same_default(script):
+    """The parser's defaults are the config's: a Python caller and the command line run the same pipeline."""
+    from utils.cli import config_from_args
+
+    config_class, required = _config_class(ENTRY_POINTS[script][0]), ENTRY_POINTS[script][1]
+    args = importlib.import_module(Path(script).stem).get_args_parser().parse_args(_argv(required))
+    assert set(vars(args)) == set(config_class.__dataclass_fields__), set(vars(args)) ^ set(
+        config_class.__dataclass_fields__)
+    assert config_from_args(config_class, args) == config_class(**required)
+
+
+@pytest.mark.parametrize("script,names", [
+    ("train_segmentation.py", [("--lrate", "--lr"), ("--num_epochs", "--epochs"), ("--num_workers", "--workers"),
+                               ("--save_dir", "--output"), ("--save_dir", "--out")]),
+    ("train_classifier.py", [("--lrate", "--lr"), ("--num_epochs", "--epochs"), ("--num_workers", "--workers"),
+                             ("--save_dir", "--out")]),
+    ("evaluate_classifier.py", [("--num_workers", "--workers"), ("--save_dir", "--output")]),
+    ("evaluation_mean_ap.py", [("--save_dir", "--out")]),
+    ("inference_segmentation.py", [("--save_dir", "--output")]),
+])
+def test_the_3d_track_flag_names_are_aliases(script, names):
+    parser = importlib.import_module(Path(script).stem).get_args_parser()
+    required = _argv(ENTRY_POINTS[script][1])
+    for original, alias in names:
+        value = "0.5" if original == "--lrate" else "3"
+        assert parser.parse_args([*required, original, value]) == parser.parse_args([*required, alias, value])

@@ -14,8 +14,11 @@ import evaluate_classifier
 import make_synthetic_data
 import train_classifier
 from models.mask_net import maskrcnn_resnet_fpn
+from models.mask_net.workflows.classifier import ClassifierTrainConfig, build_classifier, classifier_loaders
+from models.mask_net.workflows.losses import classification_loss, inverse_frequency_weights
 from utils.checkpoint import load_checkpoint, make_checkpoint, save_checkpoint
 from utils.classification_metrics import classification_report
+from utils.cli import config_from_args
 
 ROOT = Path(__file__).resolve().parents[1]
 README_TRAIN = ("--pretrained_segmentation_model seg.pth --backbone_name resnet34 --num_epochs 50 --save_every 10 "
@@ -48,7 +51,8 @@ def test_readme_commands_parse_with_the_num_class_abbreviation():
             args.batch_size, args.num_epochs, args.save_every) == (2, 1, "resnet34", 128, 512, 8, 50, 10)
     assert args.loss == "bce"
     args = evaluate_classifier.get_args_parser().parse_args(shlex.split(README_EVAL))
-    assert (args.num_classes, args.truncation, args.roi_batch_size, args.s_features, args.device) == (2, 1, 128, 512, "cpu")
+    parsed = (args.num_classes, args.truncation, args.roi_batch_size, args.s_features, args.device)
+    assert parsed == (2, 1, 128, 512, "cpu")
     parser = evaluate_classifier.get_args_parser()
     parser.allow_abbrev = False  # the short form is an explicit alias, not a prefix match
     assert parser.parse_args(["--ckpt", "x", "--num_class", "3"]).num_classes == 3
@@ -68,8 +72,8 @@ def seg_checkpoint(tmp_path_factory):
     torch.manual_seed(0)
     model = maskrcnn_resnet_fpn(**SEG_KWARGS)
     path = tmp_path_factory.mktemp("seg") / "seg.pth"
-    save_checkpoint(make_checkpoint(model=model, builder="models.mask_net.maskrcnn_resnet_fpn", builder_kwargs=SEG_KWARGS,
-                                    epoch=0, mask_type="merge"), path)
+    save_checkpoint(make_checkpoint(model=model, builder="models.mask_net.maskrcnn_resnet_fpn",
+                                    builder_kwargs=SEG_KWARGS, epoch=0, mask_type="merge"), path)
     return path, model.state_dict()
 
 
@@ -124,7 +128,8 @@ def test_evaluation_readme_command_writes_reports(trained_run, phantom, tmp_path
 
 
 def test_evaluation_is_deterministic_and_split_file_selects_the_same_slices(trained_run, phantom, tmp_path):
-    base = ["--ckpt", str(trained_run / "checkpoint_last.pth"), "--test_data_dir", str(phantom / "val"), "--no_progress"]
+    base = ["--ckpt", str(trained_run / "checkpoint_last.pth"), "--test_data_dir", str(phantom / "val"),
+            "--no_progress"]
     parser = evaluate_classifier.get_args_parser()
     first = evaluate_classifier.main(parser.parse_args(base + ["--save_dir", str(tmp_path / "a")]))
     second = evaluate_classifier.main(parser.parse_args(base + ["--save_dir", str(tmp_path / "b"),
@@ -153,25 +158,29 @@ def test_wrong_flags_and_files_are_named(trained_run, seg_checkpoint, phantom):
         evaluate_classifier.main(parser.parse_args(["--ckpt", str(trained_run / "checkpoint_last.pth"),
                                                     "--truncation", "2", "--test_data_dir", str(phantom / "val")]))
     with pytest.raises(ValueError, match="not a classification checkpoint"):
-        evaluate_classifier.main(parser.parse_args(["--ckpt", str(seg_checkpoint[0]), "--test_data_dir", str(phantom / "val")]))
+        evaluate_classifier.main(parser.parse_args(["--ckpt", str(seg_checkpoint[0]),
+                                                    "--test_data_dir", str(phantom / "val")]))
     train_parser = train_classifier.get_args_parser()
+
+    def config(argv):
+        return config_from_args(ClassifierTrainConfig, train_parser.parse_args(argv))
+
     with pytest.raises(ValueError, match="cannot be trained from scratch"):
-        train_classifier.build_model(train_parser.parse_args([]))
+        build_classifier(config([]))
     with pytest.raises(ValueError, match="--crop_to_box needs --split_file and --val_split_file"):
-        train_classifier.make_loaders(train_parser.parse_args(["--crop_to_box", "--split_file", "x.txt"]))
+        classifier_loaders(config(["--crop_to_box", "--split_file", "x.txt"]))
     with pytest.raises(ValueError, match="--num_classes 3 contradicts"):
-        train_classifier.build_model(train_parser.parse_args(
-            ["--pretrained_segmentation_model", str(seg_checkpoint[0]), "--num_class", "3"]))
+        build_classifier(config(["--pretrained_segmentation_model", str(seg_checkpoint[0]), "--num_class", "3"]))
 
 
 def test_loss_options_match_their_definitions():
     logits = torch.tensor([[2.0, -1.0, 0.5], [0.1, 0.2, 0.3]])
     labels = torch.tensor([0, 2])
-    bce = train_classifier.classification_loss(logits, labels, kind="bce")
+    bce = classification_loss(logits, labels, kind="bce")
     by_hand = -(torch.log(torch.sigmoid(torch.tensor([2.0, 0.3]))).sum()
                 + torch.log(1 - torch.sigmoid(torch.tensor([-1.0, 0.5, 0.1, 0.2]))).sum()) / 6
     assert bce == pytest.approx(float(by_hand), rel=1e-5)
-    ce = train_classifier.classification_loss(logits, labels, kind="ce", class_weights=torch.tensor([1.0, 1.0, 3.0]))
+    ce = classification_loss(logits, labels, kind="ce", class_weights=torch.tensor([1.0, 1.0, 3.0]))
     per = -torch.log_softmax(logits, 1)[[0, 1], [0, 2]]
     assert ce == pytest.approx(float((per[0] + 3 * per[1]) / 4), rel=1e-5)
-    np.testing.assert_allclose(train_classifier.inverse_frequency_weights([0, 0, 0, 1]).numpy(), [4 / 9, 4 / 3, 0])
+    np.testing.assert_allclose(inverse_frequency_weights([0, 0, 0, 1]).numpy(), [4 / 9, 4 / 3, 0])

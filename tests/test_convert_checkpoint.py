@@ -20,11 +20,11 @@ import torch.nn.backends.thnn
 from torch import nn
 
 import convert_checkpoint
-import evaluate_classifier
 import inference_segmentation
 from datasets.synthetic import generate_dataset
 from models.mask_net import covid_mask_net
 from models.mask_net.legacy import LegacyAnchorGenerator, map_key, read_legacy_file
+from models.mask_net.workflows.classifier_evaluation import load_classifier
 from tests.helpers import CLS_MODULE, RATIOS, SEG_MODULE, SIZES, old_name, seg_model, write_original
 from utils.checkpoint import build_model_from_checkpoint, load_checkpoint
 from utils.model_io import load_model_for_inference
@@ -110,7 +110,7 @@ def test_classifier_with_s2new_round_trip_and_evaluate_loader(tmp_path, capsys, 
     assert ckpt["builder_kwargs"] == {"backbone_name": "resnet34", "truncation": 2, "num_classes": 2,
                                       "roi_batch_size": b, "s_features": s_features}
     assert f"B (roi_batch_size) = {b}, s_features = {s_features}" in capsys.readouterr().out
-    model, _ = evaluate_classifier.load_classifier(str(new), flags={}, device=torch.device("cpu"))
+    model, _ = load_classifier(str(new), flags={}, device=torch.device("cpu"))
     images = [torch.rand(3, 64, 64, generator=torch.Generator().manual_seed(2))]
     with torch.inference_mode():
         assert torch.equal(model(images), source(images))

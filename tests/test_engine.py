@@ -1,10 +1,10 @@
-"""The shared training loop: losses, validation without gradients or BatchNorm updates, max_steps."""
+"""The 2D epoch loops: losses, validation without gradients or BatchNorm updates, max_steps."""
 import math
 
 import pytest
 import torch
 
-from utils.engine import frozen_batchnorm_stats, train_one_epoch, validation_loss
+from models.mask_net.workflows.loops import frozen_batchnorm_stats, train_one_epoch, validation_loss
 
 
 class ToyDetector(torch.nn.Module):

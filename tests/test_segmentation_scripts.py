@@ -10,8 +10,11 @@ import evaluation_mean_ap
 import inference_segmentation
 import train_segmentation
 from datasets.synthetic import generate_dataset
-from models.mask_net.fusion import WinogradConv2d
+from models.mask_net.fast.fusion import WinogradConv2d
+from models.mask_net.workflows import MeanAPConfig, evaluate_mean_ap
+from models.mask_net.workflows.segmentation import SegmentationInferenceConfig, load_segmentation_model
 from utils.checkpoint import load_checkpoint
+from utils.cli import config_from_args
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +58,7 @@ def test_resume_continues_at_the_next_epoch(seg_root, trained, tmp_path):
     args = _train_args(seg_root, tmp_path, "--resume", str(trained / "checkpoint_last.pth"))
     args.num_epochs = 2
     train_segmentation.main(args)
-    epochs = [json.loads(l)["epoch"] for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    epochs = [json.loads(line)["epoch"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert epochs == [1]
     resumed = load_checkpoint(tmp_path / "checkpoint_last.pth")
     assert resumed["epoch"] == 1
@@ -82,7 +85,7 @@ def test_inference_runs_the_fused_copy_unless_unfused(seg_root, trained, tmp_pat
         args = inference_segmentation.get_args_parser().parse_args([
             "--ckpt", str(trained / "checkpoint_last.pth"), "--test_data_dir", str(seg_root / "test"),
             "--save_dir", str(tmp_path / name), "--confidence_th", "0.0", "--no_overlays", *extra])
-        model, _ = inference_segmentation.load_segmentation_model(args, torch.device("cpu"))
+        model, _ = load_segmentation_model(config_from_args(SegmentationInferenceConfig, args), torch.device("cpu"))
         assert any(isinstance(m, WinogradConv2d) for m in model.modules()) == (name == "fused")
         runs[name] = json.loads(inference_segmentation.main(args).read_text())
     fused, unfused = runs["fused"], runs["unfused"]
@@ -115,6 +118,9 @@ def test_evaluation_matches_metric_on_same_outputs(seg_root, trained, tmp_path):
         "--truncation", "1", "--rpn_nms_th", "0.75", "--roi_nms_th", "0.75", "--confidence_th", "0.0",
         "--test_data_dir", str(seg_root / "test"), "--save_dir", str(tmp_path)])
     results = evaluation_mean_ap.main(args)
+    from_python = evaluate_mean_ap(MeanAPConfig(ckpt=str(trained / "checkpoint_last.pth"), confidence_th=0.0,
+                                                test_data_dir=str(seg_root / "test"), save_dir=str(tmp_path / "py")))
+    assert json.dumps(from_python, sort_keys=True) == json.dumps(results, sort_keys=True), "same pipeline, no argparse"
     saved = json.loads((tmp_path / "metrics.json").read_text())
     assert set(saved) >= {"segm", "bbox"}
     for iou_type in ("segm", "bbox"):

@@ -8,8 +8,103 @@ import argparse
 import os
 import sys
 import traceback
+from dataclasses import MISSING, fields
+from typing import Any
 
 import torch
+
+from datasets.conventions import MASK_TYPE_LABELS
+
+
+def positive_int(text: str) -> int:
+    """argparse ``type`` for an integer >= 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    """argparse ``type`` for an integer >= 0."""
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
+
+
+def probability(text: str) -> float:
+    """argparse ``type`` for a float in [0, 1]."""
+    value = float(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must lie in [0, 1], got {value}")
+    return value
+
+
+BACKBONES = ("resnet18", "resnet34", "resnet50")
+# The model flags of the 2D scripts, declared once: name -> (argparse keywords, help without its default).
+MODEL_FLAGS = {
+    "backbone_name": ({"choices": BACKBONES}, "ResNet backbone"),
+    "truncation": ({"type": int, "choices": [0, 1, 2]},
+                   "ResNet18/34: 0 full, 1 without layer4, 2 without layer3 and layer4; resnet50 takes 0"),
+    "num_classes": ({"type": int, "choices": [2, 3], "aliases": ["--num_class"]},
+                    "classes of the segmentation model incl. background: 2 merge/ggo, 3 both"),
+    "mask_type": ({"choices": sorted(MASK_TYPE_LABELS)},
+                  "lesion classes: both = GGO and consolidation as 2 classes, ggo = GGO only, merge = one class"),
+    "roi_batch_size": ({"type": positive_int}, "B, the ranked detections per slice that S reads"),
+    "s_features": ({"type": positive_int}, "hidden width of S"),
+    "rpn_nms_th": ({"type": probability}, "RPN NMS IoU threshold, train and test"),
+    "roi_nms_th": ({"type": probability}, "per-class NMS IoU threshold of the RoI detections"),
+    "confidence_th": ({"type": probability}, "lowest detection score kept"),
+    "image_size": ({"type": positive_int}, "short side the model resizes slices to; the long side is capped at 2x"),
+}
+SEGMENTATION_INFERENCE_FLAGS = ("backbone_name", "truncation", "mask_type", "rpn_nms_th", "roi_nms_th", "confidence_th")
+CLASSIFIER_FLAGS = ("backbone_name", "truncation", "num_classes", "roi_batch_size", "s_features", "rpn_nms_th",
+                    "roi_nms_th")
+
+
+def add_model_args(parser: argparse.ArgumentParser, *, names: tuple[str, ...], defaults: dict | None = None,
+                   unset: str = "from the checkpoint") -> None:
+    """The 2D model flags ``names`` (keys of :data:`MODEL_FLAGS`), in one argument group.
+
+    Args:
+        parser: the script's parser.
+        names: the flags to add.
+        defaults: flag -> default; a flag without one defaults to None, shown in its help as ``unset``.
+        unset: what None means, for the help text (default: "from the checkpoint"; an architecture flag
+            given with a checkpoint must match it).
+    """
+    group = parser.add_argument_group("model")
+    for name in names:
+        options, text = MODEL_FLAGS[name]
+        options = dict(options)
+        aliases = options.pop("aliases", [])
+        default = (defaults or {}).get(name)
+        shown = unset if default is None else default
+        group.add_argument(f"--{name}", *aliases, dest=name, default=default, help=f"{text} (default: {shown})",
+                           **options)
+
+
+def add_segmentation_inference_args(parser: argparse.ArgumentParser) -> None:
+    """Flags of the scripts that run a trained segmentation model: its settings, mask threshold, --unfused."""
+    add_model_args(parser, names=SEGMENTATION_INFERENCE_FLAGS)
+    parser.add_argument("--mask_logits_th", type=probability, default=0.5,
+                        help="mask probability above which a pixel is lesion (default: 0.5)")
+    parser.add_argument("--unfused", action="store_true",
+                        help="run the model as trained instead of its fast inference copy (BatchNorm folded, faster "
+                             "CPU kernels; same detections up to float rounding, about 1e-5) (default: fast copy)")
+
+
+def add_output_args(parser: argparse.ArgumentParser, *, default: str, what: str) -> None:
+    """``--save_dir`` (aliases ``--output``, ``--out``): the folder a script writes ``what`` into."""
+    parser.add_argument("--save_dir", "--output", "--out", dest="save_dir", default=default,
+                        help=f"output folder for {what} (default: {default})")
+
+
+def add_workers_args(parser: argparse.ArgumentParser) -> None:
+    """``--num_workers`` (alias ``--workers``) and ``--no_progress``."""
+    parser.add_argument("--num_workers", "--workers", dest="num_workers", type=non_negative_int, default=0,
+                        help="DataLoader worker processes (default: 0)")
+    parser.add_argument("--no_progress", action="store_true", help="hide progress bars (default: shown)")
 
 
 def add_device_args(parser: argparse.ArgumentParser) -> None:
@@ -23,10 +118,9 @@ def add_seed_args(parser: argparse.ArgumentParser, default: int = 0) -> None:
 
 
 def add_run_args(parser: argparse.ArgumentParser, *, default_save_dir: str) -> None:
-    """``--save_dir``, ``--resume`` and ``--overwrite`` of the training scripts."""
+    """``--save_dir`` (aliases ``--output``, ``--out``), ``--resume`` and ``--overwrite`` of the training scripts."""
     group = parser.add_argument_group("run directory")
-    group.add_argument("--save_dir", default=default_save_dir,
-                       help=f"run directory for args.json, env.txt, metrics.jsonl, checkpoints (default: {default_save_dir})")
+    add_output_args(group, default=default_save_dir, what="args.json, env.txt, metrics.jsonl and checkpoints")
     group.add_argument("--resume", default=None,
                        help="checkpoint to resume from: restores model, optimizer, epoch, RNG states and the best "
                             "value so far; metrics.jsonl is appended to (default: none)")
@@ -38,24 +132,32 @@ def add_run_args(parser: argparse.ArgumentParser, *, default_save_dir: str) -> N
 def add_optimisation_args(parser: argparse.ArgumentParser, *, batch_size: int, unit: str) -> None:
     """``--batch_size --lrate --weight_decay --num_workers --max_steps --no_progress`` of the 2D trainers.
 
+    ``--lr`` is an alias of ``--lrate`` and ``--workers`` of ``--num_workers`` (the 3D track's names).
+
     Args:
         batch_size: the script's default batch size.
         unit: what one batch item is, for the help text ("images", "slices").
     """
-    parser.add_argument("--batch_size", type=positive_int, default=batch_size, help=f"{unit} per step (default: {batch_size})")
-    parser.add_argument("--lrate", type=float, default=1e-5, help="Adam learning rate (default: 1e-5)")
+    parser.add_argument("--batch_size", type=positive_int, default=batch_size,
+                        help=f"{unit} per step (default: {batch_size})")
+    parser.add_argument("--lrate", "--lr", dest="lrate", type=float, default=1e-5,
+                        help="Adam learning rate (default: 1e-5)")
     parser.add_argument("--weight_decay", type=float, default=1e-3, help="Adam weight decay (default: 1e-3)")
-    parser.add_argument("--num_workers", type=non_negative_int, default=0, help="DataLoader worker processes (default: 0)")
     parser.add_argument("--max_steps", type=positive_int, default=None,
                         help="stop each epoch after this many batches, for smoke runs (default: all)")
-    parser.add_argument("--no_progress", action="store_true", help="hide progress bars (default: shown)")
+    add_workers_args(parser)
 
 
 def add_epoch_args(parser: argparse.ArgumentParser, *, model_name: str) -> None:
-    """``--num_epochs --start_epoch --save_every --model_name`` of the 2D trainers (the original's flags)."""
-    parser.add_argument("--num_epochs", type=positive_int, default=50, help="number of epochs to run (default: 50)")
+    """``--num_epochs`` (alias ``--epochs``) ``--start_epoch --save_every --model_name`` of the 2D trainers.
+
+    ``--epochs`` means what it means in the 3D track: the run ends after this many epochs in total.
+    """
+    parser.add_argument("--num_epochs", "--epochs", dest="num_epochs", type=positive_int, default=50,
+                        help="the run ends after this many epochs in total, counted from --start_epoch; a resumed run "
+                             "continues to that same end (default: 50)")
     parser.add_argument("--start_epoch", type=non_negative_int, default=0,
-                        help="number of the first epoch; the run ends at start_epoch + num_epochs (default: 0)")
+                        help="number of the first epoch of a new run; it ends at start_epoch + num_epochs (default: 0)")
     parser.add_argument("--save_every", type=positive_int, default=10,
                         help="also save <model_name>_ckpt_<epoch>.pth every N epochs (default: 10)")
     parser.add_argument("--model_name", default=model_name,
@@ -77,10 +179,24 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def args_to_dict(args: argparse.Namespace) -> dict:
-    """Plain dict of parsed arguments (for args.json and checkpoints)."""
-    return {k: (str(v) if not isinstance(v, (bool, int, float, str, list, tuple, type(None))) else v)
-            for k, v in vars(args).items()}
+def args_to_dict(args: argparse.Namespace | dict) -> dict:
+    """Plain dict of parsed arguments or settings (for args.json and checkpoints)."""
+    items = args.items() if isinstance(args, dict) else vars(args).items()
+    return {k: (str(v) if not isinstance(v, (bool, int, float, str, list, tuple, type(None))) else v) for k, v in items}
+
+
+def config_from_args(config_class: type, args: argparse.Namespace) -> Any:
+    """The dataclass ``config_class`` with each field taken from the parsed ``args`` of the same name.
+
+    Raises:
+        AttributeError: naming a field the parser does not define.
+    """
+    return config_class(**{f.name: getattr(args, f.name) for f in fields(config_class)})
+
+
+def dataclass_defaults(config_class: type) -> dict:
+    """Field name -> default of the dataclass ``config_class`` (fields without a default left out)."""
+    return {f.name: f.default for f in fields(config_class) if f.default is not MISSING}
 
 
 # Exceptions that mean "the input or a flag is wrong": one line, no traceback (``--debug`` shows it).
@@ -127,27 +243,3 @@ def _exit(code: int) -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
-
-
-def positive_int(text: str) -> int:
-    """argparse ``type`` for an integer >= 1."""
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
-    return value
-
-
-def non_negative_int(text: str) -> int:
-    """argparse ``type`` for an integer >= 0."""
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
-    return value
-
-
-def probability(text: str) -> float:
-    """argparse ``type`` for a float in [0, 1]."""
-    value = float(text)
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"must lie in [0, 1], got {value}")
-    return value

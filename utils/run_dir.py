@@ -194,8 +194,10 @@ def _contents(path: Path) -> list[str]:
     """Names in ``path`` that belong to a run (earlier ``previous-*`` folders and temporaries excluded)."""
     if not path.is_dir():
         return []
-    return sorted(p.name for p in path.iterdir()
-                  if not p.name.startswith(PREVIOUS_PREFIX) and not (p.name.startswith(".") and p.name.endswith(".tmp")))
+    def temporary(name: str) -> bool:
+        return name.startswith(".") and name.endswith(".tmp")
+
+    return sorted(p.name for p in path.iterdir() if not p.name.startswith(PREVIOUS_PREFIX) and not temporary(p.name))
 
 
 def environment_report(*, seed: int | None = None) -> str:

@@ -1,7 +1,9 @@
-"""What every trainer shares: resume, the epoch loop of the 2D scripts, and the guards around them.
+"""What every trainer shares: resume, the optimizer step, the epoch loop of the 2D pipelines, and the guards.
 
-Both tracks resume through :func:`resume_training` and end each epoch through
-:meth:`utils.run_dir.RunDir.end_epoch`, and each epoch's randomness is seeded from
+Both tracks resume through :func:`resume_training`, step through :func:`backward_step` and end each
+epoch through :meth:`utils.run_dir.RunDir.end_epoch` (checkpoints first, then the metrics line, and
+the best-so-far value). The 2D pipelines open, resume and run their epochs through :func:`fit`,
+configured by a :class:`RunConfig`. Each epoch's randomness is seeded from
 ``(seed, epoch, rank)`` (:func:`utils.reproducibility.seed_epoch`). A run killed at any point and
 resumed from ``checkpoint_last.pth`` therefore ends with the same weights, on CPU, as a run that went
 straight through.
@@ -10,13 +12,52 @@ from __future__ import annotations
 
 import os
 import time
+from dataclasses import asdict, dataclass
 from typing import Callable
 
 import torch
 
-from utils.checkpoint import load_checkpoint
-from utils.reproducibility import rng_state, seed_epoch, set_rng_state
-from utils.run_dir import RunDir
+from utils.checkpoint import load_checkpoint, make_checkpoint
+from utils.cli import args_to_dict, resolve_device
+from utils.reproducibility import rng_state, seed_epoch, seed_everything, set_rng_state
+from utils.run_dir import RunDir, check_run_dir
+
+
+@dataclass(kw_only=True)
+class RunConfig:
+    """Settings every 2D training run has (the flags of ``utils.cli``'s run, epoch and optimisation groups).
+
+    Attributes:
+        save_dir: the run directory.
+        resume: checkpoint to resume from, or None.
+        overwrite: start a new run in a used ``save_dir``, moving its files aside.
+        num_epochs: the run ends after this many epochs in total, counted from ``start_epoch``; a
+            resumed run continues to that same end.
+        start_epoch: number of the first epoch of a new run.
+        save_every: also keep ``<model_name>_ckpt_<epoch>.pth`` every this many epochs.
+        model_name: prefix of those periodic checkpoints.
+        batch_size, lrate, weight_decay, num_workers: loader and Adam settings.
+        max_steps: batches per epoch (smoke runs), or None for all.
+        no_progress: hide progress bars.
+        device: cpu, cuda or cuda:N.
+        seed: the run's seed.
+    """
+
+    save_dir: str
+    resume: str | None = None
+    overwrite: bool = False
+    num_epochs: int = 50
+    start_epoch: int = 0
+    save_every: int = 10
+    model_name: str
+    batch_size: int
+    lrate: float = 1e-5
+    weight_decay: float = 1e-3
+    num_workers: int = 0
+    max_steps: int | None = None
+    no_progress: bool = False
+    device: str = "cpu"
+    seed: int = 0
 
 
 def refuse_distributed(script: str) -> None:
@@ -31,8 +72,65 @@ def refuse_distributed(script: str) -> None:
                          f"would race on one run directory; run it as a single process")
 
 
+def start_training(config: RunConfig, *, name: str) -> torch.device:
+    """The guards before any work (one process, a usable run directory, the device), then seed everything.
+
+    Raises:
+        ValueError: under torchrun with several processes, or for an unusable device.
+        FileExistsError: for a new run in a used ``save_dir`` without ``overwrite``.
+    """
+    refuse_distributed(name)
+    check_run_dir(config.save_dir, resume=bool(config.resume), overwrite=config.overwrite)
+    device = resolve_device(config.device)
+    seed_everything(config.seed)
+    return device
+
+
+def adam(model: torch.nn.Module, config: RunConfig) -> torch.optim.Adam:
+    """Adam over the parameters of ``model`` that require gradients, at ``config``'s lr and weight decay."""
+    return torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=config.lrate,
+                            weight_decay=config.weight_decay)
+
+
+def fit(config: RunConfig, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+        train_loader: torch.utils.data.DataLoader, builder: str, builder_kwargs: dict, kind: str,
+        run_epoch: Callable[[int], dict], checkpoint_extras: Callable[[dict], dict]) -> RunDir:
+    """Open the run directory, resume when asked, and run the epochs up to ``start_epoch + num_epochs``.
+
+    Args:
+        config: the run's settings; ``asdict(config)`` goes to args.json and into every checkpoint.
+        model: the model on its device; its weights (and the optimizer's state) are replaced on resume.
+        optimizer: the optimizer.
+        train_loader: the shuffled training loader (re-seeded each epoch).
+        builder, builder_kwargs: what the checkpoints record (and a resumed one must name).
+        kind: what such a checkpoint is called in errors ("segmentation", "classification").
+        run_epoch: ``run_epoch(epoch) -> record``: trains and validates one epoch, returns its metrics.
+        checkpoint_extras: ``checkpoint_extras(record) -> dict`` of further checkpoint entries.
+
+    Returns:
+        The run directory.
+    """
+    args = args_to_dict(asdict(config))
+    run = RunDir(config.save_dir, args=args, seed=config.seed, resume=bool(config.resume), overwrite=config.overwrite)
+    first_epoch = config.start_epoch
+    if config.resume:
+        first_epoch, _ = resume_training(config.resume, model=model, optimizer=optimizer, run=run,
+                                         builder=builder, kind=kind,
+                                         hyperparameters={"lr": config.lrate, "weight_decay": config.weight_decay})
+
+    def checkpoint(epoch: int, record: dict) -> dict:
+        return make_checkpoint(model=model, optimizer=optimizer, epoch=epoch, args=args, builder=builder,
+                               builder_kwargs=builder_kwargs, **checkpoint_extras(record))
+
+    run_epochs(run=run, epochs=range(first_epoch, config.start_epoch + config.num_epochs), seed=config.seed,
+               loader=train_loader, run_epoch=run_epoch, checkpoint=checkpoint,
+               periodic=lambda e: f"{config.model_name}_ckpt_{e + 1}.pth" if (e + 1) % config.save_every == 0 else None)
+    return run
+
+
 def resume_training(path: str, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
-                    run: RunDir | None, builder: str, kind: str, hyperparameters: dict | None = None) -> tuple[int, dict]:
+                    run: RunDir | None, builder: str, kind: str,
+                    hyperparameters: dict | None = None) -> tuple[int, dict]:
     """Restore a run from its checkpoint: weights, optimizer, RNG states and the best-so-far value.
 
     Args:
@@ -103,6 +201,18 @@ def apply_hyperparameters(optimizer: torch.optim.Optimizer, settings: dict) -> l
     return changes
 
 
+def backward_step(total: torch.Tensor, optimizer: torch.optim.Optimizer,
+                  scaler: torch.amp.GradScaler | None) -> None:
+    """Backward pass and optimizer step, through ``scaler`` when mixed precision is on."""
+    if scaler is None:
+        total.backward()
+        optimizer.step()
+        return
+    scaler.scale(total).backward()
+    scaler.step(optimizer)
+    scaler.update()
+
+
 def current_lr(optimizer: torch.optim.Optimizer) -> float:
     """The learning rate of the first parameter group (what ``metrics.jsonl`` records)."""
     return float(optimizer.param_groups[0]["lr"])
@@ -111,7 +221,7 @@ def current_lr(optimizer: torch.optim.Optimizer) -> float:
 def run_epochs(*, run: RunDir, epochs: range, seed: int, loader: torch.utils.data.DataLoader,
                run_epoch: Callable[[int], dict], checkpoint: Callable[[int, dict], dict],
                periodic: Callable[[int], str | None] = lambda epoch: None) -> None:
-    """The epoch loop of the 2D trainers: seed the epoch, train and validate, save, then log.
+    """The epoch loop of the 2D trainers: seed the epoch, train and validate, save, then log (``run.end_epoch``).
 
     Args:
         run: the run directory (its ``best`` names the selection metric).

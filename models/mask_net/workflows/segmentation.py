@@ -1,0 +1,235 @@
+"""The lesion segmentation model (Mask R-CNN) on CNCB-layout slices: training and inference.
+
+:func:`train_segmentation` trains from a :class:`SegmentationTrainConfig`; its run directory receives
+args.json, env.txt, metrics.jsonl, checkpoint_last.pth, checkpoint_best.pth (lowest validation loss so
+far, kept across a resume) and every ``save_every`` epochs ``<model_name>_ckpt_<epoch>.pth``.
+:func:`infer_segmentation` runs a trained checkpoint over a folder of slices and writes overlays and
+COCO results. Each config's fields are the flags of the script of the same name.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from datasets.conventions import class_names_for, num_detection_classes
+from datasets.io import read_image
+from datasets.segmentation import CNCBSegmentationDataset
+from models.mask_net.covid_mask_net import SEGMENTATION_BUILDER
+from models.mask_net.fast import fast_inference_copy
+from models.mask_net.mask_rcnn import maskrcnn_resnet_fpn
+from utils.checkpoint import load_checkpoint
+from utils.cli import resolve_device
+from utils.model_io import builder_keywords, load_model_for_inference
+from utils.plots import detection_overlay
+from utils.reproducibility import worker_init_fn
+from utils.rle import encode_masks
+from utils.run_dir import RunDir
+from utils.training import RunConfig, adam, current_lr, fit, start_training
+
+from .loops import train_one_epoch, validation_loss
+
+IMAGE_GLOBS = ("*.png", "*.jpg", "*.jpeg")
+# Model settings that a segmentation checkpoint's builder kwargs take from the training config.
+TRAINED_SETTINGS = ("backbone_name", "truncation", "rpn_nms_th", "image_size")
+
+
+@dataclass(kw_only=True)
+class SegmentationTrainConfig(RunConfig):
+    """Settings of :func:`train_segmentation`; the run settings are those of :class:`utils.training.RunConfig`.
+
+    Attributes:
+        train_data_dir, val_data_dir: CNCB data roots; ``imgs_dir`` and ``gt_dir`` are folders in each.
+        mask_type: both (GGO and consolidation as 2 classes), ggo or merge (one lesion class).
+        backbone_name, truncation, rpn_nms_th, image_size: the model (see ``utils.cli.MODEL_FLAGS``).
+        pretrained_model: segmentation checkpoint whose weights initialise training, or None.
+        use_pretrained_resnet_backbone: local torchvision ResNet state dict for the backbone, or None.
+    """
+
+    train_data_dir: str = "data/phantom/seg/train"
+    val_data_dir: str = "data/phantom/seg/test"
+    imgs_dir: str = "imgs"
+    gt_dir: str = "masks"
+    mask_type: str = "both"
+    backbone_name: str = "resnet18"
+    truncation: int = 1
+    rpn_nms_th: float = 0.75
+    image_size: int = 512
+    pretrained_model: str | None = None
+    use_pretrained_resnet_backbone: str | None = None
+    save_dir: str = "runs/segmentation"
+    model_name: str = "mrcnn_covid_segmentation_model"
+    batch_size: int = 1
+
+
+def segmentation_builder_kwargs(config: SegmentationTrainConfig) -> dict:
+    """Keyword arguments of :func:`maskrcnn_resnet_fpn` that the checkpoints store."""
+    return {**builder_keywords(asdict(config), names=TRAINED_SETTINGS),
+            "num_classes": num_detection_classes(config.mask_type)}
+
+
+def segmentation_loaders(config: SegmentationTrainConfig) -> tuple[DataLoader, DataLoader]:
+    """Training (shuffled, seeded) and validation loaders over the CNCB layout."""
+    def dataset(root):
+        return CNCBSegmentationDataset(root, imgs_dir=config.imgs_dir, masks_dir=config.gt_dir,
+                                       mask_type=config.mask_type)
+
+    train_set, val_set = dataset(config.train_data_dir), dataset(config.val_data_dir)
+    common = dict(batch_size=config.batch_size, num_workers=config.num_workers, collate_fn=train_set.collate_fn,
+                  worker_init_fn=worker_init_fn)
+    generator = torch.Generator().manual_seed(config.seed)
+    return (DataLoader(train_set, shuffle=True, generator=generator, **common),
+            DataLoader(val_set, shuffle=False, **common))
+
+
+def train_segmentation(config: SegmentationTrainConfig) -> RunDir:
+    """Train the segmentation model; returns its run directory.
+
+    Raises:
+        FileExistsError: for a new run in a used ``save_dir`` without ``overwrite``.
+        ValueError: under torchrun with several processes, or for a checkpoint of another kind.
+    """
+    device = start_training(config, name="train_segmentation")
+    kwargs = segmentation_builder_kwargs(config)
+    train_loader, val_loader = segmentation_loaders(config)
+    model = maskrcnn_resnet_fpn(**kwargs, pretrained_backbone=config.use_pretrained_resnet_backbone)
+    if config.pretrained_model:
+        ckpt = load_checkpoint(config.pretrained_model, builder=SEGMENTATION_BUILDER, kind="segmentation")
+        model.load_state_dict(ckpt["model"], strict=True)
+    model.to(device)
+    optimizer = adam(model, config)
+    steps = dict(max_steps=config.max_steps, progress=not config.no_progress)
+
+    def run_epoch(epoch: int) -> dict:
+        train = train_one_epoch(model, train_loader, optimizer, device=device, epoch=epoch, **steps)
+        val = validation_loss(model, val_loader, device=device, epoch=epoch, **steps)
+        print(f"Epoch {epoch}: train loss = {train['loss']:.3f}, validation loss = {val['loss']:.3f}")
+        return {**{f"train_{k}": v for k, v in train.items()}, **{f"val_{k}": v for k, v in val.items()},
+                "lr": current_lr(optimizer)}
+
+    def checkpoint_extras(record: dict) -> dict:
+        return {"mask_type": config.mask_type, "class_names": list(class_names_for(config.mask_type)),
+                "val_loss": record["val_loss"]}
+
+    return fit(config, model=model, optimizer=optimizer, train_loader=train_loader, builder=SEGMENTATION_BUILDER,
+               builder_kwargs=kwargs, kind="segmentation", run_epoch=run_epoch, checkpoint_extras=checkpoint_extras)
+
+
+@dataclass(kw_only=True)
+class SegmentationModelConfig:
+    """A trained segmentation model and how it runs; a setting left None comes from the checkpoint.
+
+    Attributes:
+        ckpt: the segmentation checkpoint.
+        backbone_name, truncation, mask_type: checked against the checkpoint when given.
+        rpn_nms_th, roi_nms_th, confidence_th: replace the checkpoint's thresholds when given.
+        mask_logits_th: mask probability above which a pixel is lesion.
+        unfused: run the model as trained instead of its fast inference copy.
+        device: cpu, cuda or cuda:N.
+    """
+
+    ckpt: str
+    backbone_name: str | None = None
+    truncation: int | None = None
+    mask_type: str | None = None
+    rpn_nms_th: float | None = None
+    roi_nms_th: float | None = None
+    confidence_th: float | None = None
+    mask_logits_th: float = 0.5
+    unfused: bool = False
+    device: str = "cpu"
+
+
+def load_segmentation_model(config: SegmentationModelConfig, device: torch.device) -> tuple[torch.nn.Module, dict]:
+    """The checkpoint's Mask R-CNN in eval mode on ``device`` (its fast copy unless ``unfused``), and the checkpoint.
+
+    Raises:
+        ValueError: for a checkpoint of another kind, or a setting that contradicts it.
+    """
+    model, ckpt = load_model_for_inference(config.ckpt, device=device, flags=asdict(config))
+    return (model if config.unfused else fast_inference_copy(model)), ckpt
+
+
+@dataclass(kw_only=True)
+class SegmentationInferenceConfig(SegmentationModelConfig):
+    """Settings of :func:`infer_segmentation`: the model's, the slices (``test_data_dir/test_imgs_dir``),
+    the output folder and whether to draw overlays."""
+
+    test_data_dir: str = "data/phantom/seg/test"
+    test_imgs_dir: str = "imgs"
+    save_dir: str = "runs/inference"
+    no_overlays: bool = False
+
+
+def list_images(folder: Path) -> list[Path]:
+    """Slice images in ``folder``, sorted by name.
+
+    Raises:
+        FileNotFoundError / ValueError: for a missing or empty folder, naming it.
+    """
+    if not folder.is_dir():
+        raise FileNotFoundError(f"image folder not found: {folder}")
+    files = sorted(f for g in IMAGE_GLOBS for f in folder.glob(g))
+    if not files:
+        raise ValueError(f"{folder}: no PNG/JPG images found")
+    return files
+
+
+def image_tensor(path: Path) -> torch.Tensor:
+    """FloatTensor[3, H, W] in [0, 1] from a grayscale or colour slice."""
+    gray = torch.from_numpy(read_image(path)).float().div_(255)
+    return gray.expand(3, -1, -1).contiguous()
+
+
+def coco_results(detections: dict, *, image_id: int, file_name: str, mask_threshold: float) -> list[dict]:
+    """COCO results entries (bbox xywh, RLE segmentation, score, category) for one image."""
+    boxes = detections["boxes"].tolist()
+    binary = (detections["masks"][:, 0] > mask_threshold).to(torch.uint8)
+    rles = encode_masks(binary.cpu())
+    return [{"image_id": image_id, "file_name": file_name, "category_id": int(label), "score": float(score),
+             "bbox": [b[0], b[1], b[2] - b[0], b[3] - b[1]], "segmentation": rle}
+            for b, score, label, rle in zip(boxes, detections["scores"].tolist(), detections["labels"].tolist(), rles)]
+
+
+@torch.inference_mode()
+def run_inference(model, files: list[Path], *, device: torch.device, save_dir: Path, class_names: tuple[str, ...],
+                  mask_threshold: float, overlays: bool = True) -> list[dict]:
+    """Predict every slice, write overlays, return COCO results entries."""
+    results = []
+    for image_id, path in enumerate(tqdm(files, desc="slices")):
+        image = image_tensor(path)
+        det = {k: v.cpu() for k, v in model([image.to(device)])[0].items()}
+        results += coco_results(det, image_id=image_id, file_name=path.name, mask_threshold=mask_threshold)
+        if overlays:
+            detection_overlay(image, det, save_dir / f"{path.stem}_overlay.png", class_names=class_names,
+                              mask_threshold=mask_threshold, title=f"{path.name}: {len(det['scores'])} lesions")
+    return results
+
+
+def infer_segmentation(config: SegmentationInferenceConfig) -> Path:
+    """Segment every slice of ``test_data_dir/test_imgs_dir``; returns the path of ``predictions.json``.
+
+    Writes one overlay PNG per slice (unless ``no_overlays``) and ``predictions.json`` in COCO results
+    format (RLE masks; each entry also names its ``file_name``) into ``save_dir``.
+
+    Raises:
+        FileNotFoundError / ValueError: for a missing or empty image folder, a checkpoint of another
+            kind, or a setting that contradicts it.
+    """
+    device = resolve_device(config.device)
+    files = list_images(Path(config.test_data_dir) / config.test_imgs_dir)
+    model, ckpt = load_segmentation_model(config, device)
+    save_dir = Path(config.save_dir)
+    save_dir.mkdir(parents=True, exist_ok=True)
+    class_names = tuple(ckpt.get("class_names") or class_names_for(ckpt.get("mask_type", "both")))
+    results = run_inference(model, files, device=device, save_dir=save_dir, class_names=class_names,
+                            mask_threshold=config.mask_logits_th, overlays=not config.no_overlays)
+    out = save_dir / "predictions.json"
+    out.write_text(json.dumps(results))
+    overlays = "" if config.no_overlays else f" and overlays in {save_dir}"
+    print(f"{len(files)} slices, {len(results)} detections -> {out}{overlays}")
+    return out
