@@ -44,6 +44,7 @@ from models.volumetric.common import IMAGE_KEY, LoadVolumed
 from models.volumetric.config import SegConfig
 from models.volumetric.task import Task
 from models.volumetric.vit import PATCH_SIZE, check_vit_sizes, img_size_from_roi
+from utils.training import backward_step
 
 VIEW_KEYS = (IMAGE_KEY, "image_2")
 TARGET_KEY = "gt_image"
@@ -192,13 +193,7 @@ def train_one_epoch(model: torch.nn.Module, loader, *, optimizer: torch.optim.Op
             losses = ssl_losses(model, batch, loss_fn=loss_fn, device=device)
         if not torch.isfinite(losses["loss"]):
             raise FloatingPointError(f"{desc}: loss is {losses['loss'].item()} at step {steps}")
-        if scaler is None:
-            losses["loss"].backward()
-            optimizer.step()
-        else:
-            scaler.scale(losses["loss"]).backward()
-            scaler.step(optimizer)
-            scaler.update()
+        backward_step(losses["loss"], optimizer, scaler)
         sums = {k: sums.get(k, 0.0) + float(v.detach()) for k, v in losses.items()}
         steps += 1
     return {k: v / max(steps, 1) for k, v in sums.items()}

@@ -22,7 +22,7 @@ from models.volumetric.common import IMAGE_KEY, LABEL_KEY, apply_transform, unwr
 from models.volumetric.config import SegConfig
 from models.volumetric.sliding_window import segment
 from utils.dice import dice_per_class, mean_ignoring_nan
-from utils.engine import backward_step
+from utils.training import backward_step
 
 
 @dataclass(frozen=True)
