@@ -128,7 +128,7 @@ def test_commands_are_read_with_their_continuation_lines():
 @pytest.mark.parametrize("command,problem", [
     ("--datalist data/phantom/volumes/dataset_lesion.json --data_root data/phantom", "file not found"),
     ("--datalist data/phantom/volumes/dataset_covid.json", "has no label files"),
-    ("--datalist data/phantom/volumes/dataset_lesion.json --section testing", "no section 'testing'")])
+    ("--datalist data/phantom/volumes/dataset_lesion.json --section holdout", "no section 'holdout'")])
 def test_a_datalist_that_does_not_fit_the_command_is_caught(command, problem, workspace):
     args = parse(f"python validate_volumetric.py --task lesion_seg --ckpt c.pth {command}")
     with pytest.raises((AssertionError, FileNotFoundError, ValueError), match=problem):
