@@ -13,7 +13,7 @@ from PIL import Image
 import analyze_scan
 from datasets.conventions import LUNG_WINDOW, hu_to_png
 from models.analysis import steps as analysis_steps
-from models.mask_net.covid_mask_net import covid_mask_net
+from models.mask_net.covid_mask_net import CLASSIFIER_BUILDER, covid_mask_net
 from tests.helpers import VOLUMETRIC, chest_phantom
 from tests.helpers import volumetric_checkpoint as _volumetric_checkpoint
 from utils.checkpoint import make_checkpoint, save_checkpoint
@@ -32,7 +32,7 @@ def checkpoints(tmp_path_factory):
     paths = {name: _volumetric_checkpoint(name, folder / f"{name}.pth") for name in VOLUMETRIC}
     model = covid_mask_net(**CLS_KWARGS)
     paths["mask_net_classifier"] = save_checkpoint(make_checkpoint(
-        model=model, builder="models.mask_net.covid_mask_net", builder_kwargs=CLS_KWARGS, epoch=0,
+        model=model, builder=CLASSIFIER_BUILDER, builder_kwargs=CLS_KWARGS, epoch=0,
         mask_type="both"), folder / "mask_net_classifier.pth")
     return paths
 

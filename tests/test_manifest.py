@@ -71,10 +71,10 @@ def test_register_updates_the_entry_and_keeps_other_fields(tmp_path):
 
 def test_register_names_the_task_of_a_2d_checkpoint(tmp_path):
     from models.mask_net import maskrcnn_resnet_fpn
+    from models.mask_net.covid_mask_net import SEGMENTATION_BUILDER
 
     kwargs = dict(backbone_name="resnet18", truncation=2, num_classes=2, min_size=64, max_size=64)
-    path = save_checkpoint(make_checkpoint(model=maskrcnn_resnet_fpn(**kwargs),
-                                           builder="models.mask_net.maskrcnn_resnet_fpn",
+    path = save_checkpoint(make_checkpoint(model=maskrcnn_resnet_fpn(**kwargs), builder=SEGMENTATION_BUILDER,
                                            builder_kwargs=kwargs, epoch=0), tmp_path / "seg.pth")
     assert register(tmp_path / "models", name="mask_net_segmentation", ckpt=path)["task"] == "segmentation_2d"
 

@@ -33,6 +33,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from models.mask_net.covid_mask_net import CLASSIFIER_BUILDER, SEGMENTATION_BUILDER
 from utils.checkpoint import load_checkpoint
 
 MANIFEST = "manifest.json"
@@ -43,8 +44,7 @@ STATUSES = ("OK", "FAILED", "MISSING", "UNRELEASED")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 # Task of a 2D checkpoint, by builder (volumetric checkpoints name their task themselves).
-TASK_BY_BUILDER = {"models.mask_net.maskrcnn_resnet_fpn": "segmentation_2d",
-                   "models.mask_net.covid_mask_net": "classification_2d"}
+TASK_BY_BUILDER = {SEGMENTATION_BUILDER: "segmentation_2d", CLASSIFIER_BUILDER: "classification_2d"}
 
 
 class MissingModelError(FileNotFoundError):

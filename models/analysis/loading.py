@@ -7,11 +7,11 @@ from pathlib import Path
 
 import torch
 
+from models.mask_net.covid_mask_net import CLASSIFIER_BUILDER
 from utils.checkpoint import load_checkpoint
 from utils.cli import resolve_device
 from utils.manifest import MissingModelError, resolve_model, sha256_file
 
-CLASSIFIER_BUILDER = "models.mask_net.covid_mask_net"
 DEFAULT_MODELS_DIR = "pretrained_models"
 
 
