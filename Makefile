@@ -18,8 +18,9 @@ setup: $(VENV)/.installed
 demo: setup
 	$(PY) demo.py --data_dir $(DATA_DIR) --out $(DEMO_DIR)
 
-# pytest's exit code 5 means no test ran: that is a failure, not a pass.
+# Lint first (ruff, settings in pyproject.toml); pytest's exit code 5 means no test ran: a failure, not a pass.
 test: setup
+	$(VENV)/bin/ruff check . || exit 1; \
 	$(PY) -m pytest -q; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests were collected" >&2; exit 1; fi; exit $$rc
 
 test-slow: setup

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import argparse
 
-from models.volumetric.cli import (  # noqa: F401  (config_overrides, network_overrides: importable from here)
+from models.volumetric.cli import (
     add_amp_arg,
     add_datalist_args,
     add_epochs_arg,
@@ -30,8 +30,6 @@ from models.volumetric.cli import (  # noqa: F401  (config_overrides, network_ov
     add_preprocessing_args,
     add_task_arg,
     add_window_args,
-    config_overrides,
-    network_overrides,
     train_settings,
 )
 from models.volumetric.trainer import train

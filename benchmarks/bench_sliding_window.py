@@ -46,7 +46,8 @@ from monai.transforms import Compose
 
 from datasets.synthetic.volumes import make_chest_volume
 from models.volumetric import get_task
-from models.volumetric.inference import crop_box, load_task_model, prepare_for_inference, segment, window_region
+from models.volumetric.inference import load_task_model
+from models.volumetric.sliding_window import crop_box, prepare_for_inference, segment, window_region
 from utils.dice import dice_per_class
 from utils.reproducibility import seed_everything
 

@@ -47,7 +47,8 @@ class SliceClassificationDataset(Dataset):
             raise ValueError("crop_to_box needs a split_file with the body boxes")
         self.crop_to_box, self.transforms = crop_to_box, transforms
         self.image_size = _check_size(image_size)
-        self.records = read_split_file(split_file, self.root) if split_file is not None else _records_from_names(self.root)
+        self.records = (read_split_file(split_file, self.root) if split_file is not None
+                        else _records_from_names(self.root))
 
     def __len__(self) -> int:
         return len(self.records)

@@ -119,7 +119,8 @@ def write_datalist(root: Path, *, label: str = "lung", n_train: int = 2, n_val: 
     """A dataset.json with relative paths and training/validation/testing sections."""
     cases = [write_case(root / "volumes", f"case{i}", seed=i, label=label) for i in range(n_train + n_val)]
     rel = [{k: str(Path(v).relative_to(root)) for k, v in c.items() if k != "case"} for c in cases]
-    datalist = {"training": rel[:n_train], "validation": rel[n_train:], "testing": [r[IMAGE_KEY] for r in rel[n_train:]]}
+    datalist = {"training": rel[:n_train], "validation": rel[n_train:],
+                "testing": [r[IMAGE_KEY] for r in rel[n_train:]]}
     path = root / "dataset.json"
     path.write_text(json.dumps(datalist, indent=1))
     return path

@@ -69,7 +69,8 @@ def test_collate_and_transforms(tmp_path):
     dataset = SliceClassificationDataset(tmp_path, transforms=lambda image: image.flip(-1))
     images, labels, metas = next(iter(DataLoader(dataset, batch_size=4, collate_fn=dataset.collate_fn)))
     assert images.shape == (4, 3, 64, 80) and labels.dtype == torch.int64
-    assert labels.tolist() == dataset.labels[:4] and [m["file"] for m in metas] == [r["file"] for r in dataset.records[:4]]
+    assert labels.tolist() == dataset.labels[:4]
+    assert [m["file"] for m in metas] == [r["file"] for r in dataset.records[:4]]
     assert torch.equal(images[0], SliceClassificationDataset(tmp_path)[0][0].flip(-1))
 
 

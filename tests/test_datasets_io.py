@@ -286,7 +286,8 @@ def test_duplicate_positions_refused(tmp_path):
         read_dicom_series(tmp_path)
 
 
-@pytest.mark.parametrize("other,what", [(dict(rows=10), "Rows x Columns"), (dict(pixel_spacing=(0.9, 0.9)), "PixelSpacing"),
+@pytest.mark.parametrize("other,what", [(dict(rows=10), "Rows x Columns"),
+                                        (dict(pixel_spacing=(0.9, 0.9)), "PixelSpacing"),
                                         (dict(iop=(0.0, 1.0, 0.0, 1.0, 0.0, 0.0)), "ImageOrientationPatient")])
 def test_mixed_series_refused(tmp_path, other, what):
     uid, _ = write_series(tmp_path, n=3, name_prefix="x")

@@ -65,14 +65,16 @@ def test_absolute_paths_kept(tmp_path, datalist):
 # ------------------------------------------------------------------------------- bad input
 def test_missing_file_names_entry_key_and_path(datalist, tmp_path):
     (tmp_path / "labelsTr" / "b.nii.gz").unlink()
-    with pytest.raises(FileNotFoundError, match=r"dataset\.json: training\[1\] label: file not found: .*labelsTr/b\.nii\.gz"):
+    with pytest.raises(FileNotFoundError,
+                       match=r"dataset\.json: training\[1\] label: file not found: .*labelsTr/b\.nii\.gz"):
         load_datalist(datalist, section="training")
     entries = load_datalist(datalist, section="training", check_files=False)
     assert entries[1]["label"] == str(tmp_path / "labelsTr" / "b.nii.gz")
 
 
 def test_missing_section_lists_available(datalist):
-    with pytest.raises(ValueError, match=r"no section 'testing'; available sections: \['training', 'validation', 'test'\]"):
+    with pytest.raises(ValueError,
+                       match=r"no section 'testing'; available sections: \['training', 'validation', 'test'\]"):
         load_datalist(datalist, section="testing")
 
 

@@ -217,6 +217,7 @@ def test_committed_builder_kwargs_are_what_the_commands_save():
     import train_volumetric
     from models.mask_net.workflows.classifier import ClassifierTrainConfig, classifier_kwargs_from_segmentation
     from models.mask_net.workflows.segmentation import SegmentationTrainConfig, segmentation_builder_kwargs
+    from models.volumetric import cli as volumetric_cli
     from models.volumetric import get_task
     from utils.cli import config_from_args
 
@@ -231,6 +232,6 @@ def test_committed_builder_kwargs_are_what_the_commands_save():
     for name in ("lung_seg", "lesion_seg", "covid_cls"):
         args = train_volumetric.get_args_parser().parse_args(argv[name])
         task = get_task(args.task)
-        config = task.make_config(**train_volumetric.config_overrides(args))
-        kwargs = {**task.network_kwargs, **train_volumetric.network_overrides(task, config, args)}
+        config = task.make_config(**volumetric_cli.config_overrides(args))
+        kwargs = {**task.network_kwargs, **volumetric_cli.network_overrides(task, config, args)}
         assert (task.name, task.builder, kwargs) == (name, entries[name]["builder"], entries[name]["builder_kwargs"])

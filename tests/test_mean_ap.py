@@ -384,7 +384,9 @@ def test_mask_iou_cpu_crops_and_window_product_equal_pycocotools():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_masks_give_the_cpu_result():
     preds, targets = _random_dataset(21, crowd=True)
-    on_gpu = lambda dicts: [{k: v.cuda() for k, v in d.items()} for d in dicts]
+    def on_gpu(dicts):
+        return [{k: v.cuda() for k, v in d.items()} for d in dicts]
+
     cpu = mean_average_precision(preds, targets, iou_type="segm")
     gpu = mean_average_precision(on_gpu(preds), on_gpu(targets), iou_type="segm")
     np.testing.assert_equal(gpu, cpu)  # NaN-aware, recursive

@@ -192,8 +192,9 @@ class _Flat:
         n_det = np.array([im.scores.size for im in images], dtype=np.int64)
         n_gt = np.array([im.gt_labels.size for im in images], dtype=np.int64)
         sizes = n_det * n_gt
-        cat = lambda arrays, dtype: np.concatenate([np.asarray(a, dtype=dtype).reshape(-1) for a in arrays] or
-                                                   [np.zeros(0, dtype)])
+        def cat(arrays, dtype):
+            return np.concatenate([np.asarray(a, dtype=dtype).reshape(-1) for a in arrays] or [np.zeros(0, dtype)])
+
         return cls(d_img=np.repeat(np.arange(len(images)), n_det), d_local=_local_index(n_det),
                    d_label=cat([im.labels for im in images], np.int64),
                    d_score=cat([im.scores for im in images], np.float64),

@@ -263,7 +263,9 @@ def _intersections_by_box(pred_masks, gt_masks, mask_threshold) -> tuple[np.ndar
         a = p_crops[n][y0[n, m] - pb[n, 0]:y1[n, m] - pb[n, 0], x0[n, m] - pb[n, 2]:x1[n, m] - pb[n, 2]]
         b = g_crops[m][y0[n, m] - gb[m, 0]:y1[n, m] - gb[m, 0], x0[n, m] - gb[m, 2]:x1[n, m] - gb[m, 2]]
         inter[n, m] = np.count_nonzero(a & b)
-    area = lambda crops: np.array([0 if c is None else np.count_nonzero(c) for c in crops], dtype=np.float64)
+    def area(crops):
+        return np.array([0 if c is None else np.count_nonzero(c) for c in crops], dtype=np.float64)
+
     return inter, area(p_crops), area(g_crops)
 
 

@@ -158,7 +158,8 @@ def _slice_box(les: Lesion, z: float, u1: np.ndarray, v1: np.ndarray):
 
 
 def _field(les: Lesion, u: np.ndarray, v: np.ndarray, z: float) -> np.ndarray:
-    du, dv, dz = (u - les.centre[0]) / les.radii[0], (v - les.centre[1]) / les.radii[1], (z - les.centre[2]) / les.radii[2]
+    du, dv = (u - les.centre[0]) / les.radii[0], (v - les.centre[1]) / les.radii[1]
+    dz = (z - les.centre[2]) / les.radii[2]
     noise = 0.0
     for (wu, wv, wz), ph in zip(les.waves, les.phases):
         noise = noise + np.cos(wu * du + wv * dv + wz * dz + ph)

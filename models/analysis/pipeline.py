@@ -14,7 +14,7 @@ import numpy as np
 
 from datasets.conventions import LUNG_WINDOW
 from datasets.io import NotHUWarning, Volume
-from models.volumetric.inference import save_mask
+from models.volumetric.segmentation import save_mask
 from utils import quantify as q
 from utils.classification_metrics import to_jsonable
 from utils.paths import refuse_overwriting_inputs

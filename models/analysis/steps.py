@@ -9,8 +9,8 @@ from scipy import ndimage
 
 from datasets.conventions import CLASS_COVID, hu_to_png
 from models.volumetric.covid_cls import MASK_KEY
-from models.volumetric.inference import predict_case
 from models.volumetric.saliency import save_saliency_outputs
+from models.volumetric.segmentation import segment_case
 from utils import quantify as q
 
 from .loading import Models
@@ -32,7 +32,7 @@ def segment(name: str, image_path: Path, *, models: Models) -> tuple[np.ndarray,
         UInt8[X, Y, Z] mask on the input grid and its Float64[4, 4] affine.
     """
     loaded = models.get(name)
-    out = predict_case({"image": str(image_path), "case": image_path.name}, model=loaded.model, task=loaded.task,
+    out = segment_case({"image": str(image_path), "case": image_path.name}, model=loaded.model, task=loaded.task,
                        config=loaded.config, device=models.device)
     return (out["mask"] > 0).astype(np.uint8), out["affine"]
 
@@ -67,7 +67,7 @@ def covid_probability_3d(image_path: Path, lungs_path: Path, *, models: Models, 
     Returns:
         ``probability``, ``threshold`` and the saliency files (``saliency``, ``overlay``).
     """
-    from models.volumetric.covid_cls import predict_case as classify
+    from models.volumetric.covid_cls import classify_case as classify
 
     loaded = models.get("covid_cls")
     result = classify({"image": str(image_path), MASK_KEY: str(lungs_path), "case": SCAN_CASE}, model=loaded.model,

@@ -42,7 +42,8 @@ class Matcher:
         return matches
 
 
-def sample_balanced(labels: torch.Tensor, *, batch_size: int, positive_fraction: float) -> tuple[torch.Tensor, torch.Tensor]:
+def sample_balanced(labels: torch.Tensor, *, batch_size: int,
+                    positive_fraction: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Randomly choose at most ``batch_size`` indices with at most ``positive_fraction`` positives.
 
     Args:

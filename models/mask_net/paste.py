@@ -56,7 +56,8 @@ def _window(start: torch.Tensor, end: torch.Tensor, image_len: int) -> tuple[tor
     return first, length
 
 
-def paste_masks(masks: torch.Tensor, boxes: torch.Tensor, image_size: tuple[int, int], padding: int = 1) -> torch.Tensor:
+def paste_masks(masks: torch.Tensor, boxes: torch.Tensor, image_size: tuple[int, int],
+                padding: int = 1) -> torch.Tensor:
     """Paste per-box masks into images of ``image_size``.
 
     The resized masks are computed only inside a window as large as the largest box and then

@@ -45,7 +45,8 @@ class RPNHead(nn.Module):
         return [self.cls_logits(h) for h in hidden], [self.bbox_pred(h) for h in hidden]
 
 
-def flatten_predictions(objectness: list[torch.Tensor], deltas: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+def flatten_predictions(objectness: list[torch.Tensor],
+                        deltas: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Concatenate levels in anchor order (y, x, anchor): FloatTensor[B, N] and FloatTensor[B, N, 4]."""
     flat_obj, flat_deltas = [], []
     for obj, delta in zip(objectness, deltas):

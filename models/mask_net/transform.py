@@ -57,7 +57,8 @@ class DetectionTransform(nn.Module):
         self.image_mean, self.image_std = tuple(image_mean), tuple(image_std)
         self.size_divisible = size_divisible
 
-    def forward(self, images: list[torch.Tensor], targets: list[dict] | None = None) -> tuple[ImageBatch, list[dict] | None]:
+    def forward(self, images: list[torch.Tensor],
+                targets: list[dict] | None = None) -> tuple[ImageBatch, list[dict] | None]:
         """Prepare ``images`` (list of FloatTensor[3, H, W] in [0, 1]) and optional target dicts."""
         resized, new_targets = [], [] if targets is not None else None
         for i, image in enumerate(images):

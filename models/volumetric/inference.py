@@ -16,21 +16,13 @@ from datasets.volumes import PATH_KEYS
 from models.volumetric import get_task
 from models.volumetric.common import IMAGE_KEY, TEST, case_stem, load_cases
 from models.volumetric.config import VolumeConfig
-from models.volumetric.segmentation import save_mask, segment_case
-from models.volumetric.sliding_window import (  # noqa: F401  (kept importable here for benchmarks/)
-    crop_box,
-    prepare_for_inference,
-    segment,
-    window_region,
-)
+from models.volumetric.sliding_window import prepare_for_inference
 from models.volumetric.task import Task
 from utils.checkpoint import build_model_from_checkpoint, load_checkpoint
 from utils.cli import resolve_device
 from utils.paths import refuse_overwriting_inputs
 
-# Kept for callers outside the volumetric package (analyze_scan.py); new code says segment_case.
-predict_case = segment_case
-__all__ = ["infer", "input_cases", "load_task_model", "predict_case", "save_mask", "segment_case"]
+__all__ = ["infer", "input_cases", "load_task_model"]
 
 
 def load_task_model(path: str | Path, *, device: torch.device, task_name: str | None = None

@@ -36,12 +36,10 @@ from models.volumetric.covid_cls.transforms import (
 from models.volumetric.task import Task
 
 CLASS_NAMES = ("non-COVID", "COVID-19")
-# Kept for callers outside the volumetric package (analyze_scan.py); new code says classify_case.
-predict_case = classify_case
 
 __all__ = ["BinaryLoss", "CLASS_NAMES", "CheckLungMaskd", "ClsConfig", "LoadLungCased", "MASK_KEY", "TASK",
            "augmentation", "build_network", "classification_metrics", "classify_case", "evaluate", "infer_cases",
-           "loss", "lung_region_transforms", "postprocessing", "predict_case", "preprocessing", "validate_cases"]
+           "loss", "lung_region_transforms", "postprocessing", "preprocessing", "validate_cases"]
 
 TASK = Task(
     name="covid_cls",
