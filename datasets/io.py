@@ -243,7 +243,8 @@ def read_nifti(path: str | Path, *, strict_hu: bool = False, fill_nan: float | N
 
 
 def write_nifti(volume: Volume, path: str | Path) -> Path:
-    """Write a volume as NIfTI: int16 when all values are integers in range, else float32.
+    """Write a volume as NIfTI: label maps (uint8 or bool) as uint8, other integers in range as int16,
+    anything else as float32.
 
     Args:
         volume: the volume; its affine becomes both qform and sform (code 1, scanner).
@@ -256,14 +257,20 @@ def write_nifti(volume: Volume, path: str | Path) -> Path:
     if not path.name.endswith(NIFTI_SUFFIXES):
         raise ValueError(f"{path}: a NIfTI file name ends with .nii or .nii.gz")
     array = np.asarray(volume.array)
-    data = array.astype(np.int16) if _fits_int16(array) else array.astype(np.float32)
-    image = nib.Nifti1Image(data, volume.affine)
+    image = nib.Nifti1Image(_storage(array), volume.affine)
     image.header.set_xyzt_units("mm")
     image.set_qform(volume.affine, code=1)
     image.set_sform(volume.affine, code=1)
     path.parent.mkdir(parents=True, exist_ok=True)
     nib.save(image, str(path))
     return path
+
+
+def _storage(array: np.ndarray) -> np.ndarray:
+    """The array in the dtype it is stored as: uint8 labels, int16 integers, float32 otherwise."""
+    if array.dtype in (np.uint8, np.bool_):
+        return array.astype(np.uint8)
+    return array.astype(np.int16) if _fits_int16(array) else array.astype(np.float32)
 
 
 def _fits_int16(array: np.ndarray) -> bool:

@@ -120,6 +120,14 @@ def test_write_nifti_float_when_not_integral(tmp_path):
     np.testing.assert_array_equal(read_nifti(path).array, array)
 
 
+def test_write_nifti_keeps_label_maps_uint8(tmp_path):
+    labels = np.zeros((4, 4, 3), np.uint8)
+    labels[1:3, 1:3, 1] = 2
+    path = write_nifti(Volume(labels, np.eye(4), (1.0, 1.0, 1.0), "mem"), tmp_path / "mask.nii.gz")
+    assert nib.load(path).get_data_dtype() == np.uint8
+    np.testing.assert_array_equal(np.asarray(nib.load(path).dataobj), labels)
+
+
 def test_read_nifti_shapes(tmp_path):
     hu = np.full((4, 5, 3, 1), -1000, np.int16)
     nib.save(nib.Nifti1Image(hu, np.eye(4)), tmp_path / "four.nii.gz")

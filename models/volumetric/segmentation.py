@@ -103,9 +103,10 @@ def segment_case(case: dict, *, model: torch.nn.Module, task, config: SegConfig,
 
 
 def save_mask(mask: np.ndarray, affine: np.ndarray, path: str | Path) -> Path:
-    """Write a label map Int[X, Y, Z] as NIfTI with ``affine`` as sform and qform (``datasets.io.write_nifti``)."""
+    """Write a label map Int[X, Y, Z] (values 0..255) as uint8 NIfTI with ``affine`` as sform and qform."""
     spacing = tuple(float(s) for s in nib.affines.voxel_sizes(affine))
-    return write_nifti(Volume(np.asarray(mask), np.asarray(affine, dtype=np.float64), spacing, str(path)), path)
+    labels = np.asarray(mask).astype(np.uint8)
+    return write_nifti(Volume(labels, np.asarray(affine, dtype=np.float64), spacing, str(path)), path)
 
 
 def validate_cases(cases: list[dict], *, model: torch.nn.Module, task, config: SegConfig,
