@@ -8,6 +8,7 @@ import nibabel as nib
 import numpy as np
 
 from datasets.conventions import CLASS_COVID, CLASS_NAMES
+from datasets.io import Volume, write_nifti
 
 from .abdomen import ORGAN_NAMES, make_abdomen_volume
 from .volumes import make_chest_volume
@@ -20,12 +21,9 @@ COVID_LABELS = {"0": "non-COVID (Control or CP)", "1": "COVID-19"}
 
 
 def save_nifti(path: Path, data: np.ndarray, affine: np.ndarray) -> None:
-    """Save ``data`` with ``affine`` as qform and sform (scanner coordinates, mm)."""
-    img = nib.Nifti1Image(data, affine)
-    img.header.set_xyzt_units("mm")
-    img.set_qform(affine, code=1)
-    img.set_sform(affine, code=1)
-    nib.save(img, str(path))
+    """Save ``data`` (int16 HU or uint8 labels) with ``affine`` as qform and sform, through the one writer."""
+    spacing = tuple(float(s) for s in nib.affines.voxel_sizes(affine))
+    write_nifti(Volume(data, np.asarray(affine, dtype=np.float64), spacing, str(path)), path)
 
 
 def volume_geometry(rng, volume_shape) -> tuple[tuple[int, int, int], tuple[float, float, float]]:
