@@ -20,8 +20,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from models.mask_net.workflows.cli import add_model_args
 from models.mask_net.workflows.conversion import ConversionConfig, convert_checkpoint
-from utils.cli import add_model_args, config_from_args, run_cli
+from utils.cli import config_from_args, run_cli
 
 
 def get_args_parser() -> argparse.ArgumentParser:

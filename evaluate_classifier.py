@@ -20,16 +20,8 @@ import argparse
 
 from models.mask_net.workflows.classifier_evaluation import ClassifierEvalConfig as Config
 from models.mask_net.workflows.classifier_evaluation import evaluate_classifier
-from utils.cli import (
-    CLASSIFIER_FLAGS,
-    add_device_args,
-    add_model_args,
-    add_output_args,
-    add_workers_args,
-    config_from_args,
-    positive_int,
-    run_cli,
-)
+from models.mask_net.workflows.cli import CLASSIFIER_FLAGS, add_model_args
+from utils.cli import add_device_args, add_output_args, add_workers_args, config_from_args, positive_int, run_cli
 
 
 def get_args_parser() -> argparse.ArgumentParser:

@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import argparse
 
+from models.mask_net.workflows.cli import add_segmentation_inference_args
 from models.mask_net.workflows.evaluation import MeanAPConfig as Config
 from models.mask_net.workflows.evaluation import evaluate_mean_ap
-from utils.cli import add_device_args, add_output_args, add_segmentation_inference_args, config_from_args, run_cli
+from utils.cli import add_device_args, add_output_args, config_from_args, run_cli
 
 
 def get_args_parser() -> argparse.ArgumentParser:

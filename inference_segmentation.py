@@ -15,9 +15,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from models.mask_net.workflows.cli import add_segmentation_inference_args
 from models.mask_net.workflows.segmentation import SegmentationInferenceConfig as Config
 from models.mask_net.workflows.segmentation import infer_segmentation
-from utils.cli import add_device_args, add_output_args, add_segmentation_inference_args, config_from_args, run_cli
+from utils.cli import add_device_args, add_output_args, config_from_args, run_cli
 
 
 def get_args_parser() -> argparse.ArgumentParser:

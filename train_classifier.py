@@ -23,11 +23,10 @@ import argparse
 
 from models.mask_net.workflows.classifier import ClassifierTrainConfig as Config
 from models.mask_net.workflows.classifier import train_classifier
+from models.mask_net.workflows.cli import CLASSIFIER_FLAGS, add_model_args
 from utils.cli import (
-    CLASSIFIER_FLAGS,
     add_device_args,
     add_epoch_args,
-    add_model_args,
     add_optimisation_args,
     add_run_args,
     add_seed_args,

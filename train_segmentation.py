@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import argparse
 
+from models.mask_net.workflows.cli import add_model_args
 from models.mask_net.workflows.segmentation import SegmentationTrainConfig as Config
 from models.mask_net.workflows.segmentation import train_segmentation
 from utils.cli import (
     add_device_args,
     add_epoch_args,
-    add_model_args,
     add_optimisation_args,
     add_run_args,
     add_seed_args,

@@ -25,9 +25,9 @@ from datasets.synthetic import generate_dataset
 from models.mask_net import covid_mask_net
 from models.mask_net.legacy import LegacyAnchorGenerator, map_key, read_legacy_file
 from models.mask_net.workflows.classifier_evaluation import load_classifier
+from models.mask_net.workflows.model_io import load_model_for_inference
 from tests.helpers import CLS_MODULE, RATIOS, SEG_MODULE, SIZES, old_name, seg_model, write_original
 from utils.checkpoint import build_model_from_checkpoint, load_checkpoint
-from utils.model_io import load_model_for_inference
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -91,7 +91,7 @@ def test_classifier_thresholds_outside_0_1_are_refused_and_the_ends_accepted(fla
     *(("train_classifier", f) for f in ("--roi_batch_size", "--s_features"))])
 @pytest.mark.parametrize("value", ["0", "-3"])
 def test_sizes_below_one_are_refused(script, flag, value, capsys):
-    """The model flags are declared once, in utils.cli.MODEL_FLAGS, for both classifier scripts."""
+    """The model flags are declared once, in models.mask_net.workflows.cli.MODEL_FLAGS, for both classifier scripts."""
     required = ["--ckpt", "x.pth"] if script == "evaluate_classifier" else []
     with pytest.raises(SystemExit):
         importlib.import_module(script).get_args_parser().parse_args([*required, flag, value])

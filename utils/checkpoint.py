@@ -25,6 +25,9 @@ SCHEMA_VERSION = 1
 REQUIRED_KEYS = ("model", "optimizer", "epoch", "args", "builder", "builder_kwargs", "schema_version")
 # Builders are resolved only inside the project's own model packages.
 _BUILDER_PREFIX = "models."
+# Builder ids of the 2D models, part of the checkpoint schema (models.mask_net re-exports them).
+SEGMENTATION_BUILDER = "models.mask_net.maskrcnn_resnet_fpn"
+CLASSIFIER_BUILDER = "models.mask_net.covid_mask_net"
 
 
 def make_checkpoint(

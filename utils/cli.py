@@ -13,8 +13,6 @@ from typing import Any
 
 import torch
 
-from datasets.conventions import MASK_TYPE_LABELS
-
 
 def positive_int(text: str) -> int:
     """argparse ``type`` for an integer >= 1."""
@@ -38,60 +36,6 @@ def probability(text: str) -> float:
     if not 0.0 <= value <= 1.0:
         raise argparse.ArgumentTypeError(f"must lie in [0, 1], got {value}")
     return value
-
-
-BACKBONES = ("resnet18", "resnet34", "resnet50")
-# The model flags of the 2D scripts, declared once: name -> (argparse keywords, help without its default).
-MODEL_FLAGS = {
-    "backbone_name": ({"choices": BACKBONES}, "ResNet backbone"),
-    "truncation": ({"type": int, "choices": [0, 1, 2]},
-                   "ResNet18/34: 0 full, 1 without layer4, 2 without layer3 and layer4; resnet50 takes 0"),
-    "num_classes": ({"type": int, "choices": [2, 3], "aliases": ["--num_class"]},
-                    "classes of the segmentation model incl. background: 2 merge/ggo, 3 both"),
-    "mask_type": ({"choices": sorted(MASK_TYPE_LABELS)},
-                  "lesion classes: both = GGO and consolidation as 2 classes, ggo = GGO only, merge = one class"),
-    "roi_batch_size": ({"type": positive_int}, "B, the ranked detections per slice that S reads"),
-    "s_features": ({"type": positive_int}, "hidden width of S"),
-    "rpn_nms_th": ({"type": probability}, "RPN NMS IoU threshold, train and test"),
-    "roi_nms_th": ({"type": probability}, "per-class NMS IoU threshold of the RoI detections"),
-    "confidence_th": ({"type": probability}, "lowest detection score kept"),
-    "image_size": ({"type": positive_int}, "short side the model resizes slices to; the long side is capped at 2x"),
-}
-SEGMENTATION_INFERENCE_FLAGS = ("backbone_name", "truncation", "mask_type", "rpn_nms_th", "roi_nms_th", "confidence_th")
-CLASSIFIER_FLAGS = ("backbone_name", "truncation", "num_classes", "roi_batch_size", "s_features", "rpn_nms_th",
-                    "roi_nms_th")
-
-
-def add_model_args(parser: argparse.ArgumentParser, *, names: tuple[str, ...], defaults: dict | None = None,
-                   unset: str = "from the checkpoint") -> None:
-    """The 2D model flags ``names`` (keys of :data:`MODEL_FLAGS`), in one argument group.
-
-    Args:
-        parser: the script's parser.
-        names: the flags to add.
-        defaults: flag -> default; a flag without one defaults to None, shown in its help as ``unset``.
-        unset: what None means, for the help text (default: "from the checkpoint"; an architecture flag
-            given with a checkpoint must match it).
-    """
-    group = parser.add_argument_group("model")
-    for name in names:
-        options, text = MODEL_FLAGS[name]
-        options = dict(options)
-        aliases = options.pop("aliases", [])
-        default = (defaults or {}).get(name)
-        shown = unset if default is None else default
-        group.add_argument(f"--{name}", *aliases, dest=name, default=default, help=f"{text} (default: {shown})",
-                           **options)
-
-
-def add_segmentation_inference_args(parser: argparse.ArgumentParser) -> None:
-    """Flags of the scripts that run a trained segmentation model: its settings, mask threshold, --unfused."""
-    add_model_args(parser, names=SEGMENTATION_INFERENCE_FLAGS)
-    parser.add_argument("--mask_logits_th", type=probability, default=0.5,
-                        help="mask probability above which a pixel is lesion (default: 0.5)")
-    parser.add_argument("--unfused", action="store_true",
-                        help="run the model as trained instead of its fast inference copy (BatchNorm folded, faster "
-                             "CPU kernels; same detections up to float rounding, about 1e-5) (default: fast copy)")
 
 
 def add_output_args(parser: argparse.ArgumentParser, *, default: str, what: str) -> None:

@@ -33,8 +33,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from models.mask_net.covid_mask_net import CLASSIFIER_BUILDER, SEGMENTATION_BUILDER
-from utils.checkpoint import load_checkpoint
+from utils.checkpoint import CLASSIFIER_BUILDER, SEGMENTATION_BUILDER, load_checkpoint
 
 MANIFEST = "manifest.json"
 SCHEMA_VERSION = 1

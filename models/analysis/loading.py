@@ -172,7 +172,7 @@ def load_models(models_dir: str | os.PathLike = DEFAULT_MODELS_DIR, *, device: s
 def _load(name: str, path: Path, *, device: torch.device) -> LoadedModel:
     """Rebuild model ``name`` from its checkpoint, in eval mode on ``device``."""
     if name == "mask_net_classifier":
-        from utils.model_io import load_model_for_inference
+        from models.mask_net.workflows.model_io import load_model_for_inference
 
         model, _ = load_model_for_inference(str(path), device=device, flags={}, builder=CLASSIFIER_BUILDER,
                                             kind="classification", architecture_flags=())

@@ -22,11 +22,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from utils.checkpoint import CLASSIFIER_BUILDER, SEGMENTATION_BUILDER  # noqa: F401  (re-exported, the 2D builder ids)
+
 from .mask_rcnn import MaskRCNN, maskrcnn_resnet_fpn
 
-# The ids that checkpoints record as their ``builder`` (dotted paths of the 2D builders), spelled once.
-SEGMENTATION_BUILDER = "models.mask_net.maskrcnn_resnet_fpn"
-CLASSIFIER_BUILDER = "models.mask_net.covid_mask_net"
 NUM_SLICE_CLASSES = 3  # Control, CP, COVID-19
 ROW_WIDTH = 5  # score, dx, dy, dw, dh
 SCORE_FILTER_OFF = -1.0  # softmax scores are >= 0, so every candidate passes

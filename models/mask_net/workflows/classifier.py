@@ -23,9 +23,9 @@ from models.mask_net.covid_mask_net import (
     covid_mask_net,
     load_segmentation_weights,
 )
+from models.mask_net.workflows.model_io import builder_keywords, check_architecture
 from models.summary import parameter_counts
 from utils.checkpoint import load_checkpoint
-from utils.model_io import builder_keywords, check_architecture
 from utils.reproducibility import worker_init_fn
 from utils.run_dir import RunDir
 from utils.training import RunConfig, adam, current_lr, fit, load_weights, start_training

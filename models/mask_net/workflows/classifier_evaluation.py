@@ -23,6 +23,7 @@ from tqdm import tqdm
 from datasets.classification import SliceClassificationDataset
 from datasets.conventions import CLASS_NAMES
 from models.mask_net.covid_mask_net import CLASSIFIER_BUILDER
+from models.mask_net.workflows.model_io import load_model_for_inference
 from utils.classification_metrics import (
     aggregate_probabilities,
     classification_report,
@@ -31,7 +32,6 @@ from utils.classification_metrics import (
     to_jsonable,
 )
 from utils.cli import resolve_device
-from utils.model_io import load_model_for_inference
 from utils.plots import confusion_matrix_plot, roc_plot
 
 

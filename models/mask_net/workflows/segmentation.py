@@ -22,9 +22,9 @@ from datasets.segmentation import CNCBSegmentationDataset
 from models.mask_net.covid_mask_net import SEGMENTATION_BUILDER
 from models.mask_net.fast import fast_inference_copy
 from models.mask_net.mask_rcnn import maskrcnn_resnet_fpn
+from models.mask_net.workflows.model_io import builder_keywords, load_model_for_inference
 from utils.checkpoint import load_checkpoint
 from utils.cli import resolve_device
-from utils.model_io import builder_keywords, load_model_for_inference
 from utils.plots import detection_overlay
 from utils.reproducibility import worker_init_fn
 from utils.rle import encode_masks
@@ -45,7 +45,7 @@ class SegmentationTrainConfig(RunConfig):
     Attributes:
         train_data_dir, val_data_dir: CNCB data roots; ``imgs_dir`` and ``gt_dir`` are folders in each.
         mask_type: both (GGO and consolidation as 2 classes), ggo or merge (one lesion class).
-        backbone_name, truncation, rpn_nms_th, image_size: the model (see ``utils.cli.MODEL_FLAGS``).
+        backbone_name, truncation, rpn_nms_th, image_size: the model (see ``workflows.cli.MODEL_FLAGS``).
         pretrained_model: segmentation checkpoint whose weights initialise training, or None.
         use_pretrained_resnet_backbone: local torchvision ResNet state dict for the backbone, or None.
     """

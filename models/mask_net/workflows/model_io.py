@@ -13,8 +13,7 @@ from typing import Iterable
 
 import torch
 
-from models.mask_net.covid_mask_net import SEGMENTATION_BUILDER
-from utils.checkpoint import build_model_from_checkpoint, load_checkpoint
+from utils.checkpoint import SEGMENTATION_BUILDER, build_model_from_checkpoint, load_checkpoint
 
 # Model setting -> builder keyword; ``image_size`` sets the short side and caps the long one at 2x.
 BUILDER_KEYWORDS = {"backbone_name": "backbone_name", "truncation": "truncation", "num_classes": "num_classes",
