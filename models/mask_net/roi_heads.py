@@ -53,6 +53,8 @@ class RoIHeads(nn.Module):
         self.batch_size_per_image, self.positive_fraction = batch_size_per_image, positive_fraction
         self.box_coder = BoxCoder(bbox_reg_weights)
         self.score_thresh, self.nms_thresh, self.detections_per_img = score_thresh, nms_thresh, detections_per_img
+        # (positive, sampled) RoIs of the last training batch, summed over its images (a diagnostic).
+        self.last_sampling: tuple[int, int] | None = None
 
     @property
     def has_mask(self) -> bool:
@@ -147,6 +149,7 @@ class RoIHeads(nn.Module):
             matched ground-truth indices Int64Tensor[S] and regression targets FloatTensor[S, 4].
         """
         rois, labels, matched, reg_targets = [], [], [], []
+        num_pos = num_sampled = 0
         for props, target in zip(proposals, targets):
             gt_boxes = target["boxes"].to(props.dtype)
             props = torch.cat([props, gt_boxes])
@@ -154,11 +157,13 @@ class RoIHeads(nn.Module):
             pos, neg = sample_balanced(lab, batch_size=self.batch_size_per_image,
                                        positive_fraction=self.positive_fraction)
             chosen = torch.sort(torch.cat([pos, neg])).values
+            num_pos, num_sampled = num_pos + pos.numel(), num_sampled + chosen.numel()
             gt_for_rows = gt_boxes[idx[chosen]] if gt_boxes.numel() else torch.zeros_like(props[chosen])
             rois.append(props[chosen])
             labels.append(lab[chosen])
             matched.append(idx[chosen])
             reg_targets.append(self.box_coder.encode(gt_for_rows, props[chosen]))
+        self.last_sampling = (num_pos, num_sampled)
         return rois, labels, matched, reg_targets
 
     def _label_rois(self, rois: torch.Tensor, gt_boxes: torch.Tensor, gt_labels: torch.Tensor):

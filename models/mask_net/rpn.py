@@ -79,6 +79,8 @@ class RegionProposalNetwork(nn.Module):
         self.batch_size_per_image, self.positive_fraction = batch_size_per_image, positive_fraction
         self._pre_nms_top_n, self._post_nms_top_n = dict(pre_nms_top_n), dict(post_nms_top_n)
         self.nms_thresh, self.score_thresh = nms_thresh, score_thresh
+        # (positive, sampled) anchors of the last training batch, summed over its images (a diagnostic).
+        self.last_sampling: tuple[int, int] | None = None
 
     def _top_n(self, which: dict[str, int]) -> int:
         return which["training" if self.training else "testing"]
@@ -144,6 +146,7 @@ class RegionProposalNetwork(nn.Module):
             box_targets.append(self.box_coder.encode(matched[pos], anchors[pos]))
         pos, neg = torch.cat(pos_rows), torch.cat(neg_rows)
         sampled = torch.cat([pos, neg])
+        self.last_sampling = (pos.numel(), sampled.numel())
         labels = torch.cat([torch.ones_like(pos), torch.zeros_like(neg)]).to(objectness.dtype)
         box_loss = F.smooth_l1_loss(deltas.reshape(-1, 4)[pos], torch.cat(box_targets), beta=1 / 9,
                                     reduction="sum") / max(sampled.numel(), 1)

@@ -14,8 +14,11 @@ import math
 from typing import Callable, Iterable, Iterator
 
 import torch
+from torchvision.ops import box_iou
 from tqdm import tqdm
 
+from models.mask_net.transform import resize_boxes
+from utils.mean_ap import mean_average_precision
 from utils.training import backward_step
 
 _BATCH_NORMS = (torch.nn.modules.batchnorm._BatchNorm,)
@@ -71,13 +74,15 @@ def train_one_epoch(model: torch.nn.Module, loader: Iterable, optimizer: torch.o
         progress: show a tqdm bar with the running losses.
 
     Returns:
-        Mean of each loss over the epoch, and ``loss`` (their sum).
+        Mean of each loss over the epoch, ``loss`` (their sum) and, for a Mask R-CNN, ``rpn_pos_fraction``
+        and ``roi_pos_fraction`` (see :func:`sampling_fractions`).
 
     Raises:
         FloatingPointError: when the loss becomes NaN or infinite (naming the epoch and step).
     """
     model.train()
     totals: dict[str, float] = {}
+    sampling: dict[str, list[int]] = {}
     bar = tqdm(_take(loader, max_steps), desc=f"epoch {epoch} train", disable=not progress, leave=False)
     bn_ctx = frozen_batchnorm_stats(model) if freeze_bn_stats else contextlib.nullcontext()
     with bn_ctx:
@@ -89,8 +94,33 @@ def train_one_epoch(model: torch.nn.Module, loader: Iterable, optimizer: torch.o
             optimizer.zero_grad(set_to_none=True)
             backward_step(total, optimizer, scaler)
             _accumulate(totals, losses, total)
+            _accumulate_sampling(sampling, model)
             bar.set_postfix({k: f"{v / totals['steps']:.3f}" for k, v in totals.items() if k != "steps"})
-    return _means(totals)
+    return {**_means(totals), **sampling_fractions(sampling)}
+
+
+SAMPLING_STAGES = {"rpn": "rpn_pos_fraction", "roi_heads": "roi_pos_fraction"}
+
+
+def _accumulate_sampling(sampling: dict[str, list[int]], model: torch.nn.Module) -> None:
+    """Add the (positive, sampled) counts that the RPN and RoI heads recorded in their last training pass."""
+    for stage in SAMPLING_STAGES:
+        counts = getattr(getattr(model, stage, None), "last_sampling", None)
+        if counts is not None:
+            totals = sampling.setdefault(stage, [0, 0])
+            totals[0], totals[1] = totals[0] + counts[0], totals[1] + counts[1]
+
+
+def sampling_fractions(sampling: dict[str, list[int]]) -> dict[str, float]:
+    """Positive share of the sampled anchors (``rpn_pos_fraction``) and RoIs (``roi_pos_fraction``).
+
+    Args:
+        sampling: stage ("rpn", "roi_heads") -> [positives, sampled], summed over the epoch's batches.
+
+    Returns:
+        Metric name -> positives / sampled over the whole epoch (NaN when nothing was sampled).
+    """
+    return {SAMPLING_STAGES[stage]: (pos / total if total else math.nan) for stage, (pos, total) in sampling.items()}
 
 
 @torch.no_grad()
@@ -158,3 +188,93 @@ def _means(totals: dict[str, float]) -> dict[str, float]:
 
 def _fmt(losses: dict[str, torch.Tensor]) -> str:
     return ", ".join(f"{k}={float(v.detach()):.4g}" for k, v in losses.items())
+
+
+def proposal_recall(proposals: list[torch.Tensor], gt_boxes: list[torch.Tensor], *,
+                    iou_thresholds: tuple[float, ...] = (0.5, 0.75)) -> dict[float, tuple[int, int]]:
+    """Ground-truth boxes that at least one proposal covers at each IoU threshold.
+
+    Args:
+        proposals: per image, FloatTensor[P_i, 4] xyxy.
+        gt_boxes: per image, FloatTensor[G_i, 4] xyxy, in the same pixels as the proposals.
+        iou_thresholds: a box counts as found at threshold t when some proposal has IoU >= t with it.
+
+    Returns:
+        Threshold -> (found boxes, all boxes), summed over the images.
+    """
+    found = dict.fromkeys(iou_thresholds, 0)
+    total = 0
+    for props, gt in zip(proposals, gt_boxes):
+        total += gt.shape[0]
+        if gt.shape[0] == 0 or props.shape[0] == 0:
+            continue
+        best = box_iou(gt.to(props), props).max(dim=1).values  # (G_i,)
+        for t in iou_thresholds:
+            found[t] += int((best >= t).sum())
+    return {t: (n, total) for t, n in found.items()}
+
+
+class _ProposalRecorder:
+    """Forward hook on the RPN that keeps its eval-mode proposals, scaled back to the input images' pixels."""
+
+    def __init__(self, rpn: torch.nn.Module):
+        self.proposals: list[torch.Tensor] = []
+        self.original_sizes: list[tuple[int, int]] = []
+        self.handle = rpn.register_forward_hook(self)
+
+    def __call__(self, module, args, output) -> None:
+        batch, proposals = args[0], output[0]
+        self.proposals = [resize_boxes(p, new, old).cpu()
+                          for p, new, old in zip(proposals, batch.image_sizes, self.original_sizes)]
+
+
+@torch.no_grad()
+def validation_detection_metrics(model: torch.nn.Module, loader: Iterable, *, device: torch.device,
+                                 epoch: int = 0, max_steps: int | None = None, progress: bool = True,
+                                 mask_threshold: float = 0.5) -> dict[str, float]:
+    """Mask AP and RPN recall of a Mask R-CNN over ``loader``, in eval mode (no score threshold beyond the model's).
+
+    Args:
+        model: a :class:`models.mask_net.mask_rcnn.MaskRCNN`; its mode is restored afterwards.
+        loader: yields ``(images, targets)``: lists of FloatTensor[3, H, W] and target dicts with ``boxes``
+            FloatTensor[G, 4], ``labels`` Int64Tensor[G] and ``masks`` UInt8Tensor[G, H, W].
+        device: where to run.
+        epoch: shown in the progress bar.
+        max_steps: stop after this many batches; None for the whole loader.
+        progress: show a tqdm bar.
+        mask_threshold: predicted mask probability above which a pixel is lesion.
+
+    Returns:
+        ``segm_mAP`` and ``segm_AP50`` (COCO style, :func:`utils.mean_ap.mean_average_precision`) and
+        ``rpn_recall50`` / ``rpn_recall75``: the share of ground-truth boxes with an RPN proposal at IoU >= 0.5 / 0.75.
+    """
+    was_training = model.training
+    model.eval()
+    recorder = _ProposalRecorder(model.rpn)
+    predictions, targets, found = [], [], {0.5: 0, 0.75: 0}
+    total = 0
+    try:
+        for images, batch_targets in tqdm(_take(loader, max_steps), desc=f"epoch {epoch} val AP",
+                                          disable=not progress, leave=False):
+            recorder.original_sizes = [(int(img.shape[-2]), int(img.shape[-1])) for img in images]
+            outputs = model([img.to(device) for img in images])
+            predictions += [{k: v.cpu() for k, v in out.items()} for out in outputs]
+            targets += [{k: (v.cpu() if torch.is_tensor(v) else v) for k, v in t.items()} for t in batch_targets]
+            recall = proposal_recall(recorder.proposals, [t["boxes"].cpu() for t in batch_targets])
+            for t, (n, g) in recall.items():
+                found[t] += n
+            total += recall[0.5][1]
+    finally:
+        recorder.handle.remove()
+        model.train(was_training)
+    return {**segm_ap(predictions, targets, mask_threshold=mask_threshold),
+            "rpn_recall50": found[0.5] / total if total else math.nan,
+            "rpn_recall75": found[0.75] / total if total else math.nan}
+
+
+def segm_ap(predictions: list[dict], targets: list[dict], *, mask_threshold: float) -> dict[str, float]:
+    """COCO-style mask ``segm_mAP`` (IoU 0.50:0.95) and ``segm_AP50`` of the predictions (NaN without any)."""
+    if not predictions:
+        return {"segm_mAP": math.nan, "segm_AP50": math.nan}
+    res = mean_average_precision(predictions, targets, iou_type="segm", style="coco", mask_threshold=mask_threshold)
+    return {"segm_mAP": float(res["mAP"]), "segm_AP50": float(res["AP50"])}
