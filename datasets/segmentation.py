@@ -32,7 +32,9 @@ class CNCBSegmentationDataset(Dataset):
         masks_dir: sub-folder of mask PNGs with the images' stems.
         mask_type: ``both`` (GGO 1, consolidation 2), ``ggo`` (GGO 1) or ``merge`` (lesion 1).
         min_area: smallest instance kept, in pixels (connected components with fewer are dropped).
-        transforms: optional ``transforms(image, target) -> (image, target)``.
+        transforms: optional ``transforms(image, target) -> (image, target)``, applied after the target is
+            built; None (the default) gives the slice as stored. For training, pass
+            ``datasets.augmentation.SliceAugmentation()``; never pass it to a validation or test set.
 
     Raises:
         FileNotFoundError: a folder is missing.

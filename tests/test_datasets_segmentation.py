@@ -7,7 +7,9 @@ import torch
 from PIL import Image
 from pycocotools import mask as coco_mask
 from torch.utils.data import DataLoader
+from torchvision.ops import masks_to_boxes
 
+from datasets.augmentation import SliceAugmentation
 from datasets.conventions import MASK_CONSOLIDATION, MASK_GGO, MASK_LUNG
 from datasets.segmentation import CNCBSegmentationDataset
 
@@ -145,6 +147,35 @@ def test_transforms_receive_image_and_target(tmp_path):
     plain = CNCBSegmentationDataset(tmp_path)[0]
     image, target = CNCBSegmentationDataset(tmp_path, transforms=hflip)[0]
     assert torch.equal(image, plain[0].flip(-1)) and target["boxes"][0].tolist() == [46.0, 10.0, 58.0, 20.0]
+
+
+def test_dataset_is_not_augmented_unless_asked(tmp_path):
+    write_pair(tmp_path, "a", lesion_mask())
+    dataset = CNCBSegmentationDataset(tmp_path)
+    torch.manual_seed(0)
+    first = dataset[0]
+    torch.manual_seed(1)
+    second = dataset[0]
+    assert dataset.transforms is None and torch.equal(first[0], second[0])
+    assert all(torch.equal(first[1][k], second[1][k]) for k in first[1])
+
+
+def test_augmented_slices_keep_tight_boxes_and_repeat_with_the_seed(tmp_path):
+    write_pair(tmp_path, "a", lesion_mask())
+    plain = CNCBSegmentationDataset(tmp_path)[0]
+    dataset = CNCBSegmentationDataset(tmp_path, transforms=SliceAugmentation())
+    outputs = []
+    for seed in (0, 0, 1, 2, 3):
+        torch.manual_seed(seed)
+        image, target = dataset[0]
+        outputs.append(image)
+        assert image.shape == (3, SIZE, SIZE) and 0.0 <= image.min() and image.max() <= 1.0
+        assert target["labels"].tolist() == [1, 1, 2] and target["masks"].dtype == torch.uint8
+        reference = masks_to_boxes(target["masks"].bool()) + torch.tensor([0.0, 0.0, 1.0, 1.0])
+        assert torch.equal(target["boxes"], reference)
+        assert torch.equal(target["area"], target["masks"].flatten(1).sum(1).float())
+    assert torch.equal(outputs[0], outputs[1])
+    assert any(not torch.equal(out, plain[0]) for out in outputs[2:])
 
 
 # ------------------------------------------------------------------------------- bad input
