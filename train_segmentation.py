@@ -7,7 +7,7 @@ Canonical command (the original README's, with the phantom data directories)::
         --train_data_dir data/phantom/seg/train --val_data_dir data/phantom/seg/test
 
 The run directory (``--save_dir``) receives args.json, env.txt, metrics.jsonl, checkpoint_last.pth,
-checkpoint_best.pth (lowest validation loss so far, kept across --resume) and every ``--save_every`` epochs
+checkpoint_best.pth (highest validation mask mAP so far, kept across --resume) and every ``--save_every`` epochs
 ``<model_name>_ckpt_<epoch>.pth``, all in the project's checkpoint schema. The pipeline is
 ``models.mask_net.workflows.train_segmentation``.
 """
@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import argparse
 
-from models.mask_net.workflows.cli import add_model_args
+from models.mask_net.workflows.cli import SAMPLING_FLAGS, add_model_args
 from models.mask_net.workflows.segmentation import SegmentationTrainConfig as Config
 from models.mask_net.workflows.segmentation import train_segmentation
 from utils.cli import (
@@ -36,6 +36,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_args(p, names=("backbone_name", "truncation", "rpn_nms_th", "image_size", "mask_type"),
                    defaults=dataclass_defaults(Config))
+    add_model_args(p, names=SAMPLING_FLAGS, unset="the builder's")
     add_epoch_args(p, model_name=Config.model_name)
     p.add_argument("--pretrained_model", default=None,
                    help="checkpoint whose model weights initialise training (default: none)")

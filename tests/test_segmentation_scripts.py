@@ -11,7 +11,7 @@ import inference_segmentation
 import train_segmentation
 from datasets.synthetic import generate_dataset
 from models.mask_net.fast.fusion import WinogradConv2d
-from models.mask_net.workflows import MeanAPConfig, evaluate_mean_ap
+from models.mask_net.workflows import MeanAPConfig, evaluate_mean_ap, loops
 from models.mask_net.workflows.segmentation import SegmentationInferenceConfig, load_segmentation_model
 from utils.checkpoint import load_checkpoint
 from utils.cli import config_from_args
@@ -51,6 +51,52 @@ def test_training_writes_the_run_directory(trained):
     ckpt = load_checkpoint(trained / "checkpoint_last.pth")
     assert ckpt["builder_kwargs"]["truncation"] == 1 and ckpt["mask_type"] == "merge"
     assert ckpt["builder_kwargs"]["num_classes"] == 2
+
+
+def test_training_logs_the_diagnostics_and_keeps_the_best_by_mask_map(trained):
+    record = json.loads((trained / "metrics.jsonl").read_text().splitlines()[0])
+    for key in ("train_rpn_pos_fraction", "train_roi_pos_fraction", "val_rpn_recall50", "val_rpn_recall75",
+                "val_segm_AP50", "val_segm_mAP"):
+        assert 0.0 <= record[key] <= 1.0, key
+    assert record["val_loss"] > 0
+    best = load_checkpoint(trained / "checkpoint_best.pth")
+    assert best["best"] == {"metric": "val_segm_mAP", "higher_is_better": True, "value": record["val_segm_mAP"],
+                            "epoch": 0}
+
+
+def test_sampling_flags_reach_the_checkpoint_and_the_rebuilt_model(seg_root, tmp_path):
+    args = _train_args(seg_root, tmp_path, "--rpn_fg_iou_th", "0.6", "--rpn_bg_iou_th", "0.2", "--roi_fg_iou_th",
+                       "0.5", "--roi_bg_iou_th", "0.4", "--anchor_sizes", "4", "8", "16", "--max_steps", "1")
+    train_segmentation.main(args)
+    ckpt = load_checkpoint(tmp_path / "checkpoint_last.pth")
+    assert {k: ckpt["builder_kwargs"][k] for k in ("rpn_fg_iou_thresh", "rpn_bg_iou_thresh", "box_fg_iou_thresh",
+                                                   "box_bg_iou_thresh", "anchor_sizes")} == {
+        "rpn_fg_iou_thresh": 0.6, "rpn_bg_iou_thresh": 0.2, "box_fg_iou_thresh": 0.5, "box_bg_iou_thresh": 0.4,
+        "anchor_sizes": [4, 8, 16]}
+    model, _ = load_segmentation_model(SegmentationInferenceConfig(ckpt=str(tmp_path / "checkpoint_last.pth"),
+                                                                   unfused=True), torch.device("cpu"))
+    assert (model.rpn.matcher.high, model.rpn.matcher.low) == (0.6, 0.2)
+    assert (model.roi_heads.matcher.high, model.roi_heads.matcher.low) == (0.5, 0.4)
+    assert model.rpn.anchor_generator.sizes[0] == (4, 8, 16)
+
+
+def test_default_training_keeps_the_builder_defaults(trained):
+    kwargs = load_checkpoint(trained / "checkpoint_last.pth")["builder_kwargs"]
+    assert not {"rpn_fg_iou_thresh", "rpn_bg_iou_thresh", "box_fg_iou_thresh", "box_bg_iou_thresh",
+                "anchor_sizes"} & set(kwargs)
+
+
+def test_best_checkpoint_is_the_epoch_with_the_highest_mask_map(seg_root, tmp_path, monkeypatch):
+    values = iter([0.1, 0.3, 0.2])
+    monkeypatch.setattr(loops, "segm_ap", lambda *a, **k: {"segm_mAP": next(values), "segm_AP50": 0.5})
+    args = _train_args(seg_root, tmp_path, "--max_steps", "1")
+    args.num_epochs = 3
+    train_segmentation.main(args)
+    logged = [json.loads(line)["val_segm_mAP"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert logged == [0.1, 0.3, 0.2]
+    best = load_checkpoint(tmp_path / "checkpoint_best.pth")
+    assert best["epoch"] == 1 and best["val_segm_mAP"] == 0.3
+    assert best["best"] == {"metric": "val_segm_mAP", "higher_is_better": True, "value": 0.3, "epoch": 1}
 
 
 def test_resume_continues_at_the_next_epoch(seg_root, trained, tmp_path):

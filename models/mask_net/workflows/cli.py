@@ -27,7 +27,15 @@ MODEL_FLAGS = {
     "roi_nms_th": ({"type": probability}, "per-class NMS IoU threshold of the RoI detections"),
     "confidence_th": ({"type": probability}, "lowest detection score kept"),
     "image_size": ({"type": positive_int}, "short side the model resizes slices to; the long side is capped at 2x"),
+    "rpn_fg_iou_th": ({"type": probability}, "IoU from which an anchor is a positive RPN training sample"),
+    "rpn_bg_iou_th": ({"type": probability}, "IoU below which an anchor is a negative RPN training sample"),
+    "roi_fg_iou_th": ({"type": probability}, "IoU from which a proposal is a positive RoI training sample"),
+    "roi_bg_iou_th": ({"type": probability}, "IoU below which a proposal is a background RoI training sample"),
+    "anchor_sizes": ({"type": positive_int, "nargs": "+"},
+                     "anchor sizes in input pixels, used on every FPN level (each combined with every aspect ratio)"),
 }
+# Training-only flags of train_segmentation.py: the anchor and RoI matching (stored in the checkpoint).
+SAMPLING_FLAGS = ("rpn_fg_iou_th", "rpn_bg_iou_th", "roi_fg_iou_th", "roi_bg_iou_th", "anchor_sizes")
 SEGMENTATION_INFERENCE_FLAGS = ("backbone_name", "truncation", "mask_type", "rpn_nms_th", "roi_nms_th", "confidence_th")
 CLASSIFIER_FLAGS = ("backbone_name", "truncation", "num_classes", "roi_batch_size", "s_features", "rpn_nms_th",
                     "roi_nms_th")

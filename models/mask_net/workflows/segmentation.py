@@ -1,8 +1,8 @@
 """The lesion segmentation model (Mask R-CNN) on CNCB-layout slices: training and inference.
 
 :func:`train_segmentation` trains from a :class:`SegmentationTrainConfig`; its run directory receives
-args.json, env.txt, metrics.jsonl, checkpoint_last.pth, checkpoint_best.pth (lowest validation loss so
-far, kept across a resume) and every ``save_every`` epochs ``<model_name>_ckpt_<epoch>.pth``.
+args.json, env.txt, metrics.jsonl, checkpoint_last.pth, checkpoint_best.pth (highest validation mask
+mAP so far, kept across a resume) and every ``save_every`` epochs ``<model_name>_ckpt_<epoch>.pth``.
 :func:`infer_segmentation` runs a trained checkpoint over a folder of slices and writes overlays and
 COCO results. Each config's fields are the flags of the script of the same name.
 """
@@ -23,19 +23,25 @@ from models.mask_net.covid_mask_net import SEGMENTATION_BUILDER
 from models.mask_net.fast import fast_inference_copy
 from models.mask_net.mask_rcnn import maskrcnn_resnet_fpn
 from models.mask_net.workflows.model_io import builder_keywords, load_model_for_inference
-from utils.checkpoint import load_checkpoint
-from utils.cli import resolve_device
+from utils.checkpoint import load_checkpoint, make_checkpoint
+from utils.cli import args_to_dict, resolve_device
 from utils.plots import detection_overlay
 from utils.reproducibility import worker_init_fn
 from utils.rle import encode_masks
-from utils.run_dir import RunDir
-from utils.training import RunConfig, adam, current_lr, fit, start_training
+from utils.run_dir import Best, RunDir
+from utils.training import RunConfig, adam, current_lr, resume_training, run_epochs, start_training
 
-from .loops import train_one_epoch, validation_loss
+from .loops import train_one_epoch, validation_detection_metrics, validation_loss
 
 IMAGE_GLOBS = ("*.png", "*.jpg", "*.jpeg")
 # Model settings that a segmentation checkpoint's builder kwargs take from the training config.
 TRAINED_SETTINGS = ("backbone_name", "truncation", "rpn_nms_th", "image_size")
+# Training-only settings (flag -> builder keyword of maskrcnn_resnet_fpn); None keeps the builder's default.
+SAMPLING_SETTINGS = {"rpn_fg_iou_th": "rpn_fg_iou_thresh", "rpn_bg_iou_th": "rpn_bg_iou_thresh",
+                     "roi_fg_iou_th": "box_fg_iou_thresh", "roi_bg_iou_th": "box_bg_iou_thresh",
+                     "anchor_sizes": "anchor_sizes"}
+# The metric (in metrics.jsonl) that chooses checkpoint_best.pth; higher is better.
+SELECTION_METRIC = "val_segm_mAP"
 
 
 @dataclass(kw_only=True)
@@ -46,6 +52,8 @@ class SegmentationTrainConfig(RunConfig):
         train_data_dir, val_data_dir: CNCB data roots; ``imgs_dir`` and ``gt_dir`` are folders in each.
         mask_type: both (GGO and consolidation as 2 classes), ggo or merge (one lesion class).
         backbone_name, truncation, rpn_nms_th, image_size: the model (see ``workflows.cli.MODEL_FLAGS``).
+        rpn_fg_iou_th, rpn_bg_iou_th, roi_fg_iou_th, roi_bg_iou_th, anchor_sizes: the anchor and RoI
+            matching of training (see :data:`SAMPLING_SETTINGS`); None keeps the builder's default.
         pretrained_model: segmentation checkpoint whose weights initialise training, or None.
         use_pretrained_resnet_backbone: local torchvision ResNet state dict for the backbone, or None.
     """
@@ -59,6 +67,11 @@ class SegmentationTrainConfig(RunConfig):
     truncation: int = 1
     rpn_nms_th: float = 0.75
     image_size: int = 512
+    rpn_fg_iou_th: float | None = None
+    rpn_bg_iou_th: float | None = None
+    roi_fg_iou_th: float | None = None
+    roi_bg_iou_th: float | None = None
+    anchor_sizes: tuple[int, ...] | None = None
     pretrained_model: str | None = None
     use_pretrained_resnet_backbone: str | None = None
     save_dir: str = "runs/segmentation"
@@ -68,7 +81,11 @@ class SegmentationTrainConfig(RunConfig):
 
 def segmentation_builder_kwargs(config: SegmentationTrainConfig) -> dict:
     """Keyword arguments of :func:`maskrcnn_resnet_fpn` that the checkpoints store."""
-    return {**builder_keywords(asdict(config), names=TRAINED_SETTINGS),
+    sampling = {keyword: getattr(config, name) for name, keyword in SAMPLING_SETTINGS.items()
+                if getattr(config, name) is not None}
+    if "anchor_sizes" in sampling:
+        sampling["anchor_sizes"] = [int(size) for size in sampling["anchor_sizes"]]
+    return {**builder_keywords(asdict(config), names=TRAINED_SETTINGS), **sampling,
             "num_classes": num_detection_classes(config.mask_type)}
 
 
@@ -106,17 +123,41 @@ def train_segmentation(config: SegmentationTrainConfig) -> RunDir:
 
     def run_epoch(epoch: int) -> dict:
         train = train_one_epoch(model, train_loader, optimizer, device=device, epoch=epoch, **steps)
-        val = validation_loss(model, val_loader, device=device, epoch=epoch, **steps)
-        print(f"Epoch {epoch}: train loss = {train['loss']:.3f}, validation loss = {val['loss']:.3f}")
+        val = {**validation_loss(model, val_loader, device=device, epoch=epoch, **steps),
+               **validation_detection_metrics(model, val_loader, device=device, epoch=epoch, **steps)}
+        print(f"Epoch {epoch}: train loss = {train['loss']:.3f}, validation loss = {val['loss']:.3f}, "
+              f"validation mask mAP = {val['segm_mAP']:.4f}")
         return {**{f"train_{k}": v for k, v in train.items()}, **{f"val_{k}": v for k, v in val.items()},
                 "lr": current_lr(optimizer)}
 
     def checkpoint_extras(record: dict) -> dict:
         return {"mask_type": config.mask_type, "class_names": list(class_names_for(config.mask_type)),
-                "val_loss": record["val_loss"]}
+                "val_loss": record["val_loss"], SELECTION_METRIC: record[SELECTION_METRIC]}
 
-    return fit(config, model=model, optimizer=optimizer, train_loader=train_loader, builder=SEGMENTATION_BUILDER,
-               builder_kwargs=kwargs, kind="segmentation", run_epoch=run_epoch, checkpoint_extras=checkpoint_extras)
+    return _fit(config, model=model, optimizer=optimizer, train_loader=train_loader, builder_kwargs=kwargs,
+                run_epoch=run_epoch, checkpoint_extras=checkpoint_extras)
+
+
+def _fit(config: SegmentationTrainConfig, *, model, optimizer, train_loader, builder_kwargs: dict, run_epoch,
+         checkpoint_extras) -> RunDir:
+    """``utils.training.fit`` with checkpoint_best.pth chosen by :data:`SELECTION_METRIC` (higher is better)."""
+    args = args_to_dict(asdict(config))
+    run = RunDir(config.save_dir, args=args, seed=config.seed, resume=bool(config.resume), overwrite=config.overwrite,
+                 best=Best(SELECTION_METRIC, higher_is_better=True))
+    first_epoch = config.start_epoch
+    if config.resume:
+        first_epoch, _ = resume_training(config.resume, model=model, optimizer=optimizer, run=run,
+                                         builder=SEGMENTATION_BUILDER, kind="segmentation",
+                                         hyperparameters={"lr": config.lrate, "weight_decay": config.weight_decay})
+
+    def checkpoint(epoch: int, record: dict) -> dict:
+        return make_checkpoint(model=model, optimizer=optimizer, epoch=epoch, args=args, builder=SEGMENTATION_BUILDER,
+                               builder_kwargs=builder_kwargs, **checkpoint_extras(record))
+
+    run_epochs(run=run, epochs=range(first_epoch, config.start_epoch + config.num_epochs), seed=config.seed,
+               loader=train_loader, run_epoch=run_epoch, checkpoint=checkpoint,
+               periodic=lambda e: f"{config.model_name}_ckpt_{e + 1}.pth" if (e + 1) % config.save_every == 0 else None)
+    return run
 
 
 @dataclass(kw_only=True)
