@@ -1,5 +1,10 @@
 """The 2D epoch loops: one training pass and the validation loss of a Mask R-CNN (or, with a loss
-function, of COVID-CT-Mask-Net's classifier). The 3D track's loops live in ``models.volumetric``.
+function, of COVID-CT-Mask-Net's classifier), and a Mask R-CNN's validation mask AP and RPN recall.
+The 3D track's loops live in ``models.volumetric``.
+
+Training diagnostics: the RPN and the RoI heads record the (positive, sampled) counts of their last
+training batch in ``last_sampling``; :func:`train_one_epoch` sums them into ``rpn_pos_fraction`` and
+``roi_pos_fraction``.
 
 The loops take explicit arguments (model, loader, optimizer, device) and return plain floats, so the
 pipelines stay thin. A detection model in training mode returns a dict of losses; validation loss is
