@@ -50,6 +50,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help=f"validation data root (default: {Config.val_data_dir})")
     p.add_argument("--imgs_dir", default="imgs", help="image folder inside each data root (default: imgs)")
     p.add_argument("--gt_dir", default="masks", help="mask folder inside each data root (default: masks)")
+    p.add_argument("--augment", action="store_true",
+                   help="augment training slices: horizontal flip, zoom 0.9-1.1, brightness and contrast +-0.1 "
+                        "(default: off)")
     add_optimisation_args(p, batch_size=Config.batch_size, unit="images")
     add_device_args(p)
     add_seed_args(p)

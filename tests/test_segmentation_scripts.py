@@ -99,6 +99,20 @@ def test_best_checkpoint_is_the_epoch_with_the_highest_mask_map(seg_root, tmp_pa
     assert best["best"] == {"metric": "val_segm_mAP", "higher_is_better": True, "value": 0.3, "epoch": 1}
 
 
+def test_augment_flag_augments_the_training_slices_only(seg_root, tmp_path):
+    from datasets.augmentation import SliceAugmentation
+    from models.mask_net.workflows.segmentation import SegmentationTrainConfig, segmentation_loaders
+
+    args = _train_args(seg_root, tmp_path / "run", "--augment")
+    config = config_from_args(SegmentationTrainConfig, args)
+    train_loader, val_loader = segmentation_loaders(config)
+    assert isinstance(train_loader.dataset.transforms, SliceAugmentation) and val_loader.dataset.transforms is None
+    plain = segmentation_loaders(config_from_args(SegmentationTrainConfig, _train_args(seg_root, tmp_path / "b")))
+    assert plain[0].dataset.transforms is None
+    train_segmentation.main(args)
+    assert load_checkpoint(tmp_path / "run" / "checkpoint_last.pth")["args"]["augment"] is True
+
+
 def test_resume_continues_at_the_next_epoch(seg_root, trained, tmp_path):
     last = load_checkpoint(trained / "checkpoint_last.pth")
     args = _train_args(seg_root, tmp_path, "--resume", str(trained / "checkpoint_last.pth"))

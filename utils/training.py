@@ -20,7 +20,7 @@ import torch
 from utils.checkpoint import load_checkpoint, make_checkpoint
 from utils.cli import args_to_dict, resolve_device
 from utils.reproducibility import rng_state, seed_epoch, seed_everything, set_rng_state
-from utils.run_dir import RunDir, check_run_dir
+from utils.run_dir import Best, RunDir, check_run_dir
 
 
 @dataclass(kw_only=True)
@@ -94,7 +94,8 @@ def adam(model: torch.nn.Module, config: RunConfig) -> torch.optim.Adam:
 
 def fit(config: RunConfig, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
         train_loader: torch.utils.data.DataLoader, builder: str, builder_kwargs: dict, kind: str,
-        run_epoch: Callable[[int], dict], checkpoint_extras: Callable[[dict], dict]) -> RunDir:
+        run_epoch: Callable[[int], dict], checkpoint_extras: Callable[[dict], dict],
+        best: Best | None = None) -> RunDir:
     """Open the run directory, resume when asked, and run the epochs up to ``start_epoch + num_epochs``.
 
     Args:
@@ -106,12 +107,14 @@ def fit(config: RunConfig, *, model: torch.nn.Module, optimizer: torch.optim.Opt
         kind: what such a checkpoint is called in errors ("segmentation", "classification").
         run_epoch: ``run_epoch(epoch) -> record``: trains and validates one epoch, returns its metrics.
         checkpoint_extras: ``checkpoint_extras(record) -> dict`` of further checkpoint entries.
+        best: the metric that selects ``checkpoint_best.pth`` (default: lowest ``val_loss``).
 
     Returns:
         The run directory.
     """
     args = args_to_dict(asdict(config))
-    run = RunDir(config.save_dir, args=args, seed=config.seed, resume=bool(config.resume), overwrite=config.overwrite)
+    run = RunDir(config.save_dir, args=args, seed=config.seed, resume=bool(config.resume), overwrite=config.overwrite,
+                 best=best)
     first_epoch = config.start_epoch
     if config.resume:
         first_epoch, _ = resume_training(config.resume, model=model, optimizer=optimizer, run=run,

@@ -16,6 +16,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from datasets.augmentation import SliceAugmentation
 from datasets.conventions import class_names_for, num_detection_classes
 from datasets.io import read_image
 from datasets.segmentation import CNCBSegmentationDataset
@@ -23,13 +24,13 @@ from models.mask_net.covid_mask_net import SEGMENTATION_BUILDER
 from models.mask_net.fast import fast_inference_copy
 from models.mask_net.mask_rcnn import maskrcnn_resnet_fpn
 from models.mask_net.workflows.model_io import builder_keywords, load_model_for_inference
-from utils.checkpoint import load_checkpoint, make_checkpoint
-from utils.cli import args_to_dict, resolve_device
+from utils.checkpoint import load_checkpoint
+from utils.cli import resolve_device
 from utils.plots import detection_overlay
 from utils.reproducibility import worker_init_fn
 from utils.rle import encode_masks
 from utils.run_dir import Best, RunDir
-from utils.training import RunConfig, adam, current_lr, resume_training, run_epochs, start_training
+from utils.training import RunConfig, adam, current_lr, fit, start_training
 
 from .loops import train_one_epoch, validation_detection_metrics, validation_loss
 
@@ -51,6 +52,8 @@ class SegmentationTrainConfig(RunConfig):
     Attributes:
         train_data_dir, val_data_dir: CNCB data roots; ``imgs_dir`` and ``gt_dir`` are folders in each.
         mask_type: both (GGO and consolidation as 2 classes), ggo or merge (one lesion class).
+        augment: augment the training slices (horizontal flip, zoom 0.9-1.1, brightness and contrast
+            +-0.1; ``datasets.augmentation.SliceAugmentation``).
         backbone_name, truncation, rpn_nms_th, image_size: the model (see ``workflows.cli.MODEL_FLAGS``).
         rpn_fg_iou_th, rpn_bg_iou_th, roi_fg_iou_th, roi_bg_iou_th, anchor_sizes: the anchor and RoI
             matching of training (see :data:`SAMPLING_SETTINGS`); None keeps the builder's default.
@@ -63,6 +66,7 @@ class SegmentationTrainConfig(RunConfig):
     imgs_dir: str = "imgs"
     gt_dir: str = "masks"
     mask_type: str = "both"
+    augment: bool = False
     backbone_name: str = "resnet18"
     truncation: int = 1
     rpn_nms_th: float = 0.75
@@ -91,11 +95,12 @@ def segmentation_builder_kwargs(config: SegmentationTrainConfig) -> dict:
 
 def segmentation_loaders(config: SegmentationTrainConfig) -> tuple[DataLoader, DataLoader]:
     """Training (shuffled, seeded) and validation loaders over the CNCB layout."""
-    def dataset(root):
+    def dataset(root, transforms=None):
         return CNCBSegmentationDataset(root, imgs_dir=config.imgs_dir, masks_dir=config.gt_dir,
-                                       mask_type=config.mask_type)
+                                       mask_type=config.mask_type, transforms=transforms)
 
-    train_set, val_set = dataset(config.train_data_dir), dataset(config.val_data_dir)
+    augment = SliceAugmentation() if config.augment else None
+    train_set, val_set = dataset(config.train_data_dir, augment), dataset(config.val_data_dir)
     common = dict(batch_size=config.batch_size, num_workers=config.num_workers, collate_fn=train_set.collate_fn,
                   worker_init_fn=worker_init_fn)
     generator = torch.Generator().manual_seed(config.seed)
@@ -134,30 +139,9 @@ def train_segmentation(config: SegmentationTrainConfig) -> RunDir:
         return {"mask_type": config.mask_type, "class_names": list(class_names_for(config.mask_type)),
                 "val_loss": record["val_loss"], SELECTION_METRIC: record[SELECTION_METRIC]}
 
-    return _fit(config, model=model, optimizer=optimizer, train_loader=train_loader, builder_kwargs=kwargs,
-                run_epoch=run_epoch, checkpoint_extras=checkpoint_extras)
-
-
-def _fit(config: SegmentationTrainConfig, *, model, optimizer, train_loader, builder_kwargs: dict, run_epoch,
-         checkpoint_extras) -> RunDir:
-    """``utils.training.fit`` with checkpoint_best.pth chosen by :data:`SELECTION_METRIC` (higher is better)."""
-    args = args_to_dict(asdict(config))
-    run = RunDir(config.save_dir, args=args, seed=config.seed, resume=bool(config.resume), overwrite=config.overwrite,
-                 best=Best(SELECTION_METRIC, higher_is_better=True))
-    first_epoch = config.start_epoch
-    if config.resume:
-        first_epoch, _ = resume_training(config.resume, model=model, optimizer=optimizer, run=run,
-                                         builder=SEGMENTATION_BUILDER, kind="segmentation",
-                                         hyperparameters={"lr": config.lrate, "weight_decay": config.weight_decay})
-
-    def checkpoint(epoch: int, record: dict) -> dict:
-        return make_checkpoint(model=model, optimizer=optimizer, epoch=epoch, args=args, builder=SEGMENTATION_BUILDER,
-                               builder_kwargs=builder_kwargs, **checkpoint_extras(record))
-
-    run_epochs(run=run, epochs=range(first_epoch, config.start_epoch + config.num_epochs), seed=config.seed,
-               loader=train_loader, run_epoch=run_epoch, checkpoint=checkpoint,
-               periodic=lambda e: f"{config.model_name}_ckpt_{e + 1}.pth" if (e + 1) % config.save_every == 0 else None)
-    return run
+    return fit(config, model=model, optimizer=optimizer, train_loader=train_loader, builder=SEGMENTATION_BUILDER,
+               builder_kwargs=kwargs, kind="segmentation", run_epoch=run_epoch, checkpoint_extras=checkpoint_extras,
+               best=Best(SELECTION_METRIC, higher_is_better=True))
 
 
 @dataclass(kw_only=True)
