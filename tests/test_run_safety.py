@@ -133,6 +133,17 @@ def test_best_is_restored_on_resume_and_never_replaced_by_a_worse_model(tmp_path
     assert best["epoch"] == 1 and best["best"]["value"] == 1.187
 
 
+def test_resume_across_a_change_of_selection_metric_keeps_the_old_best(tmp_path):
+    ckpt = make_checkpoint(model={"w": torch.zeros(1)}, builder=SEG_BUILDER, builder_kwargs={}, epoch=0)
+    old = RunDir(tmp_path, args={})
+    old.end_epoch(dict(ckpt), {"epoch": 0, "val_loss": 0.5})
+    resumed = RunDir(tmp_path, args={}, resume=True, best=Best("val_segm_mAP", higher_is_better=True))
+    resumed.restore_best(load_checkpoint(tmp_path / "checkpoint_last.pth"))
+    assert (tmp_path / "checkpoint_best_by_val_loss.pth").is_file() and not resumed.best_path.exists()
+    assert resumed.end_epoch(dict(ckpt, epoch=1), {"epoch": 1, "val_segm_mAP": 0.01})
+    assert load_checkpoint(resumed.best_path)["best"]["metric"] == "val_segm_mAP"
+
+
 def _resume_after_a_better_past(script, argv, run, metric: str, past_value: float):
     """Train one epoch, pretend an earlier epoch was far better, resume: checkpoint_best must stay."""
     train(script, argv)

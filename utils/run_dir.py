@@ -133,16 +133,21 @@ class RunDir:
     def restore_best(self, checkpoint: dict) -> None:
         """Take the best-so-far value and epoch stored in a checkpoint this run resumes from.
 
-        Raises:
-            ValueError: when the checkpoint selected by another metric than this run.
+        When the checkpoint chose its best model by another metric (a run started before the selection
+        metric changed), the values cannot be compared: ``checkpoint_best.pth`` is kept as
+        ``checkpoint_best_by_<metric>.pth`` and this run's metric starts afresh.
         """
         stored = checkpoint.get("best")
         if not stored:
             return
-        if stored["metric"] != self.best.metric:
-            raise ValueError(f"the resumed checkpoint chose its best model by {stored['metric']}, this run by "
-                             f"{self.best.metric}; resume with the same selection metric")
-        self.best = Best(**stored)
+        if stored["metric"] == self.best.metric:
+            self.best = Best(**stored)
+            return
+        kept = self.path / f"checkpoint_best_by_{stored['metric']}.pth"
+        if self.best_path.exists():
+            self.best_path.replace(kept)
+        print(f"the resumed run chose its best model by {stored['metric']}, this run chooses by {self.best.metric}: "
+              f"the earlier best is kept as {kept}")
 
     def log_metrics(self, record: dict) -> None:
         """Append one JSON line (one epoch) to ``metrics.jsonl``."""
