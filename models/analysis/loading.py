@@ -97,11 +97,13 @@ class LoadedModel:
         model: the network on the models' device.
         task: the volumetric task (None for the 2D classifier).
         config: the task's pre-processing settings (None for the 2D classifier).
+        card: what the report says about the model (:func:`model_card`), from the checkpoint just read.
     """
 
     model: torch.nn.Module
     task: object | None = None
     config: object | None = None
+    card: dict | None = None
 
 
 class Models:
@@ -129,6 +131,7 @@ class Models:
         """
         if name not in self._loaded:
             self._loaded[name] = _load(name, self.paths[name], device=self.device)
+            self._cards[name] = self._loaded[name].card
         return self._loaded[name]
 
     def load_all(self) -> Models:
@@ -138,7 +141,7 @@ class Models:
         return self
 
     def cards(self) -> list[dict]:
-        """What a report says about each model (see :func:`model_card`), computed once."""
+        """What a report says about each model (see :func:`model_card`), computed once (when loaded, if it was)."""
         for name, path in self.paths.items():
             if name not in self._cards:
                 self._cards[name] = model_card(name, path)
@@ -174,17 +177,20 @@ def _load(name: str, path: Path, *, device: torch.device) -> LoadedModel:
     if name == "mask_net_classifier":
         from models.mask_net.workflows.model_io import load_model_for_inference
 
-        model, _ = load_model_for_inference(str(path), device=device, flags={}, builder=CLASSIFIER_BUILDER,
-                                            kind="classification", architecture_flags=())
-        return LoadedModel(model)
+        model, ckpt = load_model_for_inference(str(path), device=device, flags={}, builder=CLASSIFIER_BUILDER,
+                                               kind="classification", architecture_flags=())
+        return LoadedModel(model, card=model_card(name, path, ckpt))
     from models.volumetric.inference import load_task_model
 
-    model, task, config, _ = load_task_model(path, device=device, task_name=name)
-    return LoadedModel(model, task, config)
+    model, task, config, ckpt = load_task_model(path, device=device, task_name=name)
+    return LoadedModel(model, task, config, card=model_card(name, path, ckpt))
 
 
-def model_card(name: str, path: Path) -> dict:
-    """What the report says about a model: its file, hash and how it was built and trained."""
-    ckpt = load_checkpoint(path)
+def model_card(name: str, path: Path, ckpt: dict | None = None) -> dict:
+    """What the report says about a model: its file, hash and how it was built and trained.
+
+    ``ckpt`` is the checkpoint when the caller has just read it (None: read it here).
+    """
+    ckpt = load_checkpoint(path) if ckpt is None else ckpt
     return {"name": name, "path": str(path), "sha256": sha256_file(path), "builder": ckpt["builder"],
             "builder_kwargs": ckpt["builder_kwargs"], "epoch": ckpt["epoch"], "task": ckpt.get("task", name)}
