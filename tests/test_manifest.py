@@ -219,6 +219,7 @@ def test_committed_builder_kwargs_are_what_the_commands_save():
     from models.mask_net.workflows.segmentation import SegmentationTrainConfig, segmentation_builder_kwargs
     from models.volumetric import cli as volumetric_cli
     from models.volumetric import get_task
+    from models.volumetric.trainer import network_overrides
     from utils.cli import config_from_args
 
     entries = {e["name"]: e for e in load_manifest(ROOT / "pretrained_models")["models"]}
@@ -232,6 +233,7 @@ def test_committed_builder_kwargs_are_what_the_commands_save():
     for name in ("lung_seg", "lesion_seg", "covid_cls"):
         args = train_volumetric.get_args_parser().parse_args(argv[name])
         task = get_task(args.task)
-        config = task.make_config(**volumetric_cli.config_overrides(args))
-        kwargs = {**task.network_kwargs, **volumetric_cli.network_overrides(task, config, args)}
+        settings = volumetric_cli.train_settings(args)
+        config = task.make_config(**settings.config)
+        kwargs = {**task.network_kwargs, **network_overrides(task, config, settings.network)}
         assert (task.name, task.builder, kwargs) == (name, entries[name]["builder"], entries[name]["builder_kwargs"])

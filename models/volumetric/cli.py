@@ -15,7 +15,6 @@ from models.volumetric import get_task, task_names
 from models.volumetric.common import TEST
 from models.volumetric.config import BLEND_MODES, CROP_REGIONS
 from models.volumetric.trainer import TrainSettings
-from models.volumetric.trainer import network_overrides as _network_overrides
 from utils.cli import args_to_dict, non_negative_int, positive_int
 
 NETWORK_FLAGS = ("hidden_size", "mlp_dim", "num_heads", "num_layers", "feature_size")
@@ -160,11 +159,6 @@ def config_overrides(args: argparse.Namespace) -> dict:
     task_flags = {"mask_intensity": True if args.mask_intensity else None, "crop_margin": args.crop_margin}
     return {"roi_size": args.roi_size, "spacing": args.spacing, "hu_window": args.hu_window, **window_overrides(args),
             "strict_hu": True if args.strict_hu else None, **{k: v for k, v in task_flags.items() if v is not None}}
-
-
-def network_overrides(task, config, args: argparse.Namespace) -> dict:
-    """Builder keywords of the command line (see :func:`models.volumetric.trainer.network_overrides`)."""
-    return _network_overrides(task, config, {k: getattr(args, k) for k in NETWORK_FLAGS})
 
 
 def train_settings(args: argparse.Namespace) -> TrainSettings:
