@@ -144,6 +144,12 @@ def test_resume_across_a_change_of_selection_metric_keeps_the_old_best(tmp_path)
     assert load_checkpoint(resumed.best_path)["best"]["metric"] == "val_segm_mAP"
 
 
+def test_a_tie_goes_to_the_later_epoch_and_a_worse_value_never_wins():
+    best = Best("val_segm_mAP", higher_is_better=True)
+    assert best.update(0.0, 0) and best.update(0.0, 1) and best.epoch == 1
+    assert not best.update(-0.1, 2) and not best.update(float("nan"), 3) and best.epoch == 1
+
+
 def _resume_after_a_better_past(script, argv, run, metric: str, past_value: float):
     """Train one epoch, pretend an earlier epoch was far better, resume: checkpoint_best must stay."""
     train(script, argv)

@@ -47,12 +47,16 @@ class Best:
     epoch: int | None = None
 
     def improves(self, value: float) -> bool:
-        """True when ``value`` is better than the best so far (a NaN never is)."""
+        """True when ``value`` is at least as good as the best so far (a NaN never is).
+
+        A tie goes to the later, longer-trained epoch: while a briefly trained detector's mask mAP is
+        still 0 every epoch, the best checkpoint follows training instead of staying at epoch 0.
+        """
         if value is None or math.isnan(value):
             return False
         if self.value is None:
             return True
-        return value > self.value if self.higher_is_better else value < self.value
+        return value >= self.value if self.higher_is_better else value <= self.value
 
     def update(self, value: float, epoch: int) -> bool:
         """Take ``value`` of ``epoch`` when it improves; returns whether it did."""
