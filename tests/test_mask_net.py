@@ -20,6 +20,7 @@ from models.mask_net.fast.fusion import (
     InferenceRPNHead,
     WinogradConv2d,
 )
+from models.mask_net.fast.poolers import GatherMultiScaleRoIAlign, use_gather_poolers
 from models.mask_net.fast.roi_heads import ChannelsLastTwoMLPHead, InferenceRoIHeads
 from models.mask_net.mask_head import MaskPredictor
 from models.mask_net.paste import paste_masks
@@ -270,6 +271,29 @@ def test_folded_batchnorm_gives_the_same_detections(norm):
 def test_training_model_pools_with_torchvisions_multiscale_roialign():
     heads = small_model().roi_heads
     assert type(heads.box_roi_pool) is MultiScaleRoIAlign and type(heads.mask_roi_pool) is MultiScaleRoIAlign
+
+
+def test_training_with_gather_poolers_gives_torchvisions_losses_and_gradients():
+    """The trainers' CPU poolers (``use_gather_poolers``): same losses and gradients as torchvision's, to rounding."""
+    results = []
+    for gather in (False, True):
+        torch.manual_seed(0)
+        model = small_model(truncation=2, box_fg_iou_thresh=0.5)
+        if gather:
+            use_gather_poolers(model.roi_heads)
+            assert type(model.roi_heads.box_roi_pool) is GatherMultiScaleRoIAlign
+        torch.manual_seed(1)
+        images = [torch.rand(3, 64, 80), torch.rand(3, 64, 80)]
+        losses = model(images, [lesion_target(64, 80, 2), lesion_target(64, 80, 1, label=2)])
+        sum(losses.values()).backward()
+        results.append((losses, {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
+    (want, want_grads), (got, got_grads) = results
+    assert set(got_grads) == set(want_grads)
+    for key in LOSS_KEYS:
+        torch.testing.assert_close(got[key], want[key], atol=1e-5, rtol=1e-4)
+    for name, grad in want_grads.items():
+        torch.testing.assert_close(got_grads[name], grad, atol=1e-4, rtol=1e-3, msg=name)
+    assert want["loss_mask"] > 0
 
 
 def test_fast_copy_is_new_and_leaves_the_model_and_its_checkpoint_as_they_were(tmp_path):

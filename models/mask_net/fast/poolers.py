@@ -41,6 +41,22 @@ def filter_input(x: dict[str, Tensor], featmap_names: list[str]) -> list[Tensor]
     return [v for k, v in x.items() if k in featmap_names]
 
 
+def use_gather_poolers(roi_heads) -> None:
+    """Switch, in place, the torchvision ``MultiScaleRoIAlign`` poolers of ``roi_heads`` (a
+    :class:`~models.mask_net.roi_heads.RoIHeads`) to :func:`fast_pooler` copies, for training on CPU.
+
+    Poolers hold no parameters, so the state dict and checkpoints do not change; the pooled features
+    and their gradients equal torchvision's to float rounding (tested). Without torchvision's scale
+    helper (:mod:`.kernels`) the poolers stay as they are.
+    """
+    if not kernels.pooler_scales_usable():
+        return
+    for name in ("box_roi_pool", "mask_roi_pool"):
+        pool = getattr(roi_heads, name, None)
+        if type(pool) is MultiScaleRoIAlign:
+            setattr(roi_heads, name, fast_pooler(pool))
+
+
 def fast_pooler(pool: MultiScaleRoIAlign) -> MultiScaleRoIAlign:
     """A new :class:`GatherMultiScaleRoIAlign` with the settings of ``pool`` (a :class:`ParallelMultiScaleRoIAlign`
     for an adaptive ``sampling_ratio``, which the gather form does not cover)."""
@@ -146,8 +162,13 @@ class GatherMultiScaleRoIAlign(ParallelMultiScaleRoIAlign):
 
     Same arguments and results as ``MultiScaleRoIAlign``; the result has channels-last strides.
     ``x`` may be a plain dict (its table is built here) or :class:`LevelRows` shared by several
-    poolers. With gradients, off CPU, with an adaptive ``sampling_ratio`` or without torchvision's scale
-    helper the parent runs.
+    poolers. Off CPU, with an adaptive ``sampling_ratio`` or without torchvision's scale helper the
+    parent runs.
+
+    Gradients flow to the maps (the table is built from them by differentiable copies, and
+    ``embedding_bag``'s backward adds each bin's gradient to the rows under its samples), so the
+    pooler also trains: torchvision's CPU ``roi_align`` backward runs on one thread and took about
+    half of a training step (see :func:`use_gather_poolers`).
     """
 
     def forward(self, x: dict[str, Tensor], boxes: list[Tensor], image_shapes: list[tuple[int, int]]) -> Tensor:
@@ -155,8 +176,8 @@ class GatherMultiScaleRoIAlign(ParallelMultiScaleRoIAlign):
         coordinates; image_shapes: per image (H, W). Returns: Float[sum N_i, C, S, S], RoIs in order."""
         maps = filter_input(x, self.featmap_names)
         num_rois = sum(len(b) for b in boxes)
-        if (self.sampling_ratio <= 0 or not num_rois or not cpu_inference(maps, boxes)
-                or not self._set_scales(maps, image_shapes)):
+        if (self.sampling_ratio <= 0 or not num_rois or any(m.device.type != "cpu" for m in maps)
+                or any(b.requires_grad for b in boxes) or not self._set_scales(maps, image_shapes)):
             return super().forward(x, boxes, image_shapes)
         rows = x if isinstance(x, LevelRows) else LevelRows({name: x[name] for name in self.featmap_names})
         levels = self.map_levels(boxes) if len(maps) > 1 else torch.zeros(num_rois, dtype=torch.int64)

@@ -9,7 +9,7 @@ from torchvision.ops import MultiScaleRoIAlign
 from ..box_head import TwoMLPHead
 from ..roi_heads import RoIHeads
 from . import kernels
-from .poolers import GatherMultiScaleRoIAlign, LevelRows, cpu_inference, fast_pooler, split_boxes
+from .poolers import GatherMultiScaleRoIAlign, LevelRows, cpu_inference, split_boxes, use_gather_poolers
 
 
 class ChannelsLastTwoMLPHead(TwoMLPHead):
@@ -55,13 +55,11 @@ def use_gather_pooling(roi_heads: RoIHeads) -> RoIHeads:
     poolers with the same settings (:func:`~.poolers.fast_pooler`) and, where all of them gather, to
     :class:`InferenceRoIHeads` with, for a :class:`TwoMLPHead` box head, :class:`ChannelsLastTwoMLPHead`
     and fc6's weight columns permuted from (C, S, S) to (S, S, C). Without torchvision's scale helper
-    (:mod:`.kernels`) ``roi_heads`` stays as it is."""
-    if (type(roi_heads) is not RoIHeads or any(type(p) is not MultiScaleRoIAlign for p in roi_heads.poolers)
+    (:mod:`.kernels`) ``roi_heads`` stays as it is. Poolers already of the fast kind are kept."""
+    if (type(roi_heads) is not RoIHeads or any(not isinstance(p, MultiScaleRoIAlign) for p in roi_heads.poolers)
             or not kernels.pooler_scales_usable()):
         return roi_heads
-    roi_heads.box_roi_pool = fast_pooler(roi_heads.box_roi_pool)
-    if roi_heads.mask_roi_pool is not None:
-        roi_heads.mask_roi_pool = fast_pooler(roi_heads.mask_roi_pool)
+    use_gather_poolers(roi_heads)
     if any(type(p) is not GatherMultiScaleRoIAlign for p in roi_heads.poolers):
         return roi_heads
     roi_heads.__class__ = InferenceRoIHeads

@@ -23,6 +23,7 @@ from models.mask_net.covid_mask_net import (
     covid_mask_net,
     load_segmentation_weights,
 )
+from models.mask_net.fast.poolers import use_gather_poolers
 from models.mask_net.workflows.model_io import builder_keywords, check_architecture
 from models.summary import parameter_counts
 from utils.checkpoint import load_checkpoint
@@ -157,6 +158,8 @@ def train_classifier(config: ClassifierTrainConfig) -> RunDir:
     train_loader, val_loader = classifier_loaders(config)
     model, kwargs = build_classifier(config)
     model.to(device)
+    if device.type == "cpu":  # torchvision's CPU RoIAlign backward runs on one thread
+        use_gather_poolers(model.roi_heads)
     total, trainable = parameter_counts(model)
     print(f"trainable parameters: {trainable:,} of {total:,} (module S and the backbone's BatchNorm affine parameters)")
     optimizer = adam(model, config)

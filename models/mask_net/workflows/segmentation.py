@@ -22,6 +22,7 @@ from datasets.io import read_image
 from datasets.segmentation import CNCBSegmentationDataset
 from models.mask_net.covid_mask_net import SEGMENTATION_BUILDER
 from models.mask_net.fast import fast_inference_copy
+from models.mask_net.fast.poolers import use_gather_poolers
 from models.mask_net.mask_rcnn import maskrcnn_resnet_fpn
 from models.mask_net.workflows.model_io import builder_keywords, load_model_for_inference
 from utils.checkpoint import load_checkpoint
@@ -123,6 +124,8 @@ def train_segmentation(config: SegmentationTrainConfig) -> RunDir:
         ckpt = load_checkpoint(config.pretrained_model, builder=SEGMENTATION_BUILDER, kind="segmentation")
         model.load_state_dict(ckpt["model"], strict=True)
     model.to(device)
+    if device.type == "cpu":  # torchvision's CPU RoIAlign backward runs on one thread
+        use_gather_poolers(model.roi_heads)
     optimizer = adam(model, config)
     steps = dict(max_steps=config.max_steps, progress=not config.no_progress)
 
