@@ -14,6 +14,7 @@ import evaluate_classifier
 import make_synthetic_data
 import train_classifier
 from models.mask_net import maskrcnn_resnet_fpn
+from models.mask_net.workflows import classifier as classifier_workflow
 from models.mask_net.workflows.classifier import ClassifierTrainConfig, build_classifier, classifier_loaders
 from models.mask_net.workflows.losses import classification_loss, inverse_frequency_weights
 from utils.checkpoint import load_checkpoint, make_checkpoint, save_checkpoint
@@ -102,6 +103,23 @@ def test_training_writes_the_run_directory_and_copies_segmentation_weights(train
     frozen = [k for k in ckpt["model"] if k in seg_state and "bn" not in k and "downsample.1" not in k]
     assert frozen and all(torch.equal(ckpt["model"][k], seg_state[k]) for k in frozen), "frozen weights stay as loaded"
     assert all(torch.equal(ckpt["model"][k], seg_state[k]) for k in ckpt["model"] if "running_" in k)
+
+
+def test_best_checkpoint_is_the_epoch_with_the_highest_validation_accuracy(phantom, seg_checkpoint, tmp_path,
+                                                                          monkeypatch):
+    values, validate = iter([0.6, 0.9, 0.8]), classifier_workflow.validate
+    monkeypatch.setattr(classifier_workflow, "validate",
+                        lambda *a, **k: {**validate(*a, **k), "accuracy": next(values)})
+    argv = shlex.split(README_TRAIN.replace("seg.pth", str(seg_checkpoint[0]))) + [
+        "--train_data_dir", str(phantom / "train"), "--val_data_dir", str(phantom / "val"), "--num_epochs", "3",
+        "--max_steps", "1", "--batch_size", "2", "--save_dir", str(tmp_path), "--no_progress"]
+    train_classifier.main(train_classifier.get_args_parser().parse_args(argv))
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["val_accuracy"] for r in records] == [0.6, 0.9, 0.8]
+    assert all("val_loss" in r and "val_macro_auc" in r for r in records)
+    best = load_checkpoint(tmp_path / "checkpoint_best.pth")
+    assert best["epoch"] == 1 and best["val_accuracy"] == 0.9
+    assert best["best"] == {"metric": "val_accuracy", "higher_is_better": True, "value": 0.9, "epoch": 1}
 
 
 def test_evaluation_readme_command_writes_reports(trained_run, phantom, tmp_path, capsys):

@@ -5,8 +5,10 @@ checkpoint (its mask-branch weights are ignored); a classification checkpoint lo
 and the affine parameters of the backbone's BatchNorm layers are trained; BatchNorm running statistics
 stay frozen and every other parameter has ``requires_grad=False``. The default loss is the original's
 binary cross-entropy with logits on one-hot labels (``loss="ce"`` for cross-entropy). The run
-directory receives args.json, env.txt, metrics.jsonl, checkpoint_last.pth, checkpoint_best.pth (lowest
-validation loss so far, kept across a resume) and every ``save_every`` epochs ``<model_name>_ckpt_<epoch>.pth``.
+directory receives args.json, env.txt, metrics.jsonl, checkpoint_last.pth, checkpoint_best.pth
+(highest validation accuracy so far, a tie going to the later epoch, kept across a resume; the
+validation loss and macro AUC are logged beside it)
+and every ``save_every`` epochs ``<model_name>_ckpt_<epoch>.pth``.
 """
 from __future__ import annotations
 
@@ -27,8 +29,9 @@ from models.mask_net.fast.poolers import use_gather_poolers
 from models.mask_net.workflows.model_io import builder_keywords, check_architecture
 from models.summary import parameter_counts
 from utils.checkpoint import load_checkpoint
+from utils.classification_metrics import one_vs_rest_auc
 from utils.reproducibility import worker_init_fn
-from utils.run_dir import RunDir
+from utils.run_dir import Best, RunDir
 from utils.training import RunConfig, adam, current_lr, fit, load_weights, start_training
 
 from .classifier_evaluation import ClassifierSettings, collate_slices, predict_logits
@@ -36,6 +39,8 @@ from .loops import train_one_epoch
 from .losses import classification_loss, inverse_frequency_weights
 
 DEFAULT_ROI_BATCH_SIZE, DEFAULT_S_FEATURES = 128, 512
+# The metric (in metrics.jsonl) that chooses checkpoint_best.pth; higher is better.
+SELECTION_METRIC = "val_accuracy"  # always defined, unlike an AUC on a one-class validation set
 # Segmentation builder settings the classifier does not inherit (mask branch, detection filtering);
 # everything else (architecture, transform, anchors, RPN) carries over so that the weights fit.
 NOT_INHERITED = ("with_masks", "mask_layers", "mask_roi_size", "box_score_thresh", "box_detections_per_img",
@@ -140,10 +145,13 @@ def classifier_kwargs_from_segmentation(config: ClassifierTrainConfig, seg_kwarg
 
 def validate(model, loader, *, device: torch.device, loss_kind: str, max_steps: int | None = None,
              progress: bool = True) -> dict[str, float]:
-    """Unweighted validation loss and accuracy, in eval mode (no gradients, no BatchNorm updates)."""
+    """Unweighted validation loss, accuracy and one-vs-rest macro AUC, in eval mode (no gradients, no
+    BatchNorm updates). The AUC is NaN when the validation slices hold a single class."""
     logits, labels, _ = predict_logits(model, loader, device=device, progress=progress, max_steps=max_steps)
     loss = classification_loss(logits, labels, kind=loss_kind)
-    return {"loss": float(loss), "accuracy": float((logits.argmax(dim=1) == labels).double().mean())}
+    _, macro_auc = one_vs_rest_auc(labels.numpy(), torch.softmax(logits.float(), dim=1).numpy())
+    return {"loss": float(loss), "accuracy": float((logits.argmax(dim=1) == labels).double().mean()),
+            "macro_auc": macro_auc}
 
 
 def train_classifier(config: ClassifierTrainConfig) -> RunDir:
@@ -174,12 +182,13 @@ def train_classifier(config: ClassifierTrainConfig) -> RunDir:
                                 freeze_bn_stats=True, **steps)
         val = validate(model, val_loader, device=device, loss_kind=config.loss, **steps)
         print(f"Epoch {epoch}: train loss = {train['loss']:.3f}, validation loss = {val['loss']:.3f}, "
-              f"validation accuracy = {val['accuracy']:.3f}")
+              f"validation accuracy = {val['accuracy']:.3f}, validation macro AUC = {val['macro_auc']:.3f}")
         return {"train_loss": train["loss"], **{f"val_{k}": v for k, v in val.items()}, "lr": current_lr(optimizer)}
 
     def checkpoint_extras(record: dict) -> dict:
         return {"class_names": list(CLASS_NAMES), "val_loss": record["val_loss"],
-                "val_accuracy": record["val_accuracy"]}
+                "val_macro_auc": record["val_macro_auc"], SELECTION_METRIC: record[SELECTION_METRIC]}
 
     return fit(config, model=model, optimizer=optimizer, train_loader=train_loader, builder=CLASSIFIER_BUILDER,
-               builder_kwargs=kwargs, kind="classification", run_epoch=run_epoch, checkpoint_extras=checkpoint_extras)
+               builder_kwargs=kwargs, kind="classification", run_epoch=run_epoch, checkpoint_extras=checkpoint_extras,
+               best=Best(SELECTION_METRIC, higher_is_better=True))
