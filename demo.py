@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from utils.cli import run_cli
+from utils.quality import DEMO_FLOORS, collect_summary, html_table, quality_rows
 
 
 @dataclass
@@ -192,9 +193,21 @@ def run_step(step: Step, logs: Path) -> dict:
     return {"step": step, "seconds": seconds, "log": log}
 
 
-def write_index(records: list[dict], out: Path, total_s: float) -> Path:
-    """``<out>/index.html`` linking each step's log, files and pictures."""
+def write_summary(records: list[dict], out: Path, seed: int, total_s: float) -> dict:
+    """``<out>/summary.json``: each trained model's test result, read from its evaluation files."""
+    seconds = {rec["step"].name: rec["seconds"] for rec in records}
+    summary = collect_summary(out, seed=seed, budget="fast", minutes=total_s / 60.0, step_seconds=seconds)
+    (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    return summary
+
+
+def write_index(records: list[dict], out: Path, total_s: float, summary: dict | None = None) -> Path:
+    """``<out>/index.html``: the results beside their floors, then each step's log, files and pictures."""
     parts = [f"<h1>COVID-CT demo on phantom data</h1><p>Total time {total_s / 60:.1f} min.</p>"]
+    if summary:
+        parts.append("<h2>Results on the held-out test patients</h2>" + html_table(quality_rows(summary, DEMO_FLOORS))
+                     + "<p>Floors: what a working model clears on any phantom seed in this budget. "
+                       "<a href='summary.json'>summary.json</a></p>")
     for rec in records:
         parts.append(_section(rec, out))
     page = out / "index.html"
@@ -235,8 +248,10 @@ def main(args: argparse.Namespace) -> Path:
               f"({(time.time() - start) / 60:.1f} min so far)", flush=True)
         records.append(run_step(step, out / "logs"))
         done.add(step.name)
-        write_index(records, out, time.time() - start)
-    page = write_index(records, out, time.time() - start)
+        summary = write_summary(records, out, args.seed, time.time() - start)
+        write_index(records, out, time.time() - start, summary)
+    summary = write_summary(records, out, args.seed, time.time() - start)
+    page = write_index(records, out, time.time() - start, summary)
     print(f"\nDemo finished in {(time.time() - start) / 60:.1f} min. Open {page}")
     return page
 

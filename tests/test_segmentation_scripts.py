@@ -10,9 +10,15 @@ import evaluation_mean_ap
 import inference_segmentation
 import train_segmentation
 from datasets.synthetic import generate_dataset
+from models.mask_net import maskrcnn_resnet_fpn
 from models.mask_net.fast.fusion import WinogradConv2d
 from models.mask_net.workflows import MeanAPConfig, evaluate_mean_ap, loops
-from models.mask_net.workflows.segmentation import SegmentationInferenceConfig, load_segmentation_model
+from models.mask_net.workflows.segmentation import (
+    SegmentationInferenceConfig,
+    SegmentationTrainConfig,
+    load_segmentation_model,
+    segmentation_builder_kwargs,
+)
 from utils.checkpoint import load_checkpoint
 from utils.cli import config_from_args
 
@@ -30,7 +36,7 @@ def _train_args(seg_root, save_dir, *extra):
         # the original README's command, shortened to one tiny epoch
         "--num_epochs", "1", "--mask_type", "merge", "--save_every", "1", "--backbone_name", "resnet18",
         "--truncation", "1", "--device", "cpu",
-        "--train_data_dir", str(seg_root / "train"), "--val_data_dir", str(seg_root / "test"),
+        "--train_data_dir", str(seg_root / "train"), "--val_data_dir", str(seg_root / "val"),
         "--save_dir", str(save_dir), "--image_size", "64", "--max_steps", "2", "--batch_size", "2",
         "--lrate", "1e-4", "--no_progress", *extra])
 
@@ -80,10 +86,24 @@ def test_sampling_flags_reach_the_checkpoint_and_the_rebuilt_model(seg_root, tmp
     assert model.rpn.anchor_generator.sizes[0] == (4, 8, 16)
 
 
-def test_default_training_keeps_the_builder_defaults(trained):
+def test_default_lesion_preset_takes_roi_foreground_from_iou_half(trained):
     kwargs = load_checkpoint(trained / "checkpoint_last.pth")["builder_kwargs"]
+    assert (kwargs["box_fg_iou_thresh"], kwargs["box_bg_iou_thresh"]) == (0.5, 0.5)
+    assert not {"rpn_fg_iou_thresh", "rpn_bg_iou_thresh", "anchor_sizes"} & set(kwargs)
+
+
+def test_paper_preset_keeps_the_originals_matching_and_a_flag_overrides_a_preset(seg_root, tmp_path):
+    train_segmentation.main(_train_args(seg_root, tmp_path / "paper", "--preset", "paper", "--max_steps", "1"))
+    kwargs = load_checkpoint(tmp_path / "paper" / "checkpoint_last.pth")["builder_kwargs"]
     assert not {"rpn_fg_iou_thresh", "rpn_bg_iou_thresh", "box_fg_iou_thresh", "box_bg_iou_thresh",
                 "anchor_sizes"} & set(kwargs)
+    model = maskrcnn_resnet_fpn(**kwargs)
+    assert (model.roi_heads.matcher.high, model.roi_heads.matcher.low) == (0.75, 0.5)
+    config = SegmentationTrainConfig(roi_fg_iou_th=0.6)
+    assert segmentation_builder_kwargs(config)["box_fg_iou_thresh"] == 0.6
+    assert segmentation_builder_kwargs(config)["box_bg_iou_thresh"] == 0.5
+    with pytest.raises(ValueError, match="preset must be one of"):
+        segmentation_builder_kwargs(SegmentationTrainConfig(preset="fast"))
 
 
 def test_best_checkpoint_is_the_epoch_with_the_highest_mask_map(seg_root, tmp_path, monkeypatch):

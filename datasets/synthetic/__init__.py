@@ -19,9 +19,10 @@ Label maps
     11 pancreas, 12 right adrenal, 13 left adrenal).
 
 Layout written by ``generate_dataset(out_dir)`` (all paths below are relative to ``out_dir``)
-    ``seg/{train,test}/imgs/<name>.png`` 8-bit lung window (``datasets.conventions.LUNG_WINDOW``:
+    ``seg/{train,val,test}/imgs/<name>.png`` 8-bit lung window (``datasets.conventions.LUNG_WINDOW``:
     centre -600, width 1500) and
-    ``seg/{train,test}/masks/<name>.png`` with the same names, values 0..3.
+    ``seg/{train,val,test}/masks/<name>.png`` with the same names, values 0..3 (the validation split
+    chooses checkpoints, so that the test split stays unseen).
     ``cls/{train,val,test}/<name>.png`` and ``cls/{train,val,test}_COVIDx_CT.txt``, one line per
     slice: ``<filename> <class> <xmin> <ymin> <xmax> <ymax>`` (class 0/1/2, body box in pixels,
     max exclusive: ``image[ymin:ymax, xmin:xmax]`` is the body).

@@ -22,7 +22,7 @@ def _check(outputs, image_size: int, volume_shape, counts: dict) -> None:
             raise ValueError(f"{name} must be >= 0, got {value}")
 
 
-def generate_dataset(out_dir: str | Path, *, seed: int = 0, n_patients: int = 30, n_seg_patients: int = 15,
+def generate_dataset(out_dir: str | Path, *, seed: int = 0, n_patients: int = 30, n_seg_patients: int = 40,
                      slices_per_patient: int = 8, image_size: int = 512, volume_shape=(128, 128, 40),
                      n_volumes: int = 12, n_abdomen: int = 4, abdomen_shape=(96, 96, 48),
                      outputs=OUTPUTS, workers: int = 1, montage: bool = True) -> dict:

@@ -12,7 +12,7 @@ from datasets.conventions import CLASS_TO_PREFIX, hu_to_png
 from .chest import lesion_heights, make_chest_slice, make_patient
 
 OUTPUTS = ("seg", "cls", "volumes", "abdomen")
-SEG_SPLITS, CLS_SPLITS = ("train", "test"), ("train", "val", "test")
+SEG_SPLITS = CLS_SPLITS = ("train", "val", "test")
 VOLUME_SPLITS = ("training", "validation", "test")
 # Patient-ID ranges of each output, so that no patient appears in two outputs either.
 ID_BASE = {"seg": 1, "cls": 1001, "volumes": 2001, "abdomen": 3001}
@@ -125,9 +125,9 @@ def _patients(kind: str, n: int, seed: int) -> dict[int, int]:
 
 
 def write_seg(out: Path, *, seed: int, n_patients: int, n_slices: int, size, workers: int) -> dict:
-    """CNCB layout: ``seg/{train,test}/{imgs,masks}/<name>.png``."""
+    """CNCB layout: ``seg/{train,val,test}/{imgs,masks}/<name>.png`` (a validation split added to CNCB's two)."""
     classes = _patients("seg", n_patients, seed)
-    splits = split_patients(classes, SEG_SPLITS, (0.75, 0.25), seed)
+    splits = split_patients(classes, SEG_SPLITS, (0.6, 0.2, 0.2), seed)
     tasks = []
     for i, (pid, cls) in enumerate(classes.items()):
         folder = out / "seg" / splits[pid]

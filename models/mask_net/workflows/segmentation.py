@@ -42,6 +42,13 @@ TRAINED_SETTINGS = ("backbone_name", "truncation", "rpn_nms_th", "image_size")
 SAMPLING_SETTINGS = {"rpn_fg_iou_th": "rpn_fg_iou_thresh", "rpn_bg_iou_th": "rpn_bg_iou_thresh",
                      "roi_fg_iou_th": "box_fg_iou_thresh", "roi_bg_iou_th": "box_bg_iou_thresh",
                      "anchor_sizes": "anchor_sizes"}
+# Training presets: builder keywords of the anchor and RoI matching, before the flags (a flag given wins).
+# "paper" keeps COVID-CT-Mask-Net's values (the builder's covid preset: RoI foreground IoU 0.75,
+# background below 0.5, RPN 0.7 / 0.3, anchors 2-32 px); "lesion", the default, takes a proposal with
+# IoU >= 0.5 as foreground. With 0.75 about 1 % of the sampled RoIs were positive, nearly all of them
+# the ground-truth boxes themselves, and the box head never learnt to score real proposals (README,
+# "Why the detector learns slowly").
+PRESETS = {"lesion": {"box_fg_iou_thresh": 0.5, "box_bg_iou_thresh": 0.5}, "paper": {}}
 # The metric (in metrics.jsonl) that chooses checkpoint_best.pth; higher is better.
 SELECTION_METRIC = "val_segm_mAP"
 
@@ -56,14 +63,15 @@ class SegmentationTrainConfig(RunConfig):
         augment: augment the training slices (horizontal flip, zoom 0.9-1.1, brightness and contrast
             +-0.1; ``datasets.augmentation.SliceAugmentation``).
         backbone_name, truncation, rpn_nms_th, image_size: the model (see ``workflows.cli.MODEL_FLAGS``).
+        preset: the anchor and RoI matching of training (:data:`PRESETS`): "lesion" or "paper".
         rpn_fg_iou_th, rpn_bg_iou_th, roi_fg_iou_th, roi_bg_iou_th, anchor_sizes: the anchor and RoI
-            matching of training (see :data:`SAMPLING_SETTINGS`); None keeps the builder's default.
+            matching (see :data:`SAMPLING_SETTINGS`); None keeps the preset's value.
         pretrained_model: segmentation checkpoint whose weights initialise training, or None.
         use_pretrained_resnet_backbone: local torchvision ResNet state dict for the backbone, or None.
     """
 
     train_data_dir: str = "data/phantom/seg/train"
-    val_data_dir: str = "data/phantom/seg/test"
+    val_data_dir: str = "data/phantom/seg/val"
     imgs_dir: str = "imgs"
     gt_dir: str = "masks"
     mask_type: str = "both"
@@ -72,6 +80,7 @@ class SegmentationTrainConfig(RunConfig):
     truncation: int = 1
     rpn_nms_th: float = 0.75
     image_size: int = 512
+    preset: str = "lesion"
     rpn_fg_iou_th: float | None = None
     rpn_bg_iou_th: float | None = None
     roi_fg_iou_th: float | None = None
@@ -85,9 +94,16 @@ class SegmentationTrainConfig(RunConfig):
 
 
 def segmentation_builder_kwargs(config: SegmentationTrainConfig) -> dict:
-    """Keyword arguments of :func:`maskrcnn_resnet_fpn` that the checkpoints store."""
-    sampling = {keyword: getattr(config, name) for name, keyword in SAMPLING_SETTINGS.items()
-                if getattr(config, name) is not None}
+    """Keyword arguments of :func:`maskrcnn_resnet_fpn` that the checkpoints store.
+
+    Raises:
+        ValueError: for an unknown preset.
+    """
+    if config.preset not in PRESETS:
+        raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {config.preset!r}")
+    sampling = {**PRESETS[config.preset],
+                **{keyword: getattr(config, name) for name, keyword in SAMPLING_SETTINGS.items()
+                   if getattr(config, name) is not None}}
     if "anchor_sizes" in sampling:
         sampling["anchor_sizes"] = [int(size) for size in sampling["anchor_sizes"]]
     return {**builder_keywords(asdict(config), names=TRAINED_SETTINGS), **sampling,
