@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from utils.cli import run_cli
-from utils.quality import DEMO_FLOORS, collect_summary, html_table, quality_rows
+from utils.quality import DEMO_FLOORS, collect_summary, html_table, markdown_table, quality_rows
 
 
 @dataclass
@@ -55,116 +55,159 @@ def get_args_parser() -> argparse.ArgumentParser:
     return p
 
 
-def demo_steps(data: Path, out: Path, seed: int, device: str) -> list[Step]:
+# Training settings per budget: "fast" is the demo's (at most 20 minutes on two CPU cores), "full" that
+# of benchmarks/bench_quality.py --budget full. Each list is appended to the script's command.
+RECIPES = {
+    "fast": {
+        # small volumes, and enough of them for 10 test scans per 3D task
+        "data": ["--n_volumes", "50", "--volume_shape", "96", "96", "32"],
+        # truncation 2 (stride 8) at 256 px: most phantom lesions are under 16 px there (README)
+        "seg": ["--backbone_name", "resnet18", "--truncation", "2", "--num_epochs", "8", "--batch_size", "2",
+                "--lrate", "1e-3", "--image_size", "256"],
+        "cls": ["--num_epochs", "2", "--batch_size", "4", "--lrate", "1e-3", "--image_size", "256"],
+        "lung_seg": ["--epochs", "6", "--lr", "1e-3", "--spacing", "2", "2", "4", "--roi_size", "64", "64", "32"],
+        "lesion_seg": ["--epochs", "40", "--val_every", "10", "--lr", "2e-3", "--spacing", "1.5", "1.5", "3",
+                       "--roi_size", "64", "64", "16"],
+        "covid_cls": ["--epochs", "6", "--lr", "1e-4", "--roi_size", "64", "64", "32"],
+    },
+}
+BUDGETS = tuple(RECIPES)
+VOLUMETRIC = {"lung_seg": "lung", "lesion_seg": "lesion", "covid_cls": "covid"}  # task -> datalist
+# analyze_scan.py runs on this many test scans of each kind (COVID-19, other): the report, not a metric.
+ANALYSED_PER_KIND = 1
+
+
+@dataclass
+class Plan:
+    """Where the demo reads and writes, and how it trains: the data folder, the run folder, the
+    seed, the device and the budget's recipe (:data:`RECIPES`)."""
+
+    data: Path
+    out: Path
+    seed: int = 0
+    device: str = "cpu"
+    budget: str = "fast"
+
+    @property
+    def recipe(self) -> dict[str, list[str]]:
+        return RECIPES[self.budget]
+
+    def common(self) -> list[str]:
+        """Flags every training script takes: seed and device."""
+        return ["--seed", str(self.seed), "--device", self.device]
+
+
+def demo_steps(plan: Plan) -> list[Step]:
     """The demo's steps, in order: 2D track, 3D track, model registry, then the scans."""
+    data = plan.data
     return [
         Step("data", "Phantom data set",
-             ["make_synthetic_data.py", "--out", str(data), "--seed", str(seed)],
+             ["make_synthetic_data.py", "--out", str(data), "--seed", str(plan.seed), *plan.recipe["data"]],
              [f"{data}/montage*.png"]),
-        *segmentation_2d_steps(data, out, seed, device),
-        *classifier_2d_steps(data, out, seed, device),
-        *volumetric_steps(data, out, seed, device),
-        *register_steps(data, out),
-        *analysis_steps(data, out, device),
+        *segmentation_2d_steps(plan),
+        *classifier_2d_steps(plan),
+        *volumetric_steps(plan),
+        *register_steps(plan),
+        *analysis_steps(plan),
     ]
 
 
-def segmentation_2d_steps(data: Path, out: Path, seed: int, device: str) -> list[Step]:
-    """Brief Mask R-CNN training (ResNet18, truncation 1), COCO AP and overlays on the test slices."""
-    seg, run = data / "seg", out / "segmentation"
-    ckpt = str(run / "checkpoint_best.pth")
+def segmentation_2d_steps(plan: Plan) -> list[Step]:
+    """Mask R-CNN training (validated on the val split), COCO AP and overlays on the test slices."""
+    seg, run = plan.data / "seg", plan.out / "segmentation"
+    ckpt, flags = str(run / "checkpoint_best.pth"), plan.recipe["seg"]
+    model = f"{flags[flags.index('--backbone_name') + 1]}, truncation {flags[flags.index('--truncation') + 1]}"
     return [
-        Step("train_seg", "2D lesion segmentation: Mask R-CNN, ResNet18 truncation 1, brief training",
-             ["train_segmentation.py", "--backbone_name", "resnet18", "--truncation", "1", "--mask_type", "both",
-              "--num_epochs", "6", "--save_every", "6", "--batch_size", "2", "--lrate", "1e-3",
-              "--image_size", "256", "--train_data_dir", str(seg / "train"), "--val_data_dir", str(seg / "test"),
-              "--save_dir", str(run), "--overwrite", "--seed", str(seed), "--device", device, "--no_progress"],
+        Step("train_seg", f"2D lesion segmentation: Mask R-CNN ({model}) trained on the phantom slices",
+             ["train_segmentation.py", *flags, "--mask_type", "both", "--save_every", "100",
+              "--train_data_dir", str(seg / "train"), "--val_data_dir", str(seg / "val"),
+              "--save_dir", str(run), "--overwrite", *plan.common(), "--no_progress"],
              [f"{run}/metrics.jsonl"]),
         Step("eval_seg", "2D lesion segmentation: COCO mask and box AP on the test split",
              ["evaluation_mean_ap.py", "--ckpt", ckpt, "--test_data_dir", str(seg / "test"),
-              # COCO AP ranks every detection, so no score filter (a briefly trained model scores low)
-              "--confidence_th", "0.0", "--save_dir", str(run / "eval"), "--device", device],
+              # COCO AP ranks every detection, so no score filter
+              "--confidence_th", "0.0", "--save_dir", str(run / "eval"), "--device", plan.device],
              [f"{run}/eval/metrics.json"]),
-        Step("infer_seg", "2D lesion segmentation: overlays of the test slices",
+        Step("infer_seg", "2D lesion segmentation: overlays of the test slices (detections scored 0.5 or more)",
              ["inference_segmentation.py", "--ckpt", ckpt, "--test_data_dir", str(seg / "test"),
-              # a briefly trained model scores its lesions around 0.1; the overlays print each score
-              "--confidence_th", "0.1", "--save_dir", str(run / "inference"), "--device", device],
+              "--confidence_th", "0.5", "--save_dir", str(run / "inference"), "--device", plan.device],
              [f"{run}/inference/*CP*_overlay.png", f"{run}/inference/predictions.json"]),
     ]
 
 
-def classifier_2d_steps(data: Path, out: Path, seed: int, device: str) -> list[Step]:
+def classifier_2d_steps(plan: Plan) -> list[Step]:
     """COVID-CT-Mask-Net's classifier S on the segmentation model, and its confusion matrix and ROC."""
-    cls, run = data / "cls", out / "classifier"
+    cls, run = plan.data / "cls", plan.out / "classifier"
+    seg_flags = plan.recipe["seg"]
+    model = [flag for key in ("--backbone_name", "--truncation")
+             for flag in seg_flags[seg_flags.index(key):seg_flags.index(key) + 2]]
     return [
-        Step("train_cls", "2D COVID-CT-Mask-Net classifier: S trained on the segmentation model (brief)",
+        Step("train_cls", "2D COVID-CT-Mask-Net classifier: S trained on the segmentation model",
              ["train_classifier.py",
-              "--pretrained_segmentation_model", str(out / "segmentation" / "checkpoint_best.pth"),
-              "--backbone_name", "resnet18", "--truncation", "1", "--num_epochs", "1", "--save_every", "1",
-              "--batch_size", "4", "--lrate", "1e-3", "--image_size", "256", "--train_data_dir", str(cls / "train"),
-              "--val_data_dir", str(cls / "val"), "--save_dir", str(run), "--overwrite", "--seed", str(seed),
-              "--device", device,
+              "--pretrained_segmentation_model", str(plan.out / "segmentation" / "checkpoint_best.pth"),
+              *model, *plan.recipe["cls"], "--save_every", "100", "--train_data_dir", str(cls / "train"),
+              "--val_data_dir", str(cls / "val"), "--save_dir", str(run), "--overwrite", *plan.common(),
               "--no_progress"],
              [f"{run}/metrics.jsonl"]),
         Step("eval_cls", "2D classifier: confusion matrix, sensitivity, AUC on the test slices (and per scan)",
              ["evaluate_classifier.py", "--ckpt", str(run / "checkpoint_best.pth"),
               "--test_data_dir", str(cls / "test"),
-              "--aggregate", "scan", "--save_dir", str(run / "eval"), "--device", device],
+              "--aggregate", "scan", "--save_dir", str(run / "eval"), "--device", plan.device],
              [f"{run}/eval/confusion_matrix.png", f"{run}/eval/roc.png"]),
     ]
 
 
-# 3D settings for a few minutes on two CPU cores: coarse grids and small windows.
-VOLUMETRIC = {
-    "lung_seg": (["--epochs", "30", "--lr", "1e-3", "--spacing", "2", "2", "4", "--roi_size", "64", "64", "32"],
-                 "lung"),
-    "lesion_seg": (["--epochs", "200", "--val_every", "20", "--lr", "2e-3", "--spacing", "1.5", "1.5", "3",
-                    "--roi_size", "64", "64", "16"], "lesion"),
-    "covid_cls": (["--epochs", "10", "--lr", "1e-4", "--roi_size", "64", "64", "32"], "covid"),
-}
-
-
-def volumetric_steps(data: Path, out: Path, seed: int, device: str) -> list[Step]:
-    """Train lung_seg, lesion_seg and covid_cls briefly; validate each on the test scans."""
-    volumes, steps = data / "volumes", []
-    for task, (flags, datalist) in VOLUMETRIC.items():
-        run, listing = out / task, str(volumes / f"dataset_{datalist}.json")
-        steps.append(Step(f"train_{task}", f"3D {task}: brief training",
-                          ["train_volumetric.py", "--task", task, "--datalist", listing, *flags, "--batch_size", "2",
-                           "--save_dir", str(run), "--overwrite", "--seed", str(seed), "--device", device],
+def volumetric_steps(plan: Plan) -> list[Step]:
+    """Train lung_seg, lesion_seg and covid_cls; validate each on the test scans (lesion_seg's Dice
+    over the scans with lesions)."""
+    volumes, steps = plan.data / "volumes", []
+    for task, datalist in VOLUMETRIC.items():
+        run, listing = plan.out / task, str(volumes / f"dataset_{datalist}.json")
+        steps.append(Step(f"train_{task}", f"3D {task}: training",
+                          ["train_volumetric.py", "--task", task, "--datalist", listing, *plan.recipe[task],
+                           "--batch_size", "2", "--save_dir", str(run), "--overwrite", *plan.common(),
+                           "--no_progress"],
                           [f"{run}/metrics.jsonl"]))
         steps.append(Step(f"validate_{task}", f"3D {task}: metrics on the test scans",
                           ["validate_volumetric.py", "--task", task, "--ckpt", str(run / "checkpoint_best.pth"),
                            "--datalist", listing, "--section", "test", "--output", str(run / "test"),
-                           "--device", device],
+                           "--device", plan.device, *(["--ignore_empty"] if task == "lesion_seg" else [])],
                           [f"{run}/test/metrics.json"]))
     return steps
 
 
-def register_steps(data: Path, out: Path) -> list[Step]:
+def register_steps(plan: Plan) -> list[Step]:
     """Put the demo's models into a manifest folder of their own, with hashes and test metrics."""
-    models = out / "models"
+    out, models = plan.out, plan.out / "models"
     entries = [("mask_net_segmentation", out / "segmentation", "eval/metrics.json", "phantom 2D test slices"),
                ("mask_net_classifier", out / "classifier", "eval/metrics.json", "phantom 2D test slices"),
                *((task, out / task, "test/metrics.json", "phantom test scans") for task in VOLUMETRIC)]
     return [Step(f"register_{name}", f"Register {name} in {models}/manifest.json",
                  ["-m", "utils.manifest", "register", str(models), "--name", name,
                   "--ckpt", str(run / "checkpoint_best.pth"), "--metrics", str(run / metrics),
-                  "--data", f"{text} ({data})", "--command", f"python demo.py (step train of {name})"],
+                  "--data", f"{text} ({plan.data})", "--command", f"python demo.py (step train of {name})"],
                  [f"{models}/manifest.json"] if name == "covid_cls" else [])
             for name, run, metrics, text in entries]
 
 
-def analysis_steps(data: Path, out: Path, device: str) -> list[Step]:
-    """analyze_scan.py on the held-out scans (the datalist's test section), models from the manifest."""
-    listing = json.loads((data / "volumes" / "dataset_covid.json").read_text()) if (data / "volumes").exists() else {}
+def analysed_cases(listing: dict) -> list[dict]:
+    """The first :data:`ANALYSED_PER_KIND` test scans with COVID-19 (label 1) and without (label 0)."""
+    test = listing.get("test", [])
+    return [case for label in (1, 0)
+            for case in [c for c in test if int(c.get("label", 0)) == label][:ANALYSED_PER_KIND]]
+
+
+def analysis_steps(plan: Plan) -> list[Step]:
+    """analyze_scan.py on held-out scans (the datalist's test section), models from the manifest."""
+    path = plan.data / "volumes" / "dataset_covid.json"
+    listing = json.loads(path.read_text()) if path.exists() else {}
     steps = []
-    for case in listing.get("test", []):
+    for case in analysed_cases(listing):
         name = Path(case["image"]).name.split(".")[0]
-        report = out / "analysis" / name
+        report = plan.out / "analysis" / name
         steps.append(Step(f"analyze_{name}", f"One scan in, a report out: {name} ({case.get('class', '')})",
-                          ["analyze_scan.py", str(data / "volumes" / case["image"]), "--out", str(report),
-                           "--models_dir", str(out / "models"), "--device", device],
+                          ["analyze_scan.py", str(plan.data / "volumes" / case["image"]), "--out", str(report),
+                           "--models_dir", str(plan.out / "models"), "--device", plan.device],
                           [f"{report}/report.html", f"{report}/montage_lesions.png", f"{report}/slice_profile.png"]))
     return steps
 
@@ -193,19 +236,21 @@ def run_step(step: Step, logs: Path) -> dict:
     return {"step": step, "seconds": seconds, "log": log}
 
 
-def write_summary(records: list[dict], out: Path, seed: int, total_s: float) -> dict:
+def write_summary(records: list[dict], plan: Plan, total_s: float) -> dict:
     """``<out>/summary.json``: each trained model's test result, read from its evaluation files."""
     seconds = {rec["step"].name: rec["seconds"] for rec in records}
-    summary = collect_summary(out, seed=seed, budget="fast", minutes=total_s / 60.0, step_seconds=seconds)
-    (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    summary = collect_summary(plan.out, seed=plan.seed, budget=plan.budget, minutes=total_s / 60.0,
+                              step_seconds=seconds)
+    (plan.out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     return summary
 
 
-def write_index(records: list[dict], out: Path, total_s: float, summary: dict | None = None) -> Path:
+def write_index(records: list[dict], out: Path, total_s: float, summary: dict | None = None,
+                goals: dict = DEMO_FLOORS) -> Path:
     """``<out>/index.html``: the results beside their floors, then each step's log, files and pictures."""
     parts = [f"<h1>COVID-CT demo on phantom data</h1><p>Total time {total_s / 60:.1f} min.</p>"]
     if summary:
-        parts.append("<h2>Results on the held-out test patients</h2>" + html_table(quality_rows(summary, DEMO_FLOORS))
+        parts.append("<h2>Results on the held-out test patients</h2>" + html_table(quality_rows(summary, goals))
                      + "<p>Floors: what a working model clears on any phantom seed in this budget. "
                        "<a href='summary.json'>summary.json</a></p>")
     for rec in records:
@@ -239,26 +284,35 @@ def _embed(path: Path, href: str) -> str:
 
 
 def main(args: argparse.Namespace) -> Path:
-    out, data = Path(args.out), Path(args.data_dir)
-    (out / "logs").mkdir(parents=True, exist_ok=True)
+    plan = Plan(Path(args.data_dir), Path(args.out), args.seed, args.device, "fast")
+    run_plan(plan, only=args.only)
+    return plan.out / "index.html"
+
+
+def run_plan(plan: Plan, *, only: list[str] | None = None, skip: tuple[str, ...] = (), goals: dict = DEMO_FLOORS
+             ) -> dict:
+    """Run the plan's steps (``only`` these names, none starting with a prefix in ``skip``), keeping
+    summary.json and index.html up to date after each; prints the results table and returns the summary."""
+    (plan.out / "logs").mkdir(parents=True, exist_ok=True)
     start, records, done = time.time(), [], set()
-    while pending := _pending(args, data, out, done):  # re-planned: the scans are known once the data exist
-        step = pending[0]
-        print(f"\n[{len(done) + 1}/{len(done) + len(pending)}] {step.name} "
+
+    def pending() -> list[Step]:  # re-planned after each step: the scans are known once the data exist
+        return [s for s in demo_steps(plan) if s.name not in done and (not only or s.name in only)
+                and not s.name.startswith(skip)]
+
+    while steps := pending():
+        step = steps[0]
+        print(f"\n[{len(done) + 1}/{len(done) + len(steps)}] {step.name} "
               f"({(time.time() - start) / 60:.1f} min so far)", flush=True)
-        records.append(run_step(step, out / "logs"))
+        records.append(run_step(step, plan.out / "logs"))
         done.add(step.name)
-        summary = write_summary(records, out, args.seed, time.time() - start)
-        write_index(records, out, time.time() - start, summary)
-    summary = write_summary(records, out, args.seed, time.time() - start)
-    page = write_index(records, out, time.time() - start, summary)
-    print(f"\nDemo finished in {(time.time() - start) / 60:.1f} min. Open {page}")
-    return page
-
-
-def _pending(args: argparse.Namespace, data: Path, out: Path, done: set[str]) -> list[Step]:
-    steps = demo_steps(data, out, args.seed, args.device)
-    return [s for s in steps if s.name not in done and (not args.only or s.name in args.only)]
+        summary = write_summary(records, plan, time.time() - start)
+        write_index(records, plan.out, time.time() - start, summary, goals)
+    summary = write_summary(records, plan, time.time() - start)
+    page = write_index(records, plan.out, time.time() - start, summary, goals)
+    print("\n" + markdown_table(quality_rows(summary, goals)))
+    print(f"Finished in {(time.time() - start) / 60:.1f} min. Open {page}")
+    return summary
 
 
 if __name__ == "__main__":

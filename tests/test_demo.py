@@ -19,13 +19,14 @@ def _parse(argv: list[str]) -> None:
 
 def test_every_step_parses_and_analysis_follows_the_test_split(tmp_path):
     data, out = tmp_path / "data", tmp_path / "out"
-    before = [s.name for s in demo.demo_steps(data, out, 0, "cpu")]
+    before = [s.name for s in demo.demo_steps(demo.Plan(data, out))]
     assert not any(name.startswith("analyze_") for name in before)
     (data / "volumes").mkdir(parents=True)
-    listing = {"test": [{"image": "imagesTr/chest_7.nii.gz", "label_image": "labelsTr/chest_7.nii.gz", "label": 1}]}
+    listing = {"test": [{"image": f"imagesTr/chest_{i}.nii.gz", "label_image": f"labelsTr/chest_{i}.nii.gz",
+                         "label": int(i in (7, 9))} for i in (5, 7, 8, 9)]}
     (data / "volumes" / "dataset_covid.json").write_text(json.dumps(listing))
-    steps = demo.demo_steps(data, out, 0, "cpu")
-    assert [s.name for s in steps] == [*before, "analyze_chest_7"]
+    steps = demo.demo_steps(demo.Plan(data, out))
+    assert [s.name for s in steps] == [*before, "analyze_chest_7", "analyze_chest_5"]  # one COVID-19, one not
     assert len({s.name for s in steps}) == len(steps)
     for step in steps:
         _parse(step.argv)
