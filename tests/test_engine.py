@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from models.mask_net.workflows.loops import frozen_batchnorm_stats, train_one_epoch, validation_loss
+from utils.training import RunConfig, lr_factor, lr_setter, make_optimizer
 
 
 class ToyDetector(torch.nn.Module):
@@ -78,3 +79,36 @@ def test_frozen_batchnorm_context_restores_modes():
     with frozen_batchnorm_stats(model):
         assert not model.bn.training and model.training
     assert model.bn.training
+
+
+@pytest.mark.parametrize("schedule,expected", [
+    ("constant", [1.0, 1.0, 1.0, 1.0]),
+    ("cosine", [1.0, 0.5 * (1 + math.cos(math.pi * 0.5)), 0.5 * (1 + math.cos(math.pi * 0.8)), 0.0]),
+    ("step", [1.0, 1.0, 0.1, 0.01]),
+])
+def test_lr_factor_follows_its_schedule(schedule, expected):
+    got = [lr_factor(schedule, step, 100) for step in (0, 50, 80, 100)]
+    assert got == pytest.approx(expected, abs=1e-12)
+    assert lr_factor(schedule, 0, 100, warmup=10) == pytest.approx(0.001)
+    assert lr_factor(schedule, 5, 100, warmup=10) == pytest.approx((0.001 + 0.999 * 0.5) * lr_factor(schedule, 5, 100))
+    with pytest.raises(ValueError, match="lr_schedule must be one of"):
+        lr_factor("linear", 0, 10)
+
+
+def test_scheduled_epochs_set_the_lr_before_each_step_and_resume_on_the_same_curve():
+    config = RunConfig(save_dir="unused", model_name="m", batch_size=2, lrate=0.1, num_epochs=3,
+                       lr_schedule="cosine", warmup_steps=2, optimizer="sgd")
+    model = ToyDetector()
+    optimizer = make_optimizer(model, config)
+    assert isinstance(optimizer, torch.optim.SGD) and optimizer.param_groups[0]["momentum"] == 0.9
+    seen = []
+    original_step = optimizer.step
+    optimizer.step = lambda *a, **k: (seen.append(optimizer.param_groups[0]["lr"]), original_step(*a, **k))[1]
+    schedule = lr_setter(config, optimizer, steps_per_epoch=_loader(3).__len__())
+    for epoch in range(3):
+        train_one_epoch(model, _loader(3), optimizer, device=torch.device("cpu"), epoch=epoch, progress=False,
+                        set_lr=schedule(epoch))
+    assert seen == pytest.approx([0.1 * lr_factor("cosine", s, 9, warmup=2) for s in range(9)])
+    assert lr_setter(RunConfig(save_dir="x", model_name="m", batch_size=1), optimizer, 3) is None  # constant
+    with pytest.raises(ValueError, match="optimizer must be one of"):
+        make_optimizer(model, RunConfig(save_dir="x", model_name="m", batch_size=1, optimizer="lamb"))

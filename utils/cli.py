@@ -74,7 +74,8 @@ def add_run_args(parser: argparse.ArgumentParser, *, default_save_dir: str) -> N
 
 
 def add_optimisation_args(parser: argparse.ArgumentParser, *, batch_size: int, unit: str) -> None:
-    """``--batch_size --lrate --weight_decay --num_workers --max_steps --no_progress`` of the 2D trainers.
+    """``--batch_size --lrate --weight_decay --optimizer --lr_schedule --warmup_steps --num_workers
+    --max_steps --no_progress`` of the 2D trainers.
 
     ``--lr`` is an alias of ``--lrate`` and ``--workers`` of ``--num_workers`` (the 3D track's names).
 
@@ -85,8 +86,15 @@ def add_optimisation_args(parser: argparse.ArgumentParser, *, batch_size: int, u
     parser.add_argument("--batch_size", type=positive_int, default=batch_size,
                         help=f"{unit} per step (default: {batch_size})")
     parser.add_argument("--lrate", "--lr", dest="lrate", type=float, default=1e-5,
-                        help="Adam learning rate (default: 1e-5)")
-    parser.add_argument("--weight_decay", type=float, default=1e-3, help="Adam weight decay (default: 1e-3)")
+                        help="base learning rate (default: 1e-5)")
+    parser.add_argument("--weight_decay", type=float, default=1e-3, help="weight decay (L2) (default: 1e-3)")
+    parser.add_argument("--optimizer", choices=("adam", "sgd"), default="adam",
+                        help="adam, or sgd with momentum 0.9 (default: adam)")
+    parser.add_argument("--lr_schedule", choices=("constant", "cosine", "step"), default="constant",
+                        help="learning rate over the run: constant, cosine (to zero at the last epoch) or step "
+                             "(x0.1 at 75%% and 90%% of the steps) (default: constant)")
+    parser.add_argument("--warmup_steps", type=non_negative_int, default=0,
+                        help="optimizer steps over which the learning rate rises linearly to --lrate (default: 0)")
     parser.add_argument("--max_steps", type=positive_int, default=None,
                         help="stop each epoch after this many batches, for smoke runs (default: all)")
     add_workers_args(parser)

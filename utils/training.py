@@ -10,6 +10,7 @@ straight through.
 """
 from __future__ import annotations
 
+import math
 import os
 import time
 from dataclasses import asdict, dataclass
@@ -36,7 +37,11 @@ class RunConfig:
         start_epoch: number of the first epoch of a new run.
         save_every: also keep ``<model_name>_ckpt_<epoch>.pth`` every this many epochs.
         model_name: prefix of those periodic checkpoints.
-        batch_size, lrate, weight_decay, num_workers: loader and Adam settings.
+        batch_size, lrate, weight_decay, num_workers: loader and optimizer settings.
+        optimizer: "adam" (the original's) or "sgd" (momentum 0.9).
+        lr_schedule: "constant" (the original's), "cosine" (to zero at the last epoch) or "step"
+            (x0.1 at 75 % and again at 90 % of the steps); see :func:`lr_factor`.
+        warmup_steps: the learning rate rises linearly from 0.1 % of ``lrate`` over these first steps.
         max_steps: batches per epoch (smoke runs), or None for all.
         no_progress: hide progress bars.
         device: cpu, cuda or cuda:N.
@@ -53,6 +58,9 @@ class RunConfig:
     batch_size: int
     lrate: float = 1e-5
     weight_decay: float = 1e-3
+    optimizer: str = "adam"
+    lr_schedule: str = "constant"
+    warmup_steps: int = 0
     num_workers: int = 0
     max_steps: int | None = None
     no_progress: bool = False
@@ -86,10 +94,70 @@ def start_training(config: RunConfig, *, name: str) -> torch.device:
     return device
 
 
-def adam(model: torch.nn.Module, config: RunConfig) -> torch.optim.Adam:
-    """Adam over the parameters of ``model`` that require gradients, at ``config``'s lr and weight decay."""
-    return torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=config.lrate,
-                            weight_decay=config.weight_decay)
+OPTIMIZERS = ("adam", "sgd")
+LR_SCHEDULES = ("constant", "cosine", "step")
+
+
+def make_optimizer(model: torch.nn.Module, config: RunConfig) -> torch.optim.Optimizer:
+    """Adam, or SGD with momentum 0.9, over the parameters of ``model`` that require gradients, at
+    ``config``'s lr and weight decay.
+
+    Raises:
+        ValueError: for an unknown optimizer.
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    if config.optimizer == "adam":
+        return torch.optim.Adam(params, lr=config.lrate, weight_decay=config.weight_decay)
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=config.lrate, momentum=0.9, weight_decay=config.weight_decay)
+    raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {config.optimizer!r}")
+
+
+def lr_factor(schedule: str, step: int, total: int, warmup: int = 0) -> float:
+    """The multiple of the base learning rate at optimizer step ``step`` (counted from 0) of ``total``.
+
+    The factor depends on the step alone, so a resumed run follows the same schedule with nothing
+    stored: ``constant`` 1; ``cosine`` ``0.5 * (1 + cos(pi * step / total))``; ``step`` 1, then 0.1
+    from 75 % and 0.01 from 90 % of ``total``. Over the first ``warmup`` steps it is multiplied by a
+    linear ramp from 0.001 to 1.
+
+    Raises:
+        ValueError: for an unknown schedule.
+    """
+    if schedule == "constant":
+        factor = 1.0
+    elif schedule == "cosine":
+        factor = 0.5 * (1.0 + math.cos(math.pi * min(step, total) / max(total, 1)))
+    elif schedule == "step":
+        factor = 1.0 if step < 0.75 * total else 0.1 if step < 0.9 * total else 0.01
+    else:
+        raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {schedule!r}")
+    if step < warmup:
+        factor *= 0.001 + 0.999 * step / warmup
+    return factor
+
+
+def steps_per_epoch(loader: torch.utils.data.DataLoader, max_steps: int | None) -> int:
+    """Optimizer steps in one epoch over ``loader`` (at most ``max_steps``)."""
+    return min(len(loader), max_steps) if max_steps else len(loader)
+
+
+def lr_setter(config: RunConfig, optimizer: torch.optim.Optimizer, steps_per_epoch: int
+              ) -> Callable[[int], Callable[[int], None]] | None:
+    """``for_epoch(epoch) -> set_lr(step)``: sets the optimizer's lr before each step of ``config``'s
+    schedule (:func:`lr_factor` over all of the run's epochs); None for a constant lr without warm-up."""
+    if config.lr_schedule == "constant" and not config.warmup_steps:
+        return None
+    total = (config.start_epoch + config.num_epochs) * steps_per_epoch
+
+    def for_epoch(epoch: int) -> Callable[[int], None]:
+        def set_lr(step: int) -> None:
+            value = config.lrate * lr_factor(config.lr_schedule, epoch * steps_per_epoch + step, total,
+                                             config.warmup_steps)
+            for group in optimizer.param_groups:
+                group["lr"] = value
+        return set_lr
+    return for_epoch
 
 
 def fit(config: RunConfig, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
@@ -117,9 +185,11 @@ def fit(config: RunConfig, *, model: torch.nn.Module, optimizer: torch.optim.Opt
                  best=best)
     first_epoch = config.start_epoch
     if config.resume:
+        scheduled = config.lr_schedule != "constant" or config.warmup_steps  # its lr is set before every step
         first_epoch, _ = resume_training(config.resume, model=model, optimizer=optimizer, run=run,
                                          builder=builder, kind=kind,
-                                         hyperparameters={"lr": config.lrate, "weight_decay": config.weight_decay})
+                                         hyperparameters={"lr": None if scheduled else config.lrate,
+                                                          "weight_decay": config.weight_decay})
 
     def checkpoint(epoch: int, record: dict) -> dict:
         return make_checkpoint(model=model, optimizer=optimizer, epoch=epoch, args=args, builder=builder,

@@ -32,7 +32,16 @@ from utils.checkpoint import load_checkpoint
 from utils.classification_metrics import one_vs_rest_auc
 from utils.reproducibility import worker_init_fn
 from utils.run_dir import Best, RunDir
-from utils.training import RunConfig, adam, current_lr, fit, load_weights, start_training
+from utils.training import (
+    RunConfig,
+    current_lr,
+    fit,
+    load_weights,
+    lr_setter,
+    make_optimizer,
+    start_training,
+    steps_per_epoch,
+)
 
 from .classifier_evaluation import ClassifierSettings, collate_slices, predict_logits
 from .loops import train_one_epoch
@@ -170,7 +179,8 @@ def train_classifier(config: ClassifierTrainConfig) -> RunDir:
         use_gather_poolers(model.roi_heads)
     total, trainable = parameter_counts(model)
     print(f"trainable parameters: {trainable:,} of {total:,} (module S and the backbone's BatchNorm affine parameters)")
-    optimizer = adam(model, config)
+    optimizer = make_optimizer(model, config)
+    schedule = lr_setter(config, optimizer, steps_per_epoch(train_loader, config.max_steps))
     weights = inverse_frequency_weights(train_loader.dataset.labels) if config.class_balance else None
     steps = dict(max_steps=config.max_steps, progress=not config.no_progress)
 
@@ -179,6 +189,7 @@ def train_classifier(config: ClassifierTrainConfig) -> RunDir:
 
     def run_epoch(epoch: int) -> dict:
         train = train_one_epoch(model, train_loader, optimizer, device=device, epoch=epoch, loss_fn=loss_fn,
+                                set_lr=schedule(epoch) if schedule else None,
                                 freeze_bn_stats=True, **steps)
         val = validate(model, val_loader, device=device, loss_kind=config.loss, **steps)
         print(f"Epoch {epoch}: train loss = {train['loss']:.3f}, validation loss = {val['loss']:.3f}, "

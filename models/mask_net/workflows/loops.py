@@ -61,7 +61,8 @@ def _sum_losses(loss_dict: dict[str, torch.Tensor]) -> torch.Tensor:
 def train_one_epoch(model: torch.nn.Module, loader: Iterable, optimizer: torch.optim.Optimizer, *,
                     device: torch.device, epoch: int, loss_fn: Callable | None = None,
                     scaler: torch.amp.GradScaler | None = None, freeze_bn_stats: bool = False,
-                    max_steps: int | None = None, progress: bool = True) -> dict[str, float]:
+                    max_steps: int | None = None, progress: bool = True,
+                    set_lr: Callable[[int], None] | None = None) -> dict[str, float]:
     """One pass over ``loader`` with optimizer steps.
 
     Args:
@@ -77,6 +78,7 @@ def train_one_epoch(model: torch.nn.Module, loader: Iterable, optimizer: torch.o
         freeze_bn_stats: keep BatchNorm running statistics frozen while training.
         max_steps: stop after this many batches (smoke runs); None for the whole loader.
         progress: show a tqdm bar with the running losses.
+        set_lr: ``set_lr(step)`` sets the learning rate before each step (a schedule), or None.
 
     Returns:
         Mean of each loss over the epoch, ``loss`` (their sum) and, for a Mask R-CNN, ``rpn_pos_fraction``
@@ -97,6 +99,8 @@ def train_one_epoch(model: torch.nn.Module, loader: Iterable, optimizer: torch.o
             if not torch.isfinite(total):
                 raise FloatingPointError(f"loss is {total.item()} at epoch {epoch}, step {step}: {_fmt(losses)}")
             optimizer.zero_grad(set_to_none=True)
+            if set_lr is not None:
+                set_lr(step)
             backward_step(total, optimizer, scaler)
             _accumulate(totals, losses, total)
             _accumulate_sampling(sampling, model)

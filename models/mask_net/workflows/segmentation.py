@@ -31,7 +31,7 @@ from utils.plots import detection_overlay
 from utils.reproducibility import worker_init_fn
 from utils.rle import encode_masks
 from utils.run_dir import Best, RunDir
-from utils.training import RunConfig, adam, current_lr, fit, start_training
+from utils.training import RunConfig, current_lr, fit, lr_setter, make_optimizer, start_training, steps_per_epoch
 
 from .loops import train_one_epoch, validation_detection_metrics, validation_loss
 
@@ -142,11 +142,13 @@ def train_segmentation(config: SegmentationTrainConfig) -> RunDir:
     model.to(device)
     if device.type == "cpu":  # torchvision's CPU RoIAlign backward runs on one thread
         use_gather_poolers(model.roi_heads)
-    optimizer = adam(model, config)
+    optimizer = make_optimizer(model, config)
+    schedule = lr_setter(config, optimizer, steps_per_epoch(train_loader, config.max_steps))
     steps = dict(max_steps=config.max_steps, progress=not config.no_progress)
 
     def run_epoch(epoch: int) -> dict:
-        train = train_one_epoch(model, train_loader, optimizer, device=device, epoch=epoch, **steps)
+        train = train_one_epoch(model, train_loader, optimizer, device=device, epoch=epoch,
+                                set_lr=schedule(epoch) if schedule else None, **steps)
         val = {**validation_loss(model, val_loader, device=device, epoch=epoch, **steps),
                **validation_detection_metrics(model, val_loader, device=device, epoch=epoch, **steps)}
         print(f"Epoch {epoch}: train loss = {train['loss']:.3f}, validation loss = {val['loss']:.3f}, "
