@@ -71,6 +71,23 @@ RECIPES = {
         "covid_cls": ["--epochs", "6", "--lr", "1e-4", "--roi_size", "64", "64", "32"],
     },
 }
+# Not yet timed end to end: longer schedules, the original's ResNet18/34 truncation 1 at 512 px, 30
+# covid_cls test scans, and UNETR organ_seg from the ssl_pretrain encoder against random initialisation.
+RECIPES["full"] = {
+    **RECIPES["fast"],
+    "data": ["--n_volumes", "150", "--volume_shape", "96", "96", "32", "--n_abdomen", "24"],
+    "seg": ["--backbone_name", "resnet18", "--truncation", "1", "--num_epochs", "20", "--batch_size", "2",
+            "--lrate", "1e-3", "--lr_schedule", "cosine", "--warmup_steps", "100", "--image_size", "512"],
+    "seg_resnet34": ["--backbone_name", "resnet34", "--truncation", "1", "--num_epochs", "20", "--batch_size", "2",
+                     "--lrate", "1e-3", "--lr_schedule", "cosine", "--warmup_steps", "100", "--image_size", "512"],
+    "cls": ["--num_epochs", "5", "--batch_size", "4", "--lrate", "1e-3", "--image_size", "512"],
+    "lung_seg": ["--epochs", "20", "--lr", "2e-3", "--spacing", "2", "2", "4", "--roi_size", "64", "64", "32"],
+    "lesion_seg": ["--epochs", "60", "--val_every", "10", "--lr", "2e-3", "--spacing", "1.5", "1.5", "3",
+                   "--roi_size", "64", "64", "16"],
+    "covid_cls": ["--epochs", "20", "--lr", "1e-4", "--roi_size", "64", "64", "32"],
+    "ssl_pretrain": ["--epochs", "50", "--val_every", "10"],
+    "organ_seg": ["--epochs", "100", "--val_every", "20"],
+}
 BUDGETS = tuple(RECIPES)
 VOLUMETRIC = {"lung_seg": "lung", "lesion_seg": "lesion", "covid_cls": "covid"}  # task -> datalist
 # analyze_scan.py runs on this many test scans of each kind (COVID-19, other): the report, not a metric.
@@ -106,7 +123,9 @@ def demo_steps(plan: Plan) -> list[Step]:
              [f"{data}/montage*.png"]),
         *segmentation_2d_steps(plan),
         *classifier_2d_steps(plan),
+        *second_backbone_steps(plan),
         *volumetric_steps(plan),
+        *organ_steps(plan),
         *register_steps(plan),
         *analysis_steps(plan),
     ]
@@ -133,6 +152,47 @@ def segmentation_2d_steps(plan: Plan) -> list[Step]:
               "--confidence_th", "0.5", "--save_dir", str(run / "inference"), "--device", plan.device],
              [f"{run}/inference/*CP*_overlay.png", f"{run}/inference/predictions.json"]),
     ]
+
+
+def second_backbone_steps(plan: Plan) -> list[Step]:
+    """The recipe's ``seg_resnet34`` model, trained and scored as the first (full budget only)."""
+    if "seg_resnet34" not in plan.recipe:
+        return []
+    seg, run = plan.data / "seg", plan.out / "segmentation_resnet34"
+    return [
+        Step("train_seg_resnet34", "2D lesion segmentation: Mask R-CNN (resnet34, truncation 1)",
+             ["train_segmentation.py", *plan.recipe["seg_resnet34"], "--mask_type", "both", "--save_every", "100",
+              "--train_data_dir", str(seg / "train"), "--val_data_dir", str(seg / "val"),
+              "--save_dir", str(run), "--overwrite", *plan.common(), "--no_progress"],
+             [f"{run}/metrics.jsonl"]),
+        Step("eval_seg_resnet34", "2D lesion segmentation (resnet34): COCO mask and box AP on the test split",
+             ["evaluation_mean_ap.py", "--ckpt", str(run / "checkpoint_best.pth"), "--test_data_dir",
+              str(seg / "test"), "--confidence_th", "0.0", "--save_dir", str(run / "eval"), "--device", plan.device],
+             [f"{run}/eval/metrics.json"]),
+    ]
+
+
+def organ_steps(plan: Plan) -> list[Step]:
+    """ssl_pretrain, then UNETR organ_seg from its encoder and from random weights (full budget only)."""
+    if "organ_seg" not in plan.recipe:
+        return []
+    listing, ssl = str(plan.data / "abdomen" / "dataset.json"), plan.out / "ssl_pretrain"
+    steps = [Step("train_ssl_pretrain", "3D ssl_pretrain: ViT auto-encoder on the abdomen volumes",
+                  ["train_volumetric.py", "--task", "ssl_pretrain", "--datalist", listing, *plan.recipe["ssl_pretrain"],
+                   "--batch_size", "2", "--save_dir", str(ssl), "--overwrite", *plan.common(), "--no_progress"],
+                  [f"{ssl}/metrics.jsonl"])]
+    for name, extra in (("organ_seg", ["--pretrained_encoder", str(ssl / "checkpoint_best.pth")]),
+                        ("organ_seg_random", [])):
+        run = plan.out / name
+        steps += [Step(f"train_{name}", f"3D organ_seg, UNETR {'from the ssl encoder' if extra else 'from scratch'}",
+                       ["train_volumetric.py", "--task", "organ_seg", "--datalist", listing, *plan.recipe["organ_seg"],
+                        *extra, "--batch_size", "2", "--save_dir", str(run), "--overwrite", *plan.common(),
+                        "--no_progress"], [f"{run}/metrics.jsonl"]),
+                  Step(f"validate_{name}", f"3D {name}: Dice on the test volumes",
+                       ["validate_volumetric.py", "--task", "organ_seg", "--ckpt", str(run / "checkpoint_best.pth"),
+                        "--datalist", listing, "--section", "test", "--output", str(run / "test"),
+                        "--device", plan.device], [f"{run}/test/metrics.json"])]
+    return steps
 
 
 def classifier_2d_steps(plan: Plan) -> list[Step]:

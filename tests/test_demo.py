@@ -32,3 +32,13 @@ def test_every_step_parses_and_analysis_follows_the_test_split(tmp_path):
         _parse(step.argv)
     registered = {s.argv[s.argv.index("--name") + 1] for s in steps if s.name.startswith("register_")}
     assert registered >= {"lung_seg", "lesion_seg", "covid_cls", "mask_net_classifier"}  # what analyze_scan needs
+
+
+def test_every_budget_plans_steps_that_parse(tmp_path):
+    for budget in demo.BUDGETS:
+        steps = demo.demo_steps(demo.Plan(tmp_path / "data", tmp_path / "out", seed=3, budget=budget))
+        assert len({s.name for s in steps}) == len(steps)
+        for step in steps:
+            _parse(step.argv)
+    full = {s.name for s in demo.demo_steps(demo.Plan(tmp_path, tmp_path, budget="full"))}
+    assert {"train_seg_resnet34", "train_ssl_pretrain", "train_organ_seg", "train_organ_seg_random"} <= full

@@ -86,3 +86,12 @@ def test_a_malformed_evaluation_file_is_named(run):
     (run / "lung_seg/test/metrics.json").write_text(json.dumps({"dice": 0.9}))
     with pytest.raises(ValueError, match="lung_seg/test/metrics.json"):
         collect_summary(run, seed=0, budget="fast", minutes=1.0)
+
+
+def test_benchmark_report_names_the_command_and_what_was_missed(run, tmp_path):
+    from benchmarks.bench_quality import write_report
+
+    summary = collect_summary(run, seed=11, budget="fast", minutes=3.0)
+    rows = quality_rows(summary, DEMO_FLOORS)
+    text = write_report(summary, rows, tmp_path / "quality.md", "cpu").read_text()
+    assert "--seed 11 --budget fast --device cpu" in text and "Missed: covid_cls auc." in text

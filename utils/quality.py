@@ -31,6 +31,7 @@ FULL_GOALS = {
     ("mask_net_classifier", "slice_accuracy"): 0.90, ("mask_net_classifier", "macro_auc"): 0.97,
     ("mask_net_classifier", "scan_accuracy"): 0.95,
     ("lung_seg", "mean_dice"): 0.95, ("lesion_seg", "mean_dice"): 0.70, ("covid_cls", "auc"): 0.95,
+    ("organ_seg", "mean_dice"): 0.70, ("organ_seg", "gain"): 1e-9,  # a gain above zero
 }
 # The least number of test cases behind each goal (covid_cls needs enough scans for an AUC).
 MIN_CASES = {"fast": {"covid_cls": 10}, "full": {"covid_cls": 30}}
@@ -42,6 +43,7 @@ SOURCES = {
     "lung_seg": ("lung_seg", "test/metrics.json", "train_lung_seg"),
     "lesion_seg": ("lesion_seg", "test/metrics.json", "train_lesion_seg"),
     "covid_cls": ("covid_cls", "test/metrics.json", "train_covid_cls"),
+    "organ_seg": ("organ_seg", "test/metrics.json", "train_organ_seg"),
 }
 
 
@@ -69,8 +71,13 @@ def _covid(metrics: dict) -> dict:
     return {key: metrics[key] for key in ("auc", "accuracy", "sensitivity", "specificity", "cases")}
 
 
+def _organs(metrics: dict) -> dict:
+    return {"mean_dice": metrics["mean_dice"], "cases": metrics["cases"]}
+
+
 READERS = {"mask_net_segmentation": _segmentation, "mask_net_segmentation_resnet34": _segmentation,
-           "mask_net_classifier": _classifier, "lung_seg": _dice, "lesion_seg": _dice, "covid_cls": _covid}
+           "mask_net_classifier": _classifier, "lung_seg": _dice, "lesion_seg": _dice, "covid_cls": _covid,
+           "organ_seg": _organs}
 
 
 def collect_summary(run: str | Path, *, seed: int, budget: str, minutes: float,
@@ -98,7 +105,16 @@ def collect_summary(run: str | Path, *, seed: int, budget: str, minutes: float,
         if train_step in step_seconds:
             entry["train_minutes"] = round(step_seconds[train_step] / 60.0, 2)
         summary[name] = entry
+    _add_random_init(summary, run / "organ_seg_random" / "test" / "metrics.json")
     return summary
+
+
+def _add_random_init(summary: dict, path: Path) -> None:
+    """organ_seg's ``mean_dice_random_init`` and ``gain`` over it, from the randomly initialised run."""
+    if "organ_seg" in summary and path.is_file():
+        random_init = json.loads(path.read_text())["mean_dice"]
+        summary["organ_seg"].update(mean_dice_random_init=random_init,
+                                    gain=summary["organ_seg"]["mean_dice"] - random_init)
 
 
 def quality_rows(summary: dict, goals: dict) -> list[dict]:
