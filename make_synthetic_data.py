@@ -32,6 +32,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="side of the 2D slices in pixels (default: 512)")
     p.add_argument("--n_volumes", type=non_negative_int, default=12,
                    help="chest volumes; 12 put every class in the validation split (default: 12)")
+    p.add_argument("--volume_splits", type=float, nargs=3, default=[0.6, 0.2, 0.2], metavar=("TRAIN", "VAL", "TEST"),
+                   help="shares of the chest volumes in the training, validation and test splits "
+                        "(default: 0.6 0.2 0.2)")
     p.add_argument("--volume_shape", type=positive_int, nargs=3, default=[128, 128, 40], metavar=("X", "Y", "Z"),
                    help="chest volume shape; Z is the slice count at 2.5 mm spacing (default: 128 128 40)")
     p.add_argument("--n_abdomen", type=non_negative_int, default=4, help="abdomen volumes (default: 4)")
@@ -50,7 +53,8 @@ def main(args: argparse.Namespace) -> dict:
     summary = generate_dataset(
         args.out, seed=args.seed, n_patients=args.n_patients, n_seg_patients=args.n_seg_patients,
         slices_per_patient=args.slices_per_patient, image_size=args.image_size, volume_shape=tuple(args.volume_shape),
-        n_volumes=args.n_volumes, n_abdomen=args.n_abdomen, abdomen_shape=tuple(args.abdomen_shape),
+        n_volumes=args.n_volumes, volume_fractions=tuple(args.volume_splits), n_abdomen=args.n_abdomen,
+        abdomen_shape=tuple(args.abdomen_shape),
         outputs=tuple(args.outputs), workers=args.workers, montage=not args.no_montage)
     print(f"Phantom data set (seed {args.seed}) written to {args.out} in {time.time() - start:.1f} s")
     for key in ("seg", "cls", "volumes", "abdomen"):

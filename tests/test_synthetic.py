@@ -176,13 +176,22 @@ def test_bad_arguments_are_named():
         generate_dataset("/nonexistent", outputs=("seg", "dicom"))
     with pytest.raises(ValueError, match="image_size"):
         generate_dataset("/nonexistent", image_size=16)
+    with pytest.raises(ValueError, match="volume_fractions"):
+        generate_dataset("/nonexistent", volume_fractions=(0.5, 0.2, 0.2))
+
+
+def test_volume_splits_set_the_test_share(tmp_path):
+    summary = generate_dataset(tmp_path, seed=2, n_volumes=10, volume_fractions=(0.4, 0.2, 0.4),
+                               volume_shape=(24, 24, 6), outputs=("volumes",), montage=False)
+    assert summary["volumes"]["counts"] == {"training": 4, "validation": 2, "test": 4}
 
 
 def test_seg_layout_and_lesion_mix(phantom):
     out, _ = phantom
-    kinds = set()
-    for split in ("train", "test"):
+    kinds, patients = set(), {}
+    for split in ("train", "val", "test"):
         imgs = sorted(p.name for p in (out / "seg" / split / "imgs").glob("*.png"))
+        patients[split] = {name.split("_")[1] for name in imgs}
         masks = sorted(p.name for p in (out / "seg" / split / "masks").glob("*.png"))
         assert imgs and imgs == masks
         for name in masks:
@@ -194,6 +203,8 @@ def test_seg_layout_and_lesion_mix(phantom):
             assert values <= {0, 1, 2, 3}
             kinds.add((2 in values, 3 in values))
     assert {(False, False), (False, True), (True, True)} <= kinds  # none, consolidation only, both
+    assert not (patients["train"] & patients["val"] or patients["train"] & patients["test"]
+                or patients["val"] & patients["test"]), "a patient in two splits"
 
 
 def test_cls_split_files(phantom):

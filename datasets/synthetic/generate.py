@@ -9,7 +9,7 @@ from .volume_writers import write_abdomen, write_volumes
 from .writers import OUTPUTS, write_cls, write_seg
 
 
-def _check(outputs, image_size: int, volume_shape, counts: dict) -> None:
+def _check(outputs, image_size: int, volume_shape, counts: dict, fractions) -> None:
     unknown = sorted(set(outputs) - set(OUTPUTS))
     if unknown:
         raise ValueError(f"outputs must be a subset of {OUTPUTS}, got unknown {unknown}")
@@ -20,11 +20,14 @@ def _check(outputs, image_size: int, volume_shape, counts: dict) -> None:
     for name, value in counts.items():
         if int(value) < 0:
             raise ValueError(f"{name} must be >= 0, got {value}")
+    if len(fractions) != 3 or min(fractions) < 0 or abs(sum(fractions) - 1.0) > 1e-6:
+        raise ValueError(f"volume_fractions must be three shares >= 0 summing to 1, got {tuple(fractions)}")
 
 
 def generate_dataset(out_dir: str | Path, *, seed: int = 0, n_patients: int = 30, n_seg_patients: int = 40,
                      slices_per_patient: int = 8, image_size: int = 512, volume_shape=(128, 128, 40),
-                     n_volumes: int = 12, n_abdomen: int = 4, abdomen_shape=(96, 96, 48),
+                     n_volumes: int = 12, volume_fractions=(0.6, 0.2, 0.2), n_abdomen: int = 4,
+                     abdomen_shape=(96, 96, 48),
                      outputs=OUTPUTS, workers: int = 1, montage: bool = True) -> dict:
     """Generate the phantom data set under ``out_dir`` (layouts: see the package docstring).
 
@@ -38,6 +41,7 @@ def generate_dataset(out_dir: str | Path, *, seed: int = 0, n_patients: int = 30
         volume_shape: (X, Y, Z) of chest volumes; Z is the slice count at 2.5 mm spacing (thinner
             slices give proportionally more).
         n_volumes: chest volumes (one patient each); 12 give every class in the validation split.
+        volume_fractions: shares of the chest volumes in the training, validation and test splits.
         n_abdomen: abdomen volumes.
         abdomen_shape: (X, Y, Z) of abdomen volumes.
         outputs: any of ``"seg"``, ``"cls"``, ``"volumes"``, ``"abdomen"``.
@@ -52,7 +56,7 @@ def generate_dataset(out_dir: str | Path, *, seed: int = 0, n_patients: int = 30
         ValueError: for an unknown output or a bad size or count.
     """
     _check(outputs, image_size, volume_shape, dict(n_patients=n_patients, n_seg_patients=n_seg_patients,
-                                                     n_volumes=n_volumes, n_abdomen=n_abdomen))
+                                                     n_volumes=n_volumes, n_abdomen=n_abdomen), volume_fractions)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     size = (int(image_size), int(image_size))
@@ -65,7 +69,7 @@ def generate_dataset(out_dir: str | Path, *, seed: int = 0, n_patients: int = 30
                                    size=size, workers=workers)
     if "volumes" in outputs:
         summary["volumes"] = write_volumes(out, seed=seed, n_volumes=n_volumes, volume_shape=volume_shape,
-                                           workers=workers)
+                                           workers=workers, fractions=volume_fractions)
     if "abdomen" in outputs:
         summary["abdomen"] = write_abdomen(out, seed=seed, n_abdomen=n_abdomen, abdomen_shape=abdomen_shape,
                                            workers=workers)

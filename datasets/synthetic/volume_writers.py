@@ -54,8 +54,10 @@ def _datalist(name: str, description: str, labels: dict, entries: dict) -> dict:
             "labels": labels, **entries}
 
 
-def write_volumes(out: Path, *, seed: int, n_volumes: int, volume_shape, workers: int) -> dict:
-    """Chest NIfTI volumes and their datalists under ``out/volumes``.
+def write_volumes(out: Path, *, seed: int, n_volumes: int, volume_shape, workers: int,
+                  fractions: tuple[float, float, float] = (0.6, 0.2, 0.2)) -> dict:
+    """Chest NIfTI volumes and their datalists under ``out/volumes``, split by patient in ``fractions``
+    (training, validation, test).
 
     Files: ``imagesTr/chest_<pid>.nii.gz`` (int16 HU), ``labelsTr/`` (lungs: 0, 1 left, 2 right),
     ``lesionsTr/`` (0, 1 GGO, 2 consolidation), same names. Datalists (paths relative to
@@ -67,7 +69,7 @@ def write_volumes(out: Path, *, seed: int, n_volumes: int, volume_shape, workers
     for sub in ("imagesTr", "labelsTr", "lesionsTr"):
         (root / sub).mkdir(parents=True, exist_ok=True)
     classes = _patients("volumes", n_volumes, seed)
-    splits = split_patients(classes, VOLUME_SPLITS, (0.6, 0.2, 0.2), seed)
+    splits = split_patients(classes, VOLUME_SPLITS, tuple(fractions), seed)
     tasks = [dict(pid=pid, cls=cls, pseed=patient_seed(seed, pid), root=str(root), name=f"chest_{pid}.nii.gz",
                   volume_shape=tuple(volume_shape), orientation=("RAS", "LPS")[i % 2])
              for i, (pid, cls) in enumerate(classes.items())]

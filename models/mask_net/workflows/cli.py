@@ -31,11 +31,15 @@ MODEL_FLAGS = {
     "rpn_bg_iou_th": ({"type": probability}, "IoU below which an anchor is a negative RPN training sample"),
     "roi_fg_iou_th": ({"type": probability}, "IoU from which a proposal is a positive RoI training sample"),
     "roi_bg_iou_th": ({"type": probability}, "IoU below which a proposal is a background RoI training sample"),
+    "roi_samples": ({"type": positive_int}, "RoIs sampled per image to train the box and mask heads"),
+    "fpn_channels": ({"type": positive_int}, "channels of the FPN levels, the RPN head and the RoI features"),
     "anchor_sizes": ({"type": positive_int, "nargs": "+"},
                      "anchor sizes in input pixels, used on every FPN level (each combined with every aspect ratio)"),
 }
-# Training-only flags of train_segmentation.py: the anchor and RoI matching (stored in the checkpoint).
-SAMPLING_FLAGS = ("rpn_fg_iou_th", "rpn_bg_iou_th", "roi_fg_iou_th", "roi_bg_iou_th", "anchor_sizes")
+# Training-only flags of train_segmentation.py: the anchor and RoI matching and sampling, and the FPN's width
+# (stored in the checkpoint's builder kwargs).
+SAMPLING_FLAGS = ("rpn_fg_iou_th", "rpn_bg_iou_th", "roi_fg_iou_th", "roi_bg_iou_th", "roi_samples", "anchor_sizes",
+                  "fpn_channels")
 SEGMENTATION_INFERENCE_FLAGS = ("backbone_name", "truncation", "mask_type", "rpn_nms_th", "roi_nms_th", "confidence_th")
 CLASSIFIER_FLAGS = ("backbone_name", "truncation", "num_classes", "roi_batch_size", "s_features", "rpn_nms_th",
                     "roi_nms_th")

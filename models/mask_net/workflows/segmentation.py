@@ -41,7 +41,8 @@ TRAINED_SETTINGS = ("backbone_name", "truncation", "rpn_nms_th", "image_size")
 # Training-only settings (flag -> builder keyword of maskrcnn_resnet_fpn); None keeps the builder's default.
 SAMPLING_SETTINGS = {"rpn_fg_iou_th": "rpn_fg_iou_thresh", "rpn_bg_iou_th": "rpn_bg_iou_thresh",
                      "roi_fg_iou_th": "box_fg_iou_thresh", "roi_bg_iou_th": "box_bg_iou_thresh",
-                     "anchor_sizes": "anchor_sizes"}
+                     "roi_samples": "box_batch_size_per_image", "anchor_sizes": "anchor_sizes",
+                     "fpn_channels": "fpn_channels"}
 # Training presets: builder keywords of the anchor and RoI matching, before the flags (a flag given wins).
 # "paper" keeps COVID-CT-Mask-Net's values (the builder's covid preset: RoI foreground IoU 0.75,
 # background below 0.5, RPN 0.7 / 0.3, anchors 2-32 px); "lesion", the default, takes a proposal with
@@ -64,8 +65,9 @@ class SegmentationTrainConfig(RunConfig):
             +-0.1; ``datasets.augmentation.SliceAugmentation``).
         backbone_name, truncation, rpn_nms_th, image_size: the model (see ``workflows.cli.MODEL_FLAGS``).
         preset: the anchor and RoI matching of training (:data:`PRESETS`): "lesion" or "paper".
-        rpn_fg_iou_th, rpn_bg_iou_th, roi_fg_iou_th, roi_bg_iou_th, anchor_sizes: the anchor and RoI
-            matching (see :data:`SAMPLING_SETTINGS`); None keeps the preset's value.
+        rpn_fg_iou_th, rpn_bg_iou_th, roi_fg_iou_th, roi_bg_iou_th, roi_samples, anchor_sizes: the
+            anchor and RoI matching and sampling; fpn_channels: the FPN's width (see
+            :data:`SAMPLING_SETTINGS`); None keeps the preset's value.
         pretrained_model: segmentation checkpoint whose weights initialise training, or None.
         use_pretrained_resnet_backbone: local torchvision ResNet state dict for the backbone, or None.
     """
@@ -85,7 +87,9 @@ class SegmentationTrainConfig(RunConfig):
     rpn_bg_iou_th: float | None = None
     roi_fg_iou_th: float | None = None
     roi_bg_iou_th: float | None = None
+    roi_samples: int | None = None
     anchor_sizes: tuple[int, ...] | None = None
+    fpn_channels: int | None = None
     pretrained_model: str | None = None
     use_pretrained_resnet_backbone: str | None = None
     save_dir: str = "runs/segmentation"
