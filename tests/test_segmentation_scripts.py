@@ -89,6 +89,7 @@ def test_sampling_flags_reach_the_checkpoint_and_the_rebuilt_model(seg_root, tmp
 def test_default_lesion_preset_takes_roi_foreground_from_iou_half(trained):
     kwargs = load_checkpoint(trained / "checkpoint_last.pth")["builder_kwargs"]
     assert (kwargs["box_fg_iou_thresh"], kwargs["box_bg_iou_thresh"]) == (0.5, 0.5)
+    assert (kwargs["box_batch_size_per_image"], kwargs["fpn_channels"]) == (128, 128)
     assert not {"rpn_fg_iou_thresh", "rpn_bg_iou_thresh", "anchor_sizes"} & set(kwargs)
 
 
@@ -96,7 +97,7 @@ def test_paper_preset_keeps_the_originals_matching_and_a_flag_overrides_a_preset
     train_segmentation.main(_train_args(seg_root, tmp_path / "paper", "--preset", "paper", "--max_steps", "1"))
     kwargs = load_checkpoint(tmp_path / "paper" / "checkpoint_last.pth")["builder_kwargs"]
     assert not {"rpn_fg_iou_thresh", "rpn_bg_iou_thresh", "box_fg_iou_thresh", "box_bg_iou_thresh",
-                "anchor_sizes"} & set(kwargs)
+                "anchor_sizes", "box_batch_size_per_image", "fpn_channels"} & set(kwargs)
     model = maskrcnn_resnet_fpn(**kwargs)
     assert (model.roi_heads.matcher.high, model.roi_heads.matcher.low) == (0.75, 0.5)
     config = SegmentationTrainConfig(roi_fg_iou_th=0.6)
