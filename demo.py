@@ -63,8 +63,9 @@ RECIPES = {
         "data": ["--n_volumes", "50", "--volume_shape", "96", "96", "32"],
         # truncation 2 (stride 8) at 256 px: most phantom lesions are under 16 px there (README)
         "seg": ["--backbone_name", "resnet18", "--truncation", "2", "--num_epochs", "8", "--batch_size", "2",
-                "--lrate", "1e-3", "--image_size", "256"],
-        "cls": ["--num_epochs", "2", "--batch_size", "4", "--lrate", "1e-3", "--image_size", "256"],
+                "--lrate", "1e-3", "--lr_schedule", "cosine", "--warmup_steps", "50", "--image_size", "256"],
+        "cls": ["--num_epochs", "2", "--batch_size", "4", "--lrate", "1e-3", "--lr_schedule", "cosine",
+                "--image_size", "256"],
         "lung_seg": ["--epochs", "6", "--lr", "1e-3", "--spacing", "2", "2", "4", "--roi_size", "64", "64", "32"],
         "lesion_seg": ["--epochs", "40", "--val_every", "10", "--lr", "2e-3", "--spacing", "1.5", "1.5", "3",
                        "--roi_size", "64", "64", "16"],

@@ -63,9 +63,10 @@ def test_train_validate_infer_end_to_end(tmp_path):
     run = tmp_path / "run"
     train_volumetric.main(train_volumetric.get_args_parser().parse_args(
         ["--task", "lesion_seg", "--datalist", str(datalist), "--epochs", "2", "--batch_size", "2",
-         "--save_dir", str(run), "--val_every", "1", *LESION_FLAGS]))
+         "--save_dir", str(run), "--val_every", "1", "--lr", "1e-3", "--lr_schedule", "cosine", *LESION_FLAGS]))
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in records] == [0, 1] and all("val_dice" in r for r in records)
+    assert [r["lr"] for r in records] == pytest.approx([1e-3, 5e-4])  # cosine over the two epochs
     ckpt = load_checkpoint(run / "checkpoint_best.pth")
     assert ckpt["task"] == "lesion_seg" and ckpt["builder"] == "models.volumetric.lesion_seg.build_network"
     assert ckpt["task_config"]["roi_size"] == [32, 32, 16]

@@ -16,6 +16,7 @@ from models.volumetric.common import TEST
 from models.volumetric.config import BLEND_MODES, CROP_REGIONS
 from models.volumetric.trainer import TrainSettings
 from utils.cli import args_to_dict, non_negative_int, positive_int
+from utils.training import LR_SCHEDULES
 
 NETWORK_FLAGS = ("hidden_size", "mlp_dim", "num_heads", "num_layers", "feature_size")
 PRETRAINED_FLAGS = ("pretrained_encoder", "pretrained_2d")
@@ -88,6 +89,9 @@ def add_optimisation_args(parser: argparse.ArgumentParser) -> None:
     """``--lr`` (alias ``--lrate``), ``--batch_size``, ``--cache_rate``, ``--workers`` (alias ``--num_workers``)."""
     parser.add_argument("--lr", "--lrate", dest="lr", type=float, default=None,
                         help=f"Adam learning rate (default: the task's, {per_task(lambda t: t.default_lr)})")
+    parser.add_argument("--lr_schedule", choices=LR_SCHEDULES, default="constant",
+                        help="learning rate per epoch: constant, cosine (to zero after the last epoch) or step (x0.1 "
+                             "from 75%% and again from 90%% of the epochs) (default: constant)")
     parser.add_argument("--batch_size", type=positive_int, default=2, help="crops per step and process (default: 2)")
     parser.add_argument("--cache_rate", type=float, default=1.0,
                         help="fraction of pre-processed cases kept in memory (default: 1.0)")
@@ -165,7 +169,8 @@ def train_settings(args: argparse.Namespace) -> TrainSettings:
     """The :class:`TrainSettings` of train_volumetric.py's parsed arguments."""
     return TrainSettings(
         task=args.task, datalist=args.datalist, save_dir=args.save_dir, data_root=args.data_root, epochs=args.epochs,
-        lr=args.lr, batch_size=args.batch_size, cache_rate=args.cache_rate, workers=args.workers,
+        lr=args.lr, lr_schedule=args.lr_schedule, batch_size=args.batch_size, cache_rate=args.cache_rate,
+        workers=args.workers,
         val_every=args.val_every, progress=not args.no_progress, amp=args.amp, device=args.device, seed=args.seed,
         resume=args.resume, overwrite=args.overwrite, config=config_overrides(args),
         network={k: getattr(args, k) for k in NETWORK_FLAGS if getattr(args, k) is not None},

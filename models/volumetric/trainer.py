@@ -30,7 +30,7 @@ from utils.checkpoint import make_checkpoint
 from utils.cli import resolve_device
 from utils.reproducibility import rng_state, seed_epoch, seed_everything
 from utils.run_dir import Best, RunDir, check_run_dir
-from utils.training import current_lr, resume_training
+from utils.training import current_lr, lr_factor, resume_training
 
 
 @dataclass(frozen=True)
@@ -44,6 +44,7 @@ class TrainSettings:
         data_root: folder the datalist paths are relative to (None: the datalist's folder).
         epochs: the run ends after this many epochs in total; a resumed run continues to it.
         lr: Adam learning rate (None: the task's).
+        lr_schedule: the lr of each epoch, ``utils.training.lr_factor`` over the epochs (constant, cosine, step).
         batch_size: crops per step and process.
         cache_rate: fraction of pre-processed cases kept in memory.
         workers: DataLoader worker processes.
@@ -66,6 +67,7 @@ class TrainSettings:
     data_root: str | None = None
     epochs: int = 100
     lr: float | None = None
+    lr_schedule: str = "constant"
     batch_size: int = 2
     cache_rate: float = 1.0
     workers: int = 0
@@ -142,10 +144,11 @@ def build_model(task: Task, config: Any, *, network: dict, pretrained: dict) -> 
 
 
 def resume(path: str, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer, run_dir: RunDir | None,
-           task: Task, lr: float) -> int:
+           task: Task, lr: float | None) -> int:
     """Restore model, optimizer, RNG states and best-so-far value; returns the first epoch to run."""
     start, ckpt = resume_training(path, model=model, optimizer=optimizer, run=run_dir, builder=task.builder,
-                                  kind=f"{task.name} training", hyperparameters={"lr": lr})
+                                  kind=f"{task.name} training",
+                                  hyperparameters={"lr": lr})
     if ckpt.get("task") != task.name:
         raise ValueError(f"--resume {path}: checkpoint is for task {ckpt.get('task')!r}, not {task.name!r}")
     return start
@@ -163,7 +166,11 @@ def _train(s: TrainSettings, ctx: DistContext) -> dict:
     metric, higher = task.selection_metric
     run_dir = RunDir(s.save_dir, args=s.args(), seed=s.seed, resume=bool(s.resume), overwrite=s.overwrite,
                      best=Best(f"val_{metric}", higher)) if ctx.is_main else None
-    start = resume(s.resume, model=model, optimizer=optimizer, run_dir=run_dir, task=task, lr=lr) if s.resume else 0
+    # a scheduled lr is set every epoch, so only a constant one is compared with the checkpoint's
+    constant_lr = lr if s.lr_schedule == "constant" else None
+    start = 0
+    if s.resume:
+        start = resume(s.resume, model=model, optimizer=optimizer, run_dir=run_dir, task=task, lr=constant_lr)
     model.to(ctx.device)
     net = DistributedDataParallel(model) if ctx.distributed else model
     scaler = torch.amp.GradScaler("cuda") if s.amp and ctx.device.type == "cuda" else None
@@ -173,6 +180,8 @@ def _train(s: TrainSettings, ctx: DistContext) -> dict:
         seed_epoch(s.seed, epoch, rank=ctx.rank, generator=loader.generator, dataset=train_set)
         if ctx.distributed:
             loader.sampler.set_epoch(epoch)
+        for group in optimizer.param_groups:  # a function of the epoch alone, so a resumed run keeps its curve
+            group["lr"] = lr * lr_factor(s.lr_schedule, epoch, s.epochs)
         loss = task.train_one_epoch(net, loader, optimizer=optimizer, loss_fn=task.loss(), device=ctx.device,
                                     scaler=scaler, amp=s.amp, progress=ctx.is_main and s.progress,
                                     desc=f"epoch {epoch}")
