@@ -66,6 +66,7 @@ def test_rows_pass_fail_and_case_counts(run):
     assert rows[("lung_seg", "mean_dice")]["pass"] and rows[("mask_net_segmentation", "segm_AP50")]["pass"]
     assert not rows[("covid_cls", "auc")]["pass"], "an AUC over 4 scans does not count: the demo asks for 10"
     assert ("lesion_seg", "mean_dice") not in rows
+    assert rows[("mask_net_classifier", "slice_accuracy")]["cases"] == 6  # slices, not scans
     summary["covid_cls"]["cases"] = 10
     assert {r["model"]: r["pass"] for r in quality_rows(summary, DEMO_FLOORS)}["covid_cls"]
     summary["budget"] = "full"

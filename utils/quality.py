@@ -130,7 +130,7 @@ def quality_rows(summary: dict, goals: dict) -> list[dict]:
         if entry is None:
             continue
         value = entry.get(metric, math.nan)
-        cases = entry.get("cases", entry.get("scans", entry.get("slices")))
+        cases = entry.get("scans") if metric.startswith("scan_") else entry.get("cases", entry.get("slices"))
         enough = cases is None or cases >= needed.get(model, 0)
         passed = value is not None and not math.isnan(value) and value >= goal and enough
         rows.append({"model": model, "metric": metric, "value": value, "goal": goal, "cases": cases,
