@@ -53,3 +53,22 @@ def test_mean_skips_excluded_cases_and_shapes_must_match():
     assert math.isnan(mean_ignoring_nan([float("nan")]))
     with pytest.raises(ValueError, match="shape"):
         dice_per_class(np.zeros((2, 2, 2)), np.zeros((2, 2, 3)), num_classes=2)
+
+
+def test_lesion_seg_selects_by_the_dice_of_scans_with_lesions(monkeypatch):
+    """Validation during training: a lesion-free scan is left out of lesion_seg's mean, not scored 1."""
+    from types import SimpleNamespace
+
+    from models.volumetric import lesion_seg, training
+
+    lesion = torch.zeros(1, 4, 4, 4)
+    lesion[0, 1:3, 1:3, 1:3] = 1
+    cases = [{"image": torch.zeros(1, 4, 4, 4), "label": lesion}, {"image": torch.zeros(1, 4, 4, 4),
+                                                                   "label": torch.zeros(1, 4, 4, 4)}]
+    monkeypatch.setattr(training, "segment", lambda model, image, **kw: torch.zeros(1, 4, 4, 4))  # finds nothing
+    task = SimpleNamespace(postprocessing=lambda config: (lambda x: x))
+    common = dict(task=task, config=None, device=torch.device("cpu"))
+    plain = training.evaluate_dice(torch.nn.Identity(), cases, **common)
+    assert plain["dice"] == 0.5  # the empty scan scores 1 for finding nothing
+    selected = lesion_seg.TASK.evaluate(torch.nn.Identity(), cases, **common)
+    assert selected["dice"] == 0.0 and math.isnan(selected["per_case"][1])

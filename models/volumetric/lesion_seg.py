@@ -8,6 +8,7 @@ bundle.
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -27,6 +28,7 @@ from models.volumetric.common import IMAGE_KEY, LABEL_KEY
 from models.volumetric.config import SegConfig
 from models.volumetric.segmentation import seg_preprocessing
 from models.volumetric.task import Task
+from models.volumetric.training import evaluate_dice
 
 NORM_GROUPS = 8  # SegResNet's default group norm
 ROTATION_DEGREES = 15.0
@@ -122,4 +124,7 @@ TASK = Task(
     default_lr=1e-3,
     class_names=("background", "lesion"),
     bundle=BUNDLE,
+    # checkpoint_best by the Dice of the validation scans with lesions: with lesion-free scans scoring
+    # 1 for an empty prediction, a model that finds nothing outscored one that starts to find lesions
+    evaluate=functools.partial(evaluate_dice, ignore_empty=True),
 )

@@ -134,11 +134,16 @@ def train_one_epoch(model: torch.nn.Module, loader: DataLoader, *, optimizer: to
 
 
 def evaluate_dice(model: torch.nn.Module, dataset: Dataset, *, task, config: SegConfig,
-                  device: torch.device, amp: bool = False, progress: bool = False) -> dict:
+                  device: torch.device, amp: bool = False, progress: bool = False,
+                  ignore_empty: bool = False) -> dict:
     """Sliding-window Dice of every validation case on the task's working grid.
 
+    Args:
+        ignore_empty: leave cases with empty ground truth out of the mean (NaN in ``per_case``)
+            instead of the 1.0/0.0 convention of utils.dice.
+
     Returns:
-        ``{"dice": mean over cases, "per_case": list of floats}`` (empty-GT convention of utils.dice).
+        ``{"dice": mean over cases, "per_case": list of floats}``.
     """
     model.eval()
     post = task.postprocessing(config)
@@ -147,7 +152,7 @@ def evaluate_dice(model: torch.nn.Module, dataset: Dataset, *, task, config: Seg
         item = apply_transform(dataset.__getitem__, index)
         pred = post(segment(model, item[IMAGE_KEY], config=config, device=device, amp=amp))
         truth = (item[LABEL_KEY] > 0).to(torch.uint8)
-        scores.append(dice_per_class(pred, truth, num_classes=2)[0])
+        scores.append(dice_per_class(pred, truth, num_classes=2, ignore_empty=ignore_empty)[0])
     return {"dice": mean_ignoring_nan(scores), "per_case": scores}
 
 
