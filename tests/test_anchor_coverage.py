@@ -40,7 +40,7 @@ def test_summarize_buckets_by_side():
 
 
 def test_main_on_a_tiny_phantom(tmp_path, capsys):
-    generate_dataset(tmp_path, seed=1, n_seg_patients=3, slices_per_patient=2, image_size=64, outputs=("seg",),
+    generate_dataset(tmp_path, seed=1, n_seg_patients=6, slices_per_patient=2, image_size=64, outputs=("seg",),
                      montage=False)
     out = tmp_path / "coverage.json"
     args = get_args_parser().parse_args(["--data_dir", str(tmp_path / "seg" / "train"), "--image_size", "64",

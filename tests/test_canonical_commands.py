@@ -27,7 +27,7 @@ from utils.checkpoint import load_checkpoint, make_checkpoint, resolve_builder, 
 
 ROOT = Path(__file__).resolve().parents[1]
 PHANTOM = "data/phantom"
-TINY = dict(n_patients=6, n_seg_patients=2, slices_per_patient=1, image_size=64, n_volumes=12,
+TINY = dict(n_patients=6, n_seg_patients=3, slices_per_patient=1, image_size=64, n_volumes=12,
             volume_shape=(24, 24, 8), n_abdomen=2, abdomen_shape=(16, 16, 8), workers=1)
 TINY_FLAGS = [word for key, value in TINY.items()
               for word in (f"--{key}", *map(str, value if isinstance(value, tuple) else [value]))] + ["--no_montage"]

@@ -169,7 +169,7 @@ def test_resume_keeps_the_best_checkpoint_2d(seg_root, cls_root, seg_ckpt, tmp_p
     _resume_after_a_better_past(train_segmentation, seg_argv(seg_root, tmp_path / "seg"), tmp_path / "seg",
                                 "val_segm_mAP", 2.0)  # above any reachable mAP
     _resume_after_a_better_past(train_classifier, cls_argv(cls_root, seg_ckpt, tmp_path / "cls"), tmp_path / "cls",
-                                "val_loss", -1.0)
+                                "val_accuracy", 2.0)  # above any reachable accuracy
 
 
 def test_resume_keeps_the_best_checkpoint_3d(datalist, tmp_path):

@@ -37,7 +37,7 @@ WRONG_KINDS = [(script, wrong) for script, (_, kind) in SCRIPTS.items()
 @pytest.fixture(scope="module")
 def phantom(tmp_path_factory):
     out = tmp_path_factory.mktemp("phantom")
-    generate_dataset(out, seed=2, n_patients=3, n_seg_patients=2, slices_per_patient=1, image_size=64,
+    generate_dataset(out, seed=2, n_patients=3, n_seg_patients=3, slices_per_patient=1, image_size=64,
                      outputs=("seg", "cls"), montage=False)
     return out
 

@@ -63,8 +63,10 @@ def _classifier(metrics: dict) -> dict:
 
 
 def _dice(metrics: dict) -> dict:
-    return {"mean_dice": metrics["mean_dice"], "cases": metrics["cases"],
-            "ignore_empty": bool(metrics.get("ignore_empty", False))}
+    """Mean Dice and the cases in the mean (with ``ignore_empty``, those whose ground truth is not empty)."""
+    ignore_empty = bool(metrics.get("ignore_empty", False))
+    cases = metrics["cases"] - (metrics.get("empty_ground_truth_cases", 0) if ignore_empty else 0)
+    return {"mean_dice": metrics["mean_dice"], "cases": cases, "ignore_empty": ignore_empty}
 
 
 def _covid(metrics: dict) -> dict:
