@@ -61,7 +61,7 @@ def step(model: torch.nn.Module, images: list, targets: list) -> float:
     model.zero_grad(set_to_none=True)
     total = sum(model(images, targets).values())
     total.backward()
-    return float(total)
+    return float(total.detach())
 
 
 def main(args: argparse.Namespace) -> dict[str, float]:
