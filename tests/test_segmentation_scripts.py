@@ -105,6 +105,9 @@ def test_paper_preset_keeps_the_originals_matching_and_a_flag_overrides_a_preset
     assert segmentation_builder_kwargs(config)["box_bg_iou_thresh"] == 0.5
     with pytest.raises(ValueError, match="preset must be one of"):
         segmentation_builder_kwargs(SegmentationTrainConfig(preset="fast"))
+    paper = str(tmp_path / "paper" / "checkpoint_last.pth")  # a 256-channel FPN into the lesion preset's 128
+    with pytest.raises(ValueError, match="paper/checkpoint_last.pth: its weights do not fit"):
+        train_segmentation.main(_train_args(seg_root, tmp_path / "lesion", "--pretrained_model", paper))
 
 
 def test_best_checkpoint_is_the_epoch_with_the_highest_mask_map(seg_root, tmp_path, monkeypatch):

@@ -31,7 +31,16 @@ from utils.plots import detection_overlay
 from utils.reproducibility import worker_init_fn
 from utils.rle import encode_masks
 from utils.run_dir import Best, RunDir
-from utils.training import RunConfig, current_lr, fit, lr_setter, make_optimizer, start_training, steps_per_epoch
+from utils.training import (
+    RunConfig,
+    current_lr,
+    fit,
+    load_weights,
+    lr_setter,
+    make_optimizer,
+    start_training,
+    steps_per_epoch,
+)
 
 from .loops import train_one_epoch, validation_detection_metrics, validation_loss
 
@@ -146,7 +155,7 @@ def train_segmentation(config: SegmentationTrainConfig) -> RunDir:
     model = maskrcnn_resnet_fpn(**kwargs, pretrained_backbone=config.use_pretrained_resnet_backbone)
     if config.pretrained_model:
         ckpt = load_checkpoint(config.pretrained_model, builder=SEGMENTATION_BUILDER, kind="segmentation")
-        model.load_state_dict(ckpt["model"], strict=True)
+        load_weights(model, ckpt["model"], config.pretrained_model)  # names the file and the flags on a mismatch
     model.to(device)
     if device.type == "cpu":  # torchvision's CPU RoIAlign backward runs on one thread
         use_gather_poolers(model.roi_heads)
