@@ -25,7 +25,6 @@ from models.mask_net.covid_mask_net import (
     covid_mask_net,
     load_segmentation_weights,
 )
-from models.mask_net.fast.poolers import use_gather_poolers
 from models.mask_net.workflows.model_io import builder_keywords, check_architecture
 from models.summary import parameter_counts
 from utils.checkpoint import load_checkpoint
@@ -37,14 +36,11 @@ from utils.training import (
     current_lr,
     fit,
     load_weights,
-    lr_setter,
-    make_optimizer,
     start_training,
-    steps_per_epoch,
 )
 
 from .classifier_evaluation import ClassifierSettings, collate_slices, predict_logits
-from .loops import train_one_epoch
+from .loops import prepare_training, train_one_epoch
 from .losses import classification_loss, inverse_frequency_weights
 
 DEFAULT_ROI_BATCH_SIZE, DEFAULT_S_FEATURES = 128, 512
@@ -174,13 +170,9 @@ def train_classifier(config: ClassifierTrainConfig) -> RunDir:
     device = start_training(config, name="train_classifier")
     train_loader, val_loader = classifier_loaders(config)
     model, kwargs = build_classifier(config)
-    model.to(device)
-    if device.type == "cpu":  # torchvision's CPU RoIAlign backward runs on one thread
-        use_gather_poolers(model.roi_heads)
+    optimizer, set_lr_for = prepare_training(model, config, device, train_loader)
     total, trainable = parameter_counts(model)
     print(f"trainable parameters: {trainable:,} of {total:,} (module S and the backbone's BatchNorm affine parameters)")
-    optimizer = make_optimizer(model, config)
-    schedule = lr_setter(config, optimizer, steps_per_epoch(train_loader, config.max_steps))
     weights = inverse_frequency_weights(train_loader.dataset.labels) if config.class_balance else None
     steps = dict(max_steps=config.max_steps, progress=not config.no_progress)
 
@@ -189,7 +181,7 @@ def train_classifier(config: ClassifierTrainConfig) -> RunDir:
 
     def run_epoch(epoch: int) -> dict:
         train = train_one_epoch(model, train_loader, optimizer, device=device, epoch=epoch, loss_fn=loss_fn,
-                                set_lr=schedule(epoch) if schedule else None,
+                                set_lr=set_lr_for(epoch),
                                 freeze_bn_stats=True, **steps)
         val = validate(model, val_loader, device=device, loss_kind=config.loss, **steps)
         print(f"Epoch {epoch}: train loss = {train['loss']:.3f}, validation loss = {val['loss']:.3f}, "

@@ -22,11 +22,30 @@ import torch
 from torchvision.ops import box_iou
 from tqdm import tqdm
 
+from models.mask_net.fast.poolers import use_gather_poolers
 from models.mask_net.transform import resize_boxes
 from utils.mean_ap import mean_average_precision
-from utils.training import backward_step
+from utils.training import RunConfig, backward_step, lr_setter, make_optimizer, steps_per_epoch
 
 _BATCH_NORMS = (torch.nn.modules.batchnorm._BatchNorm,)
+
+
+def prepare_training(model: torch.nn.Module, config: RunConfig, device: torch.device, loader: Iterable
+                     ) -> tuple[torch.optim.Optimizer, Callable[[int], Callable[[int], None] | None]]:
+    """What both 2D trainers do before their epochs: move the model to ``device``, pool RoIs by row
+    gathers on CPU (torchvision's CPU RoIAlign backward runs on one thread), build the optimizer and
+    the lr schedule.
+
+    Returns:
+        The optimizer and ``set_lr_for(epoch)``, the ``set_lr`` of :func:`train_one_epoch` for that
+        epoch (None for a constant lr).
+    """
+    model.to(device)
+    if device.type == "cpu":
+        use_gather_poolers(model.roi_heads)
+    optimizer = make_optimizer(model, config)
+    schedule = lr_setter(config, optimizer, steps_per_epoch(loader, config.max_steps))
+    return optimizer, lambda epoch: schedule(epoch) if schedule else None
 
 
 def move_to_device(images, targets, device: torch.device):

@@ -22,7 +22,6 @@ from datasets.io import read_image
 from datasets.segmentation import CNCBSegmentationDataset
 from models.mask_net.covid_mask_net import SEGMENTATION_BUILDER
 from models.mask_net.fast import fast_inference_copy
-from models.mask_net.fast.poolers import use_gather_poolers
 from models.mask_net.mask_rcnn import maskrcnn_resnet_fpn
 from models.mask_net.workflows.model_io import builder_keywords, load_model_for_inference
 from utils.checkpoint import load_checkpoint
@@ -36,13 +35,10 @@ from utils.training import (
     current_lr,
     fit,
     load_weights,
-    lr_setter,
-    make_optimizer,
     start_training,
-    steps_per_epoch,
 )
 
-from .loops import train_one_epoch, validation_detection_metrics, validation_loss
+from .loops import prepare_training, train_one_epoch, validation_detection_metrics, validation_loss
 
 IMAGE_GLOBS = ("*.png", "*.jpg", "*.jpeg")
 # Model settings that a segmentation checkpoint's builder kwargs take from the training config.
@@ -156,16 +152,12 @@ def train_segmentation(config: SegmentationTrainConfig) -> RunDir:
     if config.pretrained_model:
         ckpt = load_checkpoint(config.pretrained_model, builder=SEGMENTATION_BUILDER, kind="segmentation")
         load_weights(model, ckpt["model"], config.pretrained_model)  # names the file and the flags on a mismatch
-    model.to(device)
-    if device.type == "cpu":  # torchvision's CPU RoIAlign backward runs on one thread
-        use_gather_poolers(model.roi_heads)
-    optimizer = make_optimizer(model, config)
-    schedule = lr_setter(config, optimizer, steps_per_epoch(train_loader, config.max_steps))
+    optimizer, set_lr_for = prepare_training(model, config, device, train_loader)
     steps = dict(max_steps=config.max_steps, progress=not config.no_progress)
 
     def run_epoch(epoch: int) -> dict:
         train = train_one_epoch(model, train_loader, optimizer, device=device, epoch=epoch,
-                                set_lr=schedule(epoch) if schedule else None, **steps)
+                                set_lr=set_lr_for(epoch), **steps)
         val = {**validation_loss(model, val_loader, device=device, epoch=epoch, **steps),
                **validation_detection_metrics(model, val_loader, device=device, epoch=epoch, **steps)}
         print(f"Epoch {epoch}: train loss = {train['loss']:.3f}, validation loss = {val['loss']:.3f}, "
