@@ -87,6 +87,25 @@ def test_one_training_step_per_task(tmp_path, name, label):
     assert any(not torch.equal(b, p) for b, p in zip(before, model.parameters()))
 
 
+def _logits(foreground: torch.Tensor, confidence: float = 6.0) -> torch.Tensor:
+    """Two-class logits Float[B, 2, ...] predicting ``foreground`` Bool[B, 1, ...] with the given margin."""
+    fg = foreground.float() * 2 - 1
+    return torch.cat([-confidence * fg, confidence * fg], dim=1)
+
+
+def test_lesion_loss_does_not_reward_predicting_no_lesion():
+    """A batch of one lesion crop and one empty crop: finding the lesion must beat finding nothing,
+    by the Dice term too (a per-crop Dice with background scored the empty crop perfect for nothing)."""
+    label = torch.zeros((2, 1, 8, 8, 4))
+    label[0, :, 2:5, 2:5, 1:3] = 1
+    loss = get_task("lesion_seg").loss()
+    found, nothing = loss(_logits(label > 0), label), loss(_logits(torch.zeros_like(label, dtype=torch.bool)), label)
+    assert found < 0.05 < nothing
+    dice = loss.dice  # the Dice part on its own: lesion class only, pooled over the batch
+    assert float(dice(_logits(label > 0), label)) < 0.01
+    assert float(dice(_logits(torch.zeros_like(label, dtype=torch.bool)), label)) > 0.99
+
+
 def test_lung_postprocessing_keeps_the_two_largest_components():
     labels = torch.zeros((1, 20, 20, 6), dtype=torch.uint8)
     labels[0, 1:8, 1:8, 1:5] = 1  # left lung
