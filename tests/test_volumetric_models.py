@@ -42,6 +42,10 @@ def test_ahnet_output_shape_and_validation():
     with torch.no_grad():
         out = model(torch.randn(1, 1, 32, 32, 32))
     assert out.shape == (1, 2, 32, 32, 32)
+    # the default decoder up-samples trilinearly; MONAI's transposed convolutions stay available
+    # (checkpoints store the mode), but they left a checkerboard in lungs trained from scratch
+    assert not any(isinstance(m, torch.nn.ConvTranspose3d) for m in model.modules())
+    assert any(isinstance(m, torch.nn.ConvTranspose3d) for m in build_ahnet(upsample_mode="transpose").modules())
     with pytest.raises(ValueError, match="psp_block_num must be 0..2"):
         build_ahnet(psp_block_num=3)
 

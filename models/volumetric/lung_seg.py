@@ -3,8 +3,10 @@
 Pre-processing: orientation RAS, resample to 0.8 x 0.8 x 5 mm, clip to [-1500, 500] HU and scale to
 [0, 1]. Training: 224 x 224 x 32 random crops (short scans padded), soft Dice loss. Inference:
 sliding window with Gaussian blending. Post-processing: keep the two largest connected components
-(the two lungs). Both lungs (label values 1 and 2) are one foreground class. AH-Net's encoder can
-start from a torchvision ResNet50 (``pretrained_2d``). The task has a MONAI bundle.
+(the two lungs). Both lungs (label values 1 and 2) are one foreground class. The decoder up-samples
+trilinearly: with AH-Net's stride-2 transposed convolutions, training from scratch stalled on some
+phantom seeds in a checkerboard of alternating voxels. AH-Net's encoder can start from a
+torchvision ResNet50 (``pretrained_2d``). The task has a MONAI bundle.
 """
 from __future__ import annotations
 
@@ -28,14 +30,15 @@ UPSAMPLE_MODES = ("transpose", "trilinear", "nearest")
 
 
 def build_network(*, in_channels: int = 1, out_channels: int = 2, psp_block_num: int = 2,
-                  upsample_mode: str = "transpose") -> AHNet:
+                  upsample_mode: str = "trilinear") -> AHNet:
     """MONAI 3D AH-Net (ResNet50-like encoder with 3x3x1 kernels, dense decoder, PSP head).
 
     Args:
         in_channels: image channels (1 for CT).
         out_channels: classes including background (logits Float[B, out_channels, X, Y, Z]).
         psp_block_num: pyramid pooling blocks, 0 to 2.
-        upsample_mode: ``transpose``, ``trilinear`` or ``nearest``.
+        upsample_mode: ``trilinear`` (default), ``transpose`` (MONAI's default; stride-2 transposed
+            convolutions, which can leave a checkerboard in the mask) or ``nearest``.
 
     Raises:
         ValueError: for an unsupported value, naming it.
@@ -123,7 +126,7 @@ TASK = Task(
     name="lung_seg",
     kind="segmentation",
     builder="models.volumetric.lung_seg.build_network",
-    network_kwargs={"in_channels": 1, "out_channels": 2, "psp_block_num": 2, "upsample_mode": "transpose"},
+    network_kwargs={"in_channels": 1, "out_channels": 2, "psp_block_num": 2, "upsample_mode": "trilinear"},
     default_config=SegConfig(spacing=(0.8, 0.8, 5.0), roi_size=(224, 224, 32), hu_window=(-1500.0, 500.0)),
     roi_multiple=ROI_MULTIPLE,
     preprocessing=seg_preprocessing,
