@@ -61,6 +61,18 @@ def test_lung_crop_keeps_the_box_plus_margin_and_masks_on_request(tmp_path, mask
         assert (crop[~inside] > 0.5).any()  # soft tissue around the lungs is kept
 
 
+@pytest.mark.parametrize("flags, want", [([], None), (["--mask_intensity"], True), (["--no_mask_intensity"], False)])
+def test_masking_flags_override_the_config_only_when_given(flags, want):
+    import train_volumetric
+    from models.volumetric.cli import config_overrides
+
+    args = train_volumetric.get_args_parser().parse_args(["--task", "covid_cls", "--datalist", "d.json",
+                                                          "--save_dir", "run", *flags])
+    overrides = config_overrides(args)
+    assert overrides.get("mask_intensity") is want
+    assert covid_cls.TASK.make_config(**overrides).mask_intensity is (True if want is None else want)
+
+
 def test_preprocessing_resizes_to_the_network_input(tmp_path):
     case, _, _ = write_case(tmp_path, "c0", affine=lps_affine())
     out = preprocess(case, ClsConfig(roi_size=(32, 32, 32)))
@@ -199,10 +211,11 @@ def test_train_validate_infer_end_to_end(tmp_path, monkeypatch):
     datalist, run = _phantom_datalist(tmp_path / "data"), tmp_path / "run"
     train_volumetric.main(train_volumetric.get_args_parser().parse_args(
         ["--task", "covid_cls", "--datalist", str(datalist), "--epochs", "1", "--batch_size", "2",
-         "--roi_size", "32", "32", "32", "--mask_intensity", "--save_dir", str(run)]))
+         "--roi_size", "32", "32", "32", "--save_dir", str(run)]))
     record = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
     assert {"train_loss", "val_auc", "val_accuracy", "val_sensitivity", "val_specificity"} <= set(record)
     ckpt = load_checkpoint(run / "checkpoint_best.pth")
+    # masking is the default
     assert ckpt["task_config"]["mask_intensity"] is True and ckpt["task_config"]["roi_size"] == [32, 32, 32]
 
     summary = validate_volumetric.main(validate_volumetric.get_args_parser().parse_args(

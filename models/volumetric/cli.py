@@ -130,8 +130,11 @@ def add_window_args(parser: argparse.ArgumentParser | argparse._ArgumentGroup, *
 def add_network_args(parser: argparse.ArgumentParser) -> None:
     """Task-specific pre-processing, network-size and pre-trained-weights flags; None keeps the task's default."""
     group = parser.add_argument_group("task-specific settings (default: the task's)")
-    group.add_argument("--mask_intensity", action="store_true",
-                       help="covid_cls: set voxels outside the lung mask to zero (default: off, as the released model)")
+    masking = group.add_mutually_exclusive_group()
+    masking.add_argument("--mask_intensity", action="store_const", const=True, default=None,
+                         help="covid_cls: set voxels outside the lung mask to zero (the default)")
+    masking.add_argument("--no_mask_intensity", dest="mask_intensity", action="store_const", const=False,
+                         help="covid_cls: keep the tissue outside the lung, as the released Clara model")
     group.add_argument("--crop_margin", type=int, nargs=3, default=None,
                        help="covid_cls: voxels kept around the lung box x y z (default: 10 10 2)")
     for name, text in (("hidden_size", "ViT token width"), ("mlp_dim", "ViT MLP width"),
@@ -160,7 +163,7 @@ def window_overrides(args: argparse.Namespace) -> dict:
 
 def config_overrides(args: argparse.Namespace) -> dict:
     """The config flags that were given, as :meth:`Task.make_config` keywords."""
-    task_flags = {"mask_intensity": True if args.mask_intensity else None, "crop_margin": args.crop_margin}
+    task_flags = {"mask_intensity": args.mask_intensity, "crop_margin": args.crop_margin}
     return {"roi_size": args.roi_size, "spacing": args.spacing, "hu_window": args.hu_window, **window_overrides(args),
             "strict_hu": True if args.strict_hu else None, **{k: v for k, v in task_flags.items() if v is not None}}
 

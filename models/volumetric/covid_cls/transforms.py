@@ -2,8 +2,8 @@
 
 Input: a CT volume in HU (``image``) and its lung mask (``label_image``); ``label`` is 1 for COVID-19
 and 0 otherwise. Pre-processing: orientation RAS, window [-1000, 500] HU scaled to [0, 1], optional
-masking of the tissue outside the lung to zero (``mask_intensity``; off by default, as in the released
-model, whose config calls it ``disable_mask_intensity``), crop to the lung's bounding box plus a
+masking of the tissue outside the lung to zero (``mask_intensity``; on by default, off in the released
+Clara model, whose config calls it ``disable_mask_intensity``), crop to the lung's bounding box plus a
 margin, resize to 192 x 192 x 64. Augmentation: random flips and small rotations.
 :func:`bundle_preprocessing` is the MONAI-bundle form of :func:`preprocessing`.
 """
