@@ -18,8 +18,8 @@ class ClsConfig(VolumeConfig):
         mask_intensity: set the voxels outside the lung mask to zero before cropping. On by default:
             trained from scratch on the phantom's 12 scans, the unmasked network stayed at its class
             prior (the released Clara model was trained unmasked, from a larger set). A masked model
-            follows the mask's boundary closely: train it on masks like those it will be given
-            (the README's known limit: reference masks in training, lung_seg's in analyze_scan.py).
+            follows the mask's boundary closely: trained on reference masks, it scores lower on
+            lung_seg's (the README's known limit).
         orientation: axis codes of the working grid.
         threshold: probability at or above which a case is called COVID-19.
         strict_hu: refuse (instead of warn about) volumes that do not look like HU.
