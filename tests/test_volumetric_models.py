@@ -98,8 +98,9 @@ def _logits(foreground: torch.Tensor, confidence: float = 6.0) -> torch.Tensor:
 
 
 def test_lesion_loss_does_not_reward_predicting_no_lesion():
-    """A batch of one lesion crop and one empty crop: finding the lesion must beat finding nothing,
-    by the Dice term too (a per-crop Dice with background scored the empty crop perfect for nothing)."""
+    """A batch of one lesion crop and one empty crop: the right answer scores near 0 and finding nothing
+    does not. (The per-crop Dice with background gave the empty crop a lesion Dice near 0 for any soft
+    prediction, so even the right answer lost 0.25.)"""
     label = torch.zeros((2, 1, 8, 8, 4))
     label[0, :, 2:5, 2:5, 1:3] = 1
     loss = get_task("lesion_seg").loss()
