@@ -55,7 +55,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     return p
 
 
-# Training settings per budget: "fast" is the demo's (at most 20 minutes on two CPU cores), "full" that
+# Training settings per budget: "fast" is the demo's (meant for at most 20 minutes on two CPU cores), "full" that
 # of benchmarks/bench_quality.py --budget full. Each list is appended to the script's command.
 RECIPES = {
     "fast": {
