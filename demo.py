@@ -73,22 +73,29 @@ RECIPES = {
         "covid_cls": ["--epochs", "15", "--lr", "1e-3", "--lr_schedule", "cosine", "--roi_size", "64", "64", "32"],
     },
 }
+
+
+def with_flags(flags: list[str], **values: str) -> list[str]:
+    """``flags`` with the value after each ``--name`` of ``values`` replaced (the flag must be there)."""
+    out = list(flags)
+    for name, value in values.items():
+        out[out.index(f"--{name}") + 1] = value
+    return out
+
+
 # Not yet timed end to end: longer schedules, the original's ResNet18/34 truncation 1 at 512 px, 30
 # covid_cls test scans, and UNETR organ_seg from the ssl_pretrain encoder against random initialisation.
+_FAST = RECIPES["fast"]
+_FULL_SEG = with_flags(_FAST["seg"], truncation="1", num_epochs="20", warmup_steps="100", image_size="512")
 RECIPES["full"] = {
-    **RECIPES["fast"],
+    **_FAST,
     "data": ["--n_volumes", "150", "--n_abdomen", "24"],
-    "seg": ["--backbone_name", "resnet18", "--truncation", "1", "--num_epochs", "20", "--batch_size", "2",
-            "--lrate", "1e-3", "--lr_schedule", "cosine", "--warmup_steps", "100", "--image_size", "512"],
-    "seg_resnet34": ["--backbone_name", "resnet34", "--truncation", "1", "--num_epochs", "20", "--batch_size", "2",
-                     "--lrate", "1e-3", "--lr_schedule", "cosine", "--warmup_steps", "100", "--image_size", "512"],
-    "cls": ["--num_epochs", "5", "--batch_size", "4", "--lrate", "1e-3", "--lr_schedule", "cosine",
-            "--image_size", "512"],
-    "lung_seg": ["--epochs", "40", "--lr", "2e-3", "--lr_schedule", "cosine", "--spacing", "1.5", "1.5", "3",
-                 "--roi_size", "64", "64", "32"],
-    "lesion_seg": ["--epochs", "300", "--val_every", "20", "--lr", "2e-3", "--lr_schedule", "cosine",
-                   "--spacing", "1.5", "1.5", "3", "--roi_size", "64", "64", "16"],
-    "covid_cls": ["--epochs", "60", "--lr", "1e-3", "--lr_schedule", "cosine", "--roi_size", "64", "64", "32"],
+    "seg": _FULL_SEG,
+    "seg_resnet34": with_flags(_FULL_SEG, backbone_name="resnet34"),
+    "cls": with_flags(_FAST["cls"], num_epochs="5", image_size="512"),
+    "lung_seg": with_flags(_FAST["lung_seg"], epochs="40"),
+    "lesion_seg": with_flags(_FAST["lesion_seg"], epochs="300", val_every="20"),
+    "covid_cls": with_flags(_FAST["covid_cls"], epochs="60"),
     "ssl_pretrain": ["--epochs", "50", "--val_every", "10"],
     "organ_seg": ["--epochs", "100", "--val_every", "20"],
 }
