@@ -39,8 +39,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                    defaults=dataclass_defaults(Config))
     p.add_argument("--preset", choices=sorted(PRESETS), default=Config.preset,
                    help="training preset: lesion (RoI foreground/background IoU 0.5/0.5, 128 RoIs per image, "
-                        "128 FPN channels) or paper (COVID-CT-Mask-Net's 0.75/0.5, 256, 256); the flags below "
-                        "override it (default: lesion)")
+                        "128 FPN channels, mask-overlap suppression 0.5) or paper (COVID-CT-Mask-Net's 0.75/0.5, "
+                        "256, 256, none); the flags below override it (default: lesion)")
     add_model_args(p, names=SAMPLING_FLAGS, unset="the preset's")
     add_epoch_args(p, model_name=Config.model_name)
     p.add_argument("--pretrained_model", default=None,

@@ -72,24 +72,29 @@ def test_training_logs_the_diagnostics_and_keeps_the_best_by_mask_map(trained):
 
 def test_sampling_flags_reach_the_checkpoint_and_the_rebuilt_model(seg_root, tmp_path):
     args = _train_args(seg_root, tmp_path, "--rpn_fg_iou_th", "0.6", "--rpn_bg_iou_th", "0.2", "--roi_fg_iou_th",
-                       "0.5", "--roi_bg_iou_th", "0.4", "--anchor_sizes", "4", "8", "16", "--max_steps", "1")
+                       "0.5", "--roi_bg_iou_th", "0.4", "--anchor_sizes", "4", "8", "16", "--mask_overlap_th", "0.7",
+                       "--max_steps", "1")
     train_segmentation.main(args)
     ckpt = load_checkpoint(tmp_path / "checkpoint_last.pth")
     assert {k: ckpt["builder_kwargs"][k] for k in ("rpn_fg_iou_thresh", "rpn_bg_iou_thresh", "box_fg_iou_thresh",
-                                                   "box_bg_iou_thresh", "anchor_sizes")} == {
+                                                   "box_bg_iou_thresh", "anchor_sizes", "mask_overlap_thresh")} == {
         "rpn_fg_iou_thresh": 0.6, "rpn_bg_iou_thresh": 0.2, "box_fg_iou_thresh": 0.5, "box_bg_iou_thresh": 0.4,
-        "anchor_sizes": [4, 8, 16]}
-    model, _ = load_segmentation_model(SegmentationInferenceConfig(ckpt=str(tmp_path / "checkpoint_last.pth"),
-                                                                   unfused=True), torch.device("cpu"))
+        "anchor_sizes": [4, 8, 16], "mask_overlap_thresh": 0.7}
+    path = str(tmp_path / "checkpoint_last.pth")
+    model, _ = load_segmentation_model(SegmentationInferenceConfig(ckpt=path, unfused=True), torch.device("cpu"))
     assert (model.rpn.matcher.high, model.rpn.matcher.low) == (0.6, 0.2)
     assert (model.roi_heads.matcher.high, model.roi_heads.matcher.low) == (0.5, 0.4)
     assert model.rpn.anchor_generator.sizes[0] == (4, 8, 16)
+    assert model.roi_heads.mask_overlap_thresh == 0.7
+    fast, _ = load_segmentation_model(SegmentationInferenceConfig(ckpt=path, mask_overlap_th=1.0), torch.device("cpu"))
+    assert fast.roi_heads.mask_overlap_thresh == 1.0  # an inference flag replaces the stored value
 
 
 def test_default_lesion_preset_takes_roi_foreground_from_iou_half(trained):
     kwargs = load_checkpoint(trained / "checkpoint_last.pth")["builder_kwargs"]
     assert (kwargs["box_fg_iou_thresh"], kwargs["box_bg_iou_thresh"]) == (0.5, 0.5)
     assert (kwargs["box_batch_size_per_image"], kwargs["fpn_channels"]) == (128, 128)
+    assert kwargs["mask_overlap_thresh"] == 0.5
     assert not {"rpn_fg_iou_thresh", "rpn_bg_iou_thresh", "anchor_sizes"} & set(kwargs)
 
 
@@ -97,7 +102,7 @@ def test_paper_preset_keeps_the_originals_matching_and_a_flag_overrides_a_preset
     train_segmentation.main(_train_args(seg_root, tmp_path / "paper", "--preset", "paper", "--max_steps", "1"))
     kwargs = load_checkpoint(tmp_path / "paper" / "checkpoint_last.pth")["builder_kwargs"]
     assert not {"rpn_fg_iou_thresh", "rpn_bg_iou_thresh", "box_fg_iou_thresh", "box_bg_iou_thresh",
-                "anchor_sizes", "box_batch_size_per_image", "fpn_channels"} & set(kwargs)
+                "anchor_sizes", "box_batch_size_per_image", "fpn_channels", "mask_overlap_thresh"} & set(kwargs)
     model = maskrcnn_resnet_fpn(**kwargs)
     assert (model.roi_heads.matcher.high, model.roi_heads.matcher.low) == (0.75, 0.5)
     config = SegmentationTrainConfig(roi_fg_iou_th=0.6)
@@ -202,7 +207,8 @@ def test_evaluation_matches_metric_on_same_outputs(seg_root, trained, tmp_path):
         "--truncation", "1", "--rpn_nms_th", "0.75", "--roi_nms_th", "0.75", "--confidence_th", "0.0",
         "--test_data_dir", str(seg_root / "test"), "--save_dir", str(tmp_path)])
     results = evaluation_mean_ap.main(args)
-    from_python = evaluate_mean_ap(MeanAPConfig(ckpt=str(trained / "checkpoint_last.pth"), confidence_th=0.0,
+    from_python = evaluate_mean_ap(MeanAPConfig(ckpt=str(trained / "checkpoint_last.pth"), rpn_nms_th=0.75,
+                                                roi_nms_th=0.75, confidence_th=0.0,
                                                 test_data_dir=str(seg_root / "test"), save_dir=str(tmp_path / "py")))
     assert json.dumps(from_python, sort_keys=True) == json.dumps(results, sort_keys=True), "same pipeline, no argparse"
     saved = json.loads((tmp_path / "metrics.json").read_text())

@@ -17,6 +17,7 @@ from .anchors import AnchorGenerator
 from .backbone import RESNETS, load_resnet_weights, resnet_fpn_backbone
 from .box_head import FastRCNNPredictor, TwoMLPHead
 from .mask_head import MaskHead, MaskPredictor
+from .mask_overlap import suppress_overlapping_masks
 from .roi_heads import RoIHeads
 from .rpn import RegionProposalNetwork, RPNHead
 from .transform import IMAGENET_MEAN, IMAGENET_STD, DetectionTransform
@@ -32,7 +33,7 @@ COVID_DEFAULTS = dict(
     box_roi_size=7, mask_roi_size=14, sampling_ratio=2, representation_size=128,
     box_fg_iou_thresh=0.75, box_bg_iou_thresh=0.5, box_batch_size_per_image=256, box_positive_fraction=0.75,
     bbox_reg_weights=(10.0, 10.0, 5.0, 5.0), box_score_thresh=0.05, box_nms_thresh=0.5, box_detections_per_img=100,
-    mask_layers=None, with_masks=True,
+    mask_overlap_thresh=1.0, mask_layers=None, with_masks=True,
 )
 # torchvision's maskrcnn_resnet50_fpn.
 TORCHVISION_DEFAULTS = dict(
@@ -52,7 +53,8 @@ class MaskRCNN(nn.Module):
     Training: ``model(images, targets)`` returns the losses ``loss_objectness``, ``loss_rpn_box_reg``,
     ``loss_classifier``, ``loss_box_reg`` and ``loss_mask``. Eval: ``model(images)`` returns per image
     ``boxes`` FloatTensor[N, 4] (xyxy, original pixels), ``scores`` FloatTensor[N], ``labels``
-    Int64Tensor[N] and ``masks`` FloatTensor[N, 1, H, W] (probabilities in [0, 1]).
+    Int64Tensor[N] and ``masks`` FloatTensor[N, 1, H, W] (probabilities in [0, 1]), after
+    mask-overlap suppression when the RoI heads' ``mask_overlap_thresh`` is below 1.
 
     Args:
         transform, backbone, rpn, roi_heads: the stages.
@@ -76,6 +78,10 @@ class MaskRCNN(nn.Module):
         detections, roi_losses = self.roi_heads(features, proposals, batch.image_sizes, targets)
         if self.training:
             return {**rpn_losses, **roi_losses}
+        if self.roi_heads.has_mask and self.roi_heads.mask_overlap_thresh < 1:
+            thresh = self.roi_heads.mask_overlap_thresh
+            detections = [suppress_overlapping_masks(d, size, thresh=thresh)
+                          for d, size in zip(detections, batch.image_sizes)]
         return self.transform.postprocess(detections, batch.image_sizes, original_sizes)
 
 
@@ -127,6 +133,8 @@ def _validate(backbone_name: str, truncation: int, num_classes: int, preset: str
     if unknown:
         raise ValueError(f"unknown builder options {unknown}; valid ones are {sorted(PRESETS[preset])}")
     cfg = {**PRESETS[preset], **overrides}
+    if not 0 < cfg["mask_overlap_thresh"] <= 1:
+        raise ValueError(f"mask_overlap_thresh must be in (0, 1], got {cfg['mask_overlap_thresh']!r}")
     if cfg["norm"] not in ("batchnorm", "frozen"):
         raise ValueError(f"norm must be 'batchnorm' or 'frozen', got {cfg['norm']!r}")
     if cfg["mask_layers"] is None:
@@ -164,7 +172,8 @@ def _build_roi_heads(cfg: dict, channels: int, level_names: list[str], num_class
         mask_predictor=mask_predictor, fg_iou_thresh=cfg["box_fg_iou_thresh"], bg_iou_thresh=cfg["box_bg_iou_thresh"],
         batch_size_per_image=cfg["box_batch_size_per_image"], positive_fraction=cfg["box_positive_fraction"],
         bbox_reg_weights=tuple(cfg["bbox_reg_weights"]), score_thresh=cfg["box_score_thresh"],
-        nms_thresh=cfg["box_nms_thresh"], detections_per_img=cfg["box_detections_per_img"])
+        nms_thresh=cfg["box_nms_thresh"], detections_per_img=cfg["box_detections_per_img"],
+        mask_overlap_thresh=cfg["mask_overlap_thresh"])
 
 
 def maskrcnn_resnet_fpn(*, backbone_name: str, truncation: int, num_classes: int, preset: str = "covid",
@@ -179,8 +188,8 @@ def maskrcnn_resnet_fpn(*, backbone_name: str, truncation: int, num_classes: int
         pretrained_backbone: path of a local torchvision ResNet state dict loaded into the body
             (``fc.*`` and truncated stages ignored), or None for random weights. Nothing is downloaded.
         **overrides: any key of ``COVID_DEFAULTS`` (e.g. ``rpn_nms_thresh``, ``box_score_thresh``,
-            ``box_nms_thresh``, ``min_size``, ``anchor_sizes`` flat or per level, ``mask_layers``,
-            ``norm`` "batchnorm"/"frozen", ``with_masks``).
+            ``box_nms_thresh``, ``mask_overlap_thresh``, ``min_size``, ``anchor_sizes`` flat or per level,
+            ``mask_layers``, ``norm`` "batchnorm"/"frozen", ``with_masks``).
 
     Returns:
         A :class:`MaskRCNN` in training mode.

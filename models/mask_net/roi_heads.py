@@ -38,6 +38,8 @@ class RoIHeads(nn.Module):
         score_thresh: detections need a score above this.
         nms_thresh: IoU threshold of the per-class NMS.
         detections_per_img: detections kept per image.
+        mask_overlap_thresh: after the masks are pasted, a detection with more than this fraction of
+            its mask inside a better detection's mask is dropped (:mod:`.mask_overlap`); 1 keeps all.
     """
 
     def __init__(self, *, box_roi_pool: MultiScaleRoIAlign, box_head: nn.Module, box_predictor: nn.Module,
@@ -45,7 +47,7 @@ class RoIHeads(nn.Module):
                  mask_predictor: nn.Module | None,
                  fg_iou_thresh: float, bg_iou_thresh: float, batch_size_per_image: int, positive_fraction: float,
                  bbox_reg_weights: tuple[float, float, float, float], score_thresh: float, nms_thresh: float,
-                 detections_per_img: int) -> None:
+                 detections_per_img: int, mask_overlap_thresh: float = 1.0) -> None:
         super().__init__()
         self.box_roi_pool, self.box_head, self.box_predictor = box_roi_pool, box_head, box_predictor
         self.mask_roi_pool, self.mask_head, self.mask_predictor = mask_roi_pool, mask_head, mask_predictor
@@ -53,6 +55,7 @@ class RoIHeads(nn.Module):
         self.batch_size_per_image, self.positive_fraction = batch_size_per_image, positive_fraction
         self.box_coder = BoxCoder(bbox_reg_weights)
         self.score_thresh, self.nms_thresh, self.detections_per_img = score_thresh, nms_thresh, detections_per_img
+        self.mask_overlap_thresh = mask_overlap_thresh
         # (positive, sampled) RoIs of the last training batch, summed over its images (a diagnostic).
         self.last_sampling: tuple[int, int] | None = None
 

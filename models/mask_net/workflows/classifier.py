@@ -48,8 +48,8 @@ DEFAULT_ROI_BATCH_SIZE, DEFAULT_S_FEATURES = 128, 512
 SELECTION_METRIC = "val_accuracy"  # always defined, unlike an AUC on a one-class validation set
 # Segmentation builder settings the classifier does not inherit (mask branch, detection filtering);
 # everything else (architecture, transform, anchors, RPN) carries over so that the weights fit.
-NOT_INHERITED = ("with_masks", "mask_layers", "mask_roi_size", "box_score_thresh", "box_detections_per_img",
-                 "box_nms_thresh", "pretrained_backbone")
+NOT_INHERITED = ("with_masks", "mask_layers", "mask_roi_size", "mask_overlap_thresh", "box_score_thresh",
+                 "box_detections_per_img", "box_nms_thresh", "pretrained_backbone")
 # Settings that leave parameter shapes alone: given ones replace the checkpoint's.
 SETTING_OVERRIDES = ("rpn_nms_th", "roi_nms_th", "image_size")
 

@@ -26,6 +26,9 @@ MODEL_FLAGS = {
     "rpn_nms_th": ({"type": probability}, "RPN NMS IoU threshold, train and test"),
     "roi_nms_th": ({"type": probability}, "per-class NMS IoU threshold of the RoI detections"),
     "confidence_th": ({"type": probability}, "lowest detection score kept"),
+    "mask_overlap_th": ({"type": probability},
+                        "a detection with more than this fraction of its mask inside the mask of a better-scored "
+                        "detection (any class) is dropped; 1 keeps all"),
     "image_size": ({"type": positive_int}, "short side the model resizes slices to; the long side is capped at 2x"),
     "rpn_fg_iou_th": ({"type": probability}, "IoU from which an anchor is a positive RPN training sample"),
     "rpn_bg_iou_th": ({"type": probability}, "IoU below which an anchor is a negative RPN training sample"),
@@ -36,11 +39,12 @@ MODEL_FLAGS = {
     "anchor_sizes": ({"type": positive_int, "nargs": "+"},
                      "anchor sizes in input pixels, used on every FPN level (each combined with every aspect ratio)"),
 }
-# Training-only flags of train_segmentation.py: the anchor and RoI matching and sampling, and the FPN's width
-# (stored in the checkpoint's builder kwargs).
+# Flags of train_segmentation.py set by its preset: the anchor and RoI matching and sampling, the FPN's width
+# and the mask-overlap suppression (stored in the checkpoint's builder kwargs).
 SAMPLING_FLAGS = ("rpn_fg_iou_th", "rpn_bg_iou_th", "roi_fg_iou_th", "roi_bg_iou_th", "roi_samples", "anchor_sizes",
-                  "fpn_channels")
-SEGMENTATION_INFERENCE_FLAGS = ("backbone_name", "truncation", "mask_type", "rpn_nms_th", "roi_nms_th", "confidence_th")
+                  "fpn_channels", "mask_overlap_th")
+SEGMENTATION_INFERENCE_FLAGS = ("backbone_name", "truncation", "mask_type", "rpn_nms_th", "roi_nms_th", "confidence_th",
+                                "mask_overlap_th")
 CLASSIFIER_FLAGS = ("backbone_name", "truncation", "num_classes", "roi_batch_size", "s_features", "rpn_nms_th",
                     "roi_nms_th")
 

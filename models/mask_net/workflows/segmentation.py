@@ -43,11 +43,11 @@ from .loops import prepare_training, train_one_epoch, validation_detection_metri
 IMAGE_GLOBS = ("*.png", "*.jpg", "*.jpeg")
 # Model settings that a segmentation checkpoint's builder kwargs take from the training config.
 TRAINED_SETTINGS = ("backbone_name", "truncation", "rpn_nms_th", "image_size")
-# Training-only settings (flag -> builder keyword of maskrcnn_resnet_fpn); None keeps the builder's default.
+# Settings that the training preset sets (flag -> builder keyword of maskrcnn_resnet_fpn); None keeps the preset's.
 SAMPLING_SETTINGS = {"rpn_fg_iou_th": "rpn_fg_iou_thresh", "rpn_bg_iou_th": "rpn_bg_iou_thresh",
                      "roi_fg_iou_th": "box_fg_iou_thresh", "roi_bg_iou_th": "box_bg_iou_thresh",
                      "roi_samples": "box_batch_size_per_image", "anchor_sizes": "anchor_sizes",
-                     "fpn_channels": "fpn_channels"}
+                     "fpn_channels": "fpn_channels", "mask_overlap_th": "mask_overlap_thresh"}
 # Training presets: builder keywords of the anchor and RoI matching and sampling and of the FPN's width,
 # before the flags (a flag given wins). "paper" keeps COVID-CT-Mask-Net's values (the builder's covid
 # preset: RoI foreground IoU 0.75, background below 0.5, 256 RoIs per image, RPN 0.7 / 0.3, anchors
@@ -55,9 +55,11 @@ SAMPLING_SETTINGS = {"rpn_fg_iou_th": "rpn_fg_iou_thresh", "rpn_bg_iou_th": "rpn
 # (with 0.75 about 1 % of the sampled RoIs were positive, nearly all of them the ground-truth boxes,
 # and the box head never learnt to score real proposals), samples 128 RoIs per image and narrows the
 # FPN to 128 channels: on the phantom it reaches the same test mask AP in about 2/3 of the time
-# (README, "Why the detector learned slowly").
+# (README, "Why the detector learned slowly"). It also drops a detection whose mask lies more than half
+# inside a better one's (``models.mask_net.mask_overlap``): box NMS keeps parts of a lesion nested in
+# its whole, and these stacked detections cost precision (README, "Stacked detections").
 PRESETS = {"lesion": {"box_fg_iou_thresh": 0.5, "box_bg_iou_thresh": 0.5, "box_batch_size_per_image": 128,
-                      "fpn_channels": 128},
+                      "fpn_channels": 128, "mask_overlap_thresh": 0.5},
            "paper": {}}
 # The metric (in metrics.jsonl) that chooses checkpoint_best.pth; higher is better.
 SELECTION_METRIC = "val_segm_mAP"
@@ -75,8 +77,9 @@ class SegmentationTrainConfig(RunConfig):
         backbone_name, truncation, rpn_nms_th, image_size: the model (see ``workflows.cli.MODEL_FLAGS``).
         preset: the anchor and RoI matching of training (:data:`PRESETS`): "lesion" or "paper".
         rpn_fg_iou_th, rpn_bg_iou_th, roi_fg_iou_th, roi_bg_iou_th, roi_samples, anchor_sizes: the
-            anchor and RoI matching and sampling; fpn_channels: the FPN's width (see
-            :data:`SAMPLING_SETTINGS`); None keeps the preset's value.
+            anchor and RoI matching and sampling; fpn_channels: the FPN's width; mask_overlap_th: the
+            mask-overlap suppression of the detections (see :data:`SAMPLING_SETTINGS`); None keeps the
+            preset's value.
         pretrained_model: segmentation checkpoint whose weights initialise training, or None.
         use_pretrained_resnet_backbone: local torchvision ResNet state dict for the backbone, or None.
     """
@@ -99,6 +102,7 @@ class SegmentationTrainConfig(RunConfig):
     roi_samples: int | None = None
     anchor_sizes: tuple[int, ...] | None = None
     fpn_channels: int | None = None
+    mask_overlap_th: float | None = None
     pretrained_model: str | None = None
     use_pretrained_resnet_backbone: str | None = None
     save_dir: str = "runs/segmentation"
@@ -181,7 +185,7 @@ class SegmentationModelConfig:
     Attributes:
         ckpt: the segmentation checkpoint.
         backbone_name, truncation, mask_type: checked against the checkpoint when given.
-        rpn_nms_th, roi_nms_th, confidence_th: replace the checkpoint's thresholds when given.
+        rpn_nms_th, roi_nms_th, confidence_th, mask_overlap_th: replace the checkpoint's thresholds when given.
         mask_logits_th: mask probability above which a pixel is lesion.
         unfused: run the model as trained instead of its fast inference copy.
         device: cpu, cuda or cuda:N.
@@ -194,6 +198,7 @@ class SegmentationModelConfig:
     rpn_nms_th: float | None = None
     roi_nms_th: float | None = None
     confidence_th: float | None = None
+    mask_overlap_th: float | None = None
     mask_logits_th: float = 0.5
     unfused: bool = False
     device: str = "cpu"
