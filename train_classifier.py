@@ -13,9 +13,9 @@ checkpoint (its mask-branch weights are ignored); a classification checkpoint
 backbone's BatchNorm layers are trained; BatchNorm running statistics stay frozen and every other
 parameter has ``requires_grad=False``. The default loss is the original's binary cross-entropy with
 logits on one-hot labels (``--loss ce`` for cross-entropy). The run directory (``--save_dir``) receives
-args.json, env.txt, metrics.jsonl, checkpoint_last.pth, checkpoint_best.pth (lowest validation loss so far,
-kept across --resume) and every ``--save_every`` epochs ``<model_name>_ckpt_<epoch>.pth``. The pipeline is
-``models.mask_net.workflows.train_classifier``.
+args.json, env.txt, metrics.jsonl, checkpoint_last.pth, checkpoint_best.pth (highest validation accuracy so
+far, a tie going to the later epoch, kept across --resume) and every ``--save_every`` epochs
+``<model_name>_ckpt_<epoch>.pth``. The pipeline is ``models.mask_net.workflows.train_classifier``.
 """
 from __future__ import annotations
 
