@@ -171,7 +171,7 @@ def test_metadata_has_the_specification_keys(bundles, task_name):
 def test_lung_postprocessing_keeps_the_two_largest_components_as_the_task_does(bundles):
     parser = ConfigParser()
     parser.read_config(bundles["lung_seg"][1] / "configs" / "inference.json")
-    keep = parser.get_parsed_content("postprocessing").transforms[1]
+    keep = parser.get_parsed_content("postprocessing").transforms[3]  # after softmax, Invertd and argmax
     labels = torch.zeros(1, 20, 20, 6)
     labels[0, 1:6, 1:6, 1:5], labels[0, 10:18, 2:9, 1:5], labels[0, 2:4, 14:16, 2:3] = 1, 1, 1  # three blobs
     task = get_task("lung_seg")

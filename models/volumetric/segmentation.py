@@ -20,7 +20,7 @@ from tqdm import tqdm
 from datasets.io import Volume, write_nifti
 from models.volumetric.common import IMAGE_KEY, LABEL_KEY, LoadVolumed, apply_transform, case_name
 from models.volumetric.config import SegConfig
-from models.volumetric.sliding_window import segment
+from models.volumetric.sliding_window import segment_probabilities
 from utils.dice import dice_per_class, mean_ignoring_nan
 from utils.plots_volume import axial_montage
 
@@ -91,15 +91,44 @@ def segment_case(case: dict, *, model: torch.nn.Module, task, config: SegConfig,
     loaded = apply_transform(transforms[0], case)
     rest = Compose(transforms[1:])
     data = apply_transform(rest, dict(loaded))
-    labels = segment(model, data[IMAGE_KEY], config=config, device=device, amp=amp)
-    data[PRED_KEY] = MetaTensor(task.postprocessing(config)(labels))
-    inverted = Invertd(PRED_KEY, transform=rest, orig_keys=IMAGE_KEY, nearest_interp=True)(data)[PRED_KEY]
-    mask = _check_geometry(inverted, loaded[IMAGE_KEY], case_name(case))
+    probs = segment_probabilities(model, data[IMAGE_KEY], config=config, device=device, amp=amp)
+    labels = inverted_argmax(probs, data, rest)
+    mask = _check_geometry(task.postprocessing(config)(labels), loaded[IMAGE_KEY], case_name(case))
     out = {"case": case_name(case), "mask": mask, "affine": _affine(loaded[IMAGE_KEY]),
            "image": np.asarray(loaded[IMAGE_KEY][0], dtype=np.float32)}
     if LABEL_KEY in loaded:
         out["label"] = (np.asarray(loaded[LABEL_KEY][0]) > 0).astype(np.uint8)
     return out
+
+
+def inverted_argmax(probs: torch.Tensor, data: dict, transform: Compose) -> torch.Tensor:
+    """The argmax, on the input's grid, of class probabilities mapped back there one class at a time.
+
+    Each class's probability map is inverted with the image's own interpolation (trilinear), so the
+    mask's boundary falls between working-grid voxels instead of following their blocks as a
+    nearest-neighbour inversion of the label map does (on the phantom's lungs, a label map taken
+    to 1.5 x 1.5 x 3 mm and back that way keeps a Dice of only 0.95-0.96 with itself; README).
+    One class at a time bounds the memory at three input-sized maps for any number of classes.
+
+    Args:
+        probs: Float[C, x, y, z] class probabilities on the working grid.
+        data: the pre-processed case (its ``image`` carries the transforms to invert).
+        transform: the pre-processing that was applied after loading.
+
+    Returns:
+        UInt8[1, X, Y, Z] MetaTensor on the input's grid.
+    """
+    best = labels = None
+    for c in range(probs.shape[0]):
+        data[PRED_KEY] = MetaTensor(probs[c:c + 1])
+        p = Invertd(PRED_KEY, transform=transform, orig_keys=IMAGE_KEY, nearest_interp=False)(data)[PRED_KEY]
+        if best is None:
+            best, labels = p, torch.zeros(p.shape, dtype=torch.uint8)
+            continue
+        better = p.as_tensor() > best.as_tensor()
+        labels[better] = c
+        best = torch.maximum(best, p)
+    return MetaTensor(labels, meta=best.meta)
 
 
 def save_mask(mask: np.ndarray, affine: np.ndarray, path: str | Path) -> Path:

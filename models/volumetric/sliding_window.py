@@ -97,9 +97,9 @@ def _enclosed_dark(body: np.ndarray) -> np.ndarray:
     return ndimage.binary_fill_holes(body, structure=in_plane) & ~body
 
 
-def segment(model: torch.nn.Module, image: torch.Tensor, *, config: SegConfig, device: torch.device,
-            amp: bool = False) -> torch.Tensor:
-    """Sliding-window segmentation of one pre-processed volume (argmax of the logits).
+def segment_probabilities(model: torch.nn.Module, image: torch.Tensor, *, config: SegConfig, device: torch.device,
+                          amp: bool = False) -> torch.Tensor:
+    """Sliding-window class probabilities (softmax of the logits) of one pre-processed volume.
 
     Args:
         model: network in eval mode on ``device`` (best via :func:`prepare_for_inference`),
@@ -110,8 +110,9 @@ def segment(model: torch.nn.Module, image: torch.Tensor, *, config: SegConfig, d
         amp: autocast to float16/bfloat16 (CUDA/CPU) inside the network.
 
     Returns:
-        UInt8[1, X, Y, Z] label map on ``image``'s grid (background outside the windows' region,
-        :func:`window_region` of :func:`crop_box`).
+        Float[C, X, Y, Z] on the CPU, on ``image``'s grid; outside the windows' region
+        (:func:`window_region` of :func:`crop_box`) every class has 0 and the argmax is the
+        background, as where a MONAI bundle pads its cropped prediction back.
     """
     box = window_region(crop_box(image, config=config), image.shape[1:], config.roi_size)
     region = image.as_tensor() if hasattr(image, "as_tensor") else image
@@ -120,9 +121,17 @@ def segment(model: torch.nn.Module, image: torch.Tensor, *, config: SegConfig, d
     layout = CHANNELS_LAST if _has_channels_last_weights(model) else torch.contiguous_format
     with torch.inference_mode(), autocast(device, amp):
         logits = inferer(region, lambda windows: model(windows.contiguous(memory_format=layout)))
-    labels = torch.zeros((1, *image.shape[1:]), dtype=torch.uint8)
-    labels[(slice(None), *box)] = logits[0].argmax(dim=0).to("cpu", torch.uint8)
-    return labels
+    probs = torch.zeros((logits.shape[1], *image.shape[1:]), dtype=torch.float32)
+    probs[(slice(None), *box)] = logits[0].float().softmax(dim=0).cpu()
+    return probs
+
+
+def segment(model: torch.nn.Module, image: torch.Tensor, *, config: SegConfig, device: torch.device,
+            amp: bool = False) -> torch.Tensor:
+    """Sliding-window segmentation of one pre-processed volume: the argmax of
+    :func:`segment_probabilities` (same arguments), UInt8[1, X, Y, Z] on ``image``'s grid."""
+    probs = segment_probabilities(model, image, config=config, device=device, amp=amp)
+    return probs.argmax(dim=0, keepdim=True).to(torch.uint8)
 
 
 def bundle_crop_entries(config: SegConfig) -> tuple[dict, list[str]]:

@@ -5,7 +5,8 @@ MONAI components referenced by ``_target_`` and short ``$`` expressions (torch, 
 orientation, spacing and HU window (:func:`models.volumetric.segmentation.bundle_preprocessing`);
 windows restricted to the body or lung bounding box (``CropForegroundd`` to the region of
 :func:`models.volumetric.sliding_window.bundle_crop_entries`); the task's sliding-window inferer;
-argmax and the task's post-processing; ``Invertd`` back to the input's grid; ``SaveImaged``.
+softmax; ``Invertd`` of the probabilities back to the input's grid (the image's interpolation);
+argmax and the task's post-processing there; ``SaveImaged``.
 """
 from __future__ import annotations
 
@@ -51,9 +52,10 @@ def _inference(task, config: SegConfig, post: list[dict]) -> dict:
     if crop:
         transforms.append({"_target_": "CropForegroundd", "keys": "image", "source_key": "image",
                            "select_fn": "@crop_select", "margin": 0, "allow_smaller": True})
-    post = [{"_target_": "AsDiscreted", "keys": "pred", "argmax": True}, *post,
+    post = [{"_target_": "Activationsd", "keys": "pred", "softmax": True},
             {"_target_": "Invertd", "keys": "pred", "transform": "@preprocessing", "orig_keys": "image",
-             "nearest_interp": True, "to_tensor": True},
+             "nearest_interp": False, "to_tensor": True},
+            {"_target_": "AsDiscreted", "keys": "pred", "argmax": True}, *post,
             {"_target_": "SaveImaged", "keys": "pred", "output_dir": "@output_dir", "output_postfix": task.name,
              "output_ext": ".nii.gz", "output_dtype": "$numpy.uint8", "resample": False,
              "separate_folder": False, "print_log": True}]
@@ -111,5 +113,6 @@ def _steps(config: SegConfig, post_text: str) -> list[str]:
     return [f"Orientation {config.orientation}; resampling to {list(config.spacing)} mm (bilinear).",
             f"Intensities clipped to [{low:g}, {high:g}] HU and scaled to [0, 1].", crop,
             f"Sliding window {list(config.roi_size)}, overlap {config.overlap}, {config.sw_batch_size} windows per "
-            f"call, {config.blend_mode} blending.", post_text,
-            "The mask is resampled back to the input's grid (nearest neighbour) with MONAI's Invertd."]
+            f"call, {config.blend_mode} blending.",
+            "The class probabilities (softmax) are resampled back to the input's grid (trilinear) with MONAI's "
+            "Invertd; the argmax and post-processing run there.", post_text]
