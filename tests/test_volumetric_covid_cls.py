@@ -43,7 +43,8 @@ def load_and_crop(case, config):
 @pytest.mark.parametrize("mask_intensity", [False, True])
 def test_lung_crop_keeps_the_box_plus_margin_and_masks_on_request(tmp_path, mask_intensity):
     case, image, lung = write_case(tmp_path, "c0")
-    config = ClsConfig(roi_size=(32, 32, 32), crop_margin=(3, 2, 1), mask_intensity=mask_intensity)
+    config = ClsConfig(roi_size=(32, 32, 32), crop_margin=(3, 2, 1), mask_intensity=mask_intensity,
+                       mask_erosion_mm=0.0)
     out = load_and_crop(case, config)
     hits = np.nonzero(lung)
     lo = [max(int(h.min()) - m, 0) for h, m in zip(hits, config.crop_margin)]
@@ -59,6 +60,35 @@ def test_lung_crop_keeps_the_box_plus_margin_and_masks_on_request(tmp_path, mask
     else:
         np.testing.assert_allclose(crop[~inside], windowed[~inside], atol=1e-5)
         assert (crop[~inside] > 0.5).any()  # soft tissue around the lungs is kept
+
+
+def test_mask_erosion_takes_the_same_millimetres_off_every_axis_and_never_empties_the_mask():
+    from monai.data import MetaTensor
+
+    from models.volumetric.covid_cls.transforms import ErodeMaskd
+
+    mask = np.zeros((20, 20, 8), np.float32)
+    mask[4:16, 5:15, 2:6] = 1
+    affine = np.diag([0.7, 0.7, 3.0, 1.0])  # voxel centres 0.7 mm apart in-plane, 3 mm between slices
+    out = ErodeMaskd("m", 1.5)({"m": MetaTensor(mask[None], affine=torch.as_tensor(affine))})["m"]
+    # a voxel k voxels in from the edge is k * spacing from the nearest outside centre: in-plane the
+    # first two (0.7, 1.4 mm) go, along z none does (3 mm)
+    expected = np.zeros_like(mask)
+    expected[6:14, 7:13, 2:6] = 1
+    np.testing.assert_array_equal(out[0].numpy(), expected)
+    small = np.zeros((20, 20, 8), np.float32)
+    small[9:11, 9:11, 3] = 1
+    kept = ErodeMaskd("m", 1.5)({"m": MetaTensor(small[None], affine=torch.as_tensor(affine))})["m"]
+    np.testing.assert_array_equal(kept[0].numpy(), small)
+
+
+def test_checkpoint_configs_from_before_the_erosion_keep_the_mask_whole():
+    stored = ClsConfig().to_dict()
+    del stored["mask_erosion_mm"]
+    assert ClsConfig.from_dict(stored).mask_erosion_mm == 0.0
+    assert ClsConfig.from_dict(ClsConfig().to_dict()).mask_erosion_mm == ClsConfig().mask_erosion_mm == 1.5
+    with pytest.raises(ValueError, match="mask_erosion_mm must be >= 0"):
+        ClsConfig(mask_erosion_mm=-1.0)
 
 
 @pytest.mark.parametrize("flags, want", [([], None), (["--mask_intensity"], True), (["--no_mask_intensity"], False)])

@@ -13,12 +13,17 @@ from models.volumetric.covid_cls.transforms import bundle_preprocessing
 NO_INPUT = "covid_cls needs --input_file SCAN.nii.gz and --lung_mask_file LUNG_MASK.nii.gz (same grid)"
 
 
+def _erodes(config: ClsConfig) -> bool:
+    """Whether the pre-processing shrinks the lung mask (with scipy)."""
+    return config.mask_intensity and config.mask_erosion_mm > 0
+
+
 def _inference(task, config: ClsConfig) -> dict:
     post = [{"_target_": "Activationsd", "keys": "pred", "sigmoid": True},
             {"_target_": "SaveClassificationd", "keys": "pred", "meta_keys": "image_meta_dict",
              "output_dir": "@output_dir", "filename": "predictions.csv"}]
     return {
-        "imports": [],
+        "imports": ["$from scipy import ndimage"] if _erodes(config) else [],
         "input_file": "",
         "lung_mask_file": "",
         "datalist": "$[{'image': @input_file, 'label_image': @lung_mask_file}] if @input_file and @lung_mask_file "
@@ -52,7 +57,10 @@ def _steps(task, config: ClsConfig) -> list[str]:
     low, high = config.hu_window
     steps = [f"Orientation {config.orientation} (image and lung mask); no resampling.",
              f"Intensities clipped to [{low:g}, {high:g}] HU and scaled to [0, 1]."]
-    if config.mask_intensity:
+    if _erodes(config):
+        steps.append(f"The lung mask is shrunk by {config.mask_erosion_mm:g} mm (voxels nearer than that to its "
+                     "outside are dropped; Euclidean distance in mm), then voxels outside it are set to 0.")
+    elif config.mask_intensity:
         steps.append("Voxels outside the lung mask are set to 0.")
     return steps + [f"Crop to the lung mask's bounding box plus {list(config.crop_margin)} voxels (x, y, z).",
                     f"Resize to {list(config.roi_size)} (trilinear); one network call; sigmoid of the logit."]
@@ -67,7 +75,7 @@ BUNDLE = BundleSpec(
     inference=_inference,
     data_format=_data_format,
     pred_classes=lambda task: "one logit; its sigmoid is the COVID-19 probability",
-    packages=lambda config: (),
+    packages=lambda config: ("scipy",) if _erodes(config) else (),
     io_lines=_io_lines,
     steps=_steps,
     run_inputs=("--input_file /data/scan.nii.gz --lung_mask_file /data/scan_lung.nii.gz",),

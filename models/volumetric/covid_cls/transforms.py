@@ -3,8 +3,9 @@
 Input: a CT volume in HU (``image``) and its lung mask (``label_image``); ``label`` is 1 for COVID-19
 and 0 otherwise. Pre-processing: orientation RAS, window [-1000, 500] HU scaled to [0, 1], optional
 masking of the tissue outside the lung to zero (``mask_intensity``; on by default, off in the released
-Clara model, whose config calls it ``disable_mask_intensity``), crop to the lung's bounding box plus a
-margin, resize to 192 x 192 x 64. Augmentation: random flips and small rotations.
+Clara model, whose config calls it ``disable_mask_intensity``) after the mask is shrunk by
+``mask_erosion_mm``, crop to the lung's bounding box plus a margin, resize to 192 x 192 x 64.
+Augmentation: random flips and small rotations.
 :func:`bundle_preprocessing` is the MONAI-bundle form of :func:`preprocessing`.
 """
 from __future__ import annotations
@@ -12,6 +13,8 @@ from __future__ import annotations
 import math
 from typing import Any, Sequence
 
+import numpy as np
+import torch
 from monai.transforms import (
     CropForegroundd,
     MapTransform,
@@ -22,6 +25,7 @@ from monai.transforms import (
     Resized,
     ScaleIntensityRanged,
 )
+from scipy import ndimage
 
 from models.volumetric.common import IMAGE_KEY, LABEL_KEY, LoadVolumed, case_name
 from models.volumetric.covid_cls.config import ClsConfig
@@ -55,6 +59,29 @@ class LoadLungCased(MapTransform):
         return out
 
 
+class ErodeMaskd(MapTransform):
+    """Shrink a mask by ``distance_mm``: keep the voxels farther than that from any voxel outside it.
+
+    The distance is Euclidean in mm on the voxel grid (``scipy.ndimage.distance_transform_edt`` with
+    the mask's spacing), so an anisotropic scan loses the same thickness along every axis. A mask
+    that would vanish is kept as it is. Input and output: MetaTensor[1, X, Y, Z].
+    """
+
+    def __init__(self, key: str, distance_mm: float):
+        super().__init__(key)
+        self.key, self.distance_mm = key, float(distance_mm)
+
+    def __call__(self, data: dict) -> dict:
+        data = dict(data)
+        mask = data[self.key]
+        inside = np.asarray(mask[0]) > 0
+        spacing = [float(s) for s in mask.pixdim[:3]]
+        keep = ndimage.distance_transform_edt(inside, sampling=spacing) > self.distance_mm
+        if keep.any():
+            data[self.key] = mask * torch.as_tensor(keep, dtype=mask.dtype)[None]
+        return data
+
+
 class CheckLungMaskd(MapTransform):
     """Refuse a case whose lung mask is missing or empty, naming the case."""
 
@@ -86,6 +113,8 @@ def lung_region_transforms(config: ClsConfig) -> list:
         ScaleIntensityRanged(IMAGE_KEY, a_min=low, a_max=high, b_min=0.0, b_max=1.0, clip=True),
     ]
     if config.mask_intensity:
+        if config.mask_erosion_mm > 0:
+            transforms.append(ErodeMaskd(MASK_KEY, config.mask_erosion_mm))
         transforms.append(MaskIntensityd(IMAGE_KEY, mask_key=MASK_KEY))
     transforms.append(CropForegroundd(keys, source_key=MASK_KEY, margin=tuple(config.crop_margin),
                                       allow_smaller=True))
@@ -127,12 +156,23 @@ def bundle_preprocessing(config: ClsConfig) -> list[dict]:
          "b_max": 1.0, "clip": True},
     ]
     if config.mask_intensity:
+        if config.mask_erosion_mm > 0:
+            erode = _bundle_erosion(config.mask_erosion_mm)
+            transforms.append({"_target_": "Lambdad", "keys": MASK_KEY, "func": erode})
         transforms.append({"_target_": "MaskIntensityd", "keys": IMAGE_KEY, "mask_key": MASK_KEY})
     return transforms + [
         {"_target_": "CropForegroundd", "keys": keys, "source_key": MASK_KEY,
          "margin": list(config.crop_margin), "allow_smaller": True},
         {"_target_": "Resized", "keys": keys, "spatial_size": list(config.roi_size), "mode": ["trilinear", "nearest"]},
     ]
+
+
+def _bundle_erosion(distance_mm: float) -> str:
+    """:class:`ErodeMaskd` as a bundle expression on a MetaTensor[1, X, Y, Z] (the bundle imports
+    ``from scipy import ndimage``)."""
+    keep = (f"ndimage.distance_transform_edt(m[0].numpy() > 0, sampling=[float(s) for s in m.pixdim[:3]]) "
+            f"> {distance_mm!r}")
+    return f"$lambda m: (lambda k: m * torch.as_tensor(k, dtype=m.dtype)[None] if k.any() else m)({keep})"
 
 
 def augmentation(config: ClsConfig) -> list:
