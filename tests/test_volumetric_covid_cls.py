@@ -101,6 +101,10 @@ def test_masking_flags_override_the_config_only_when_given(flags, want):
     overrides = config_overrides(args)
     assert overrides.get("mask_intensity") is want
     assert covid_cls.TASK.make_config(**overrides).mask_intensity is (True if want is None else want)
+    assert "mask_erosion_mm" not in overrides
+    erosion = config_overrides(train_volumetric.get_args_parser().parse_args(
+        ["--task", "covid_cls", "--datalist", "d.json", "--mask_erosion_mm", "0", *flags]))
+    assert covid_cls.TASK.make_config(**erosion).mask_erosion_mm == 0.0
 
 
 def test_preprocessing_resizes_to_the_network_input(tmp_path):

@@ -135,6 +135,8 @@ def add_network_args(parser: argparse.ArgumentParser) -> None:
                          help="covid_cls: set voxels outside the lung mask to zero (the default)")
     masking.add_argument("--no_mask_intensity", dest="mask_intensity", action="store_const", const=False,
                          help="covid_cls: keep the tissue outside the lung, as the released Clara model")
+    group.add_argument("--mask_erosion_mm", type=float, default=None,
+                       help="covid_cls: shrink the lung mask by this many mm before masking; 0 keeps it (default: 1.5)")
     group.add_argument("--crop_margin", type=int, nargs=3, default=None,
                        help="covid_cls: voxels kept around the lung box x y z (default: 10 10 2)")
     for name, text in (("hidden_size", "ViT token width"), ("mlp_dim", "ViT MLP width"),
@@ -163,7 +165,8 @@ def window_overrides(args: argparse.Namespace) -> dict:
 
 def config_overrides(args: argparse.Namespace) -> dict:
     """The config flags that were given, as :meth:`Task.make_config` keywords."""
-    task_flags = {"mask_intensity": args.mask_intensity, "crop_margin": args.crop_margin}
+    task_flags = {"mask_intensity": args.mask_intensity, "mask_erosion_mm": args.mask_erosion_mm,
+                  "crop_margin": args.crop_margin}
     return {"roi_size": args.roi_size, "spacing": args.spacing, "hu_window": args.hu_window, **window_overrides(args),
             "strict_hu": True if args.strict_hu else None, **{k: v for k, v in task_flags.items() if v is not None}}
 
