@@ -1,9 +1,10 @@
 """The segmentation stages a task gets unless it defines its own: pre-processing, one case, validation, inference.
 
-A case is pre-processed with its task's transforms (orientation, spacing, window), segmented with
-the sliding-window inferer (:mod:`models.volumetric.sliding_window`), post-processed, and mapped
-back to the input's own grid with MONAI's ``Invertd``: the mask has exactly the input's shape and
-affine. :func:`bundle_preprocessing` is the MONAI-bundle form of :func:`seg_preprocessing`.
+A case is pre-processed with its task's transforms (orientation, spacing, window), its class
+probabilities come from the sliding-window inferer (:mod:`models.volumetric.sliding_window`) and
+are mapped back to the input's own grid with MONAI's ``Invertd``, where the argmax and the task's
+post-processing run: the mask has exactly the input's shape and affine.
+:func:`bundle_preprocessing` is the MONAI-bundle form of :func:`seg_preprocessing`.
 """
 from __future__ import annotations
 
