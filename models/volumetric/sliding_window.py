@@ -97,9 +97,9 @@ def _enclosed_dark(body: np.ndarray) -> np.ndarray:
     return ndimage.binary_fill_holes(body, structure=in_plane) & ~body
 
 
-def segment_probabilities(model: torch.nn.Module, image: torch.Tensor, *, config: SegConfig, device: torch.device,
-                          amp: bool = False) -> torch.Tensor:
-    """Sliding-window class probabilities (softmax of the logits) of one pre-processed volume.
+def window_logits(model: torch.nn.Module, image: torch.Tensor, *, config: SegConfig, device: torch.device,
+                  amp: bool = False) -> tuple[torch.Tensor, tuple[slice, slice, slice]]:
+    """Sliding-window logits of one pre-processed volume over the region the windows cover.
 
     Args:
         model: network in eval mode on ``device`` (best via :func:`prepare_for_inference`),
@@ -110,9 +110,8 @@ def segment_probabilities(model: torch.nn.Module, image: torch.Tensor, *, config
         amp: autocast to float16/bfloat16 (CUDA/CPU) inside the network.
 
     Returns:
-        Float[C, X, Y, Z] on the CPU, on ``image``'s grid; outside the windows' region
-        (:func:`window_region` of :func:`crop_box`) every class has 0 and the argmax is the
-        background, as where a MONAI bundle pads its cropped prediction back.
+        Logits Float[C, x, y, z] on ``device`` and the region, one slice per axis of ``image``'s grid
+        (:func:`window_region` of :func:`crop_box`).
     """
     box = window_region(crop_box(image, config=config), image.shape[1:], config.roi_size)
     region = image.as_tensor() if hasattr(image, "as_tensor") else image
@@ -121,17 +120,31 @@ def segment_probabilities(model: torch.nn.Module, image: torch.Tensor, *, config
     layout = CHANNELS_LAST if _has_channels_last_weights(model) else torch.contiguous_format
     with torch.inference_mode(), autocast(device, amp):
         logits = inferer(region, lambda windows: model(windows.contiguous(memory_format=layout)))
-    probs = torch.zeros((logits.shape[1], *image.shape[1:]), dtype=torch.float32)
-    probs[(slice(None), *box)] = logits[0].float().softmax(dim=0).cpu()
+    return logits[0], box
+
+
+def segment_probabilities(model: torch.nn.Module, image: torch.Tensor, *, config: SegConfig, device: torch.device,
+                          amp: bool = False) -> torch.Tensor:
+    """Class probabilities (softmax of :func:`window_logits`, same arguments) of one pre-processed volume.
+
+    Returns:
+        Float[C, X, Y, Z] on the CPU, on ``image``'s grid; outside the windows' region every class
+        has 0 and the argmax is the background, as where a MONAI bundle pads its cropped prediction back.
+    """
+    logits, box = window_logits(model, image, config=config, device=device, amp=amp)
+    probs = torch.zeros((logits.shape[0], *image.shape[1:]), dtype=torch.float32)
+    probs[(slice(None), *box)] = logits.float().softmax(dim=0).cpu()
     return probs
 
 
 def segment(model: torch.nn.Module, image: torch.Tensor, *, config: SegConfig, device: torch.device,
             amp: bool = False) -> torch.Tensor:
-    """Sliding-window segmentation of one pre-processed volume: the argmax of
-    :func:`segment_probabilities` (same arguments), UInt8[1, X, Y, Z] on ``image``'s grid."""
-    probs = segment_probabilities(model, image, config=config, device=device, amp=amp)
-    return probs.argmax(dim=0, keepdim=True).to(torch.uint8)
+    """Sliding-window segmentation of one pre-processed volume on its working grid (the argmax of
+    :func:`window_logits`, same arguments): UInt8[1, X, Y, Z], background outside the windows' region."""
+    logits, box = window_logits(model, image, config=config, device=device, amp=amp)
+    labels = torch.zeros((1, *image.shape[1:]), dtype=torch.uint8)
+    labels[(slice(None), *box)] = logits.argmax(dim=0).to("cpu", torch.uint8)
+    return labels
 
 
 def bundle_crop_entries(config: SegConfig) -> tuple[dict, list[str]]:
