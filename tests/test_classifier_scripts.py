@@ -14,9 +14,11 @@ import evaluate_classifier
 import make_synthetic_data
 import train_classifier
 from models.mask_net import maskrcnn_resnet_fpn
+from models.mask_net.covid_mask_net import CLASSIFIER_BUILDER, covid_mask_net
 from models.mask_net.workflows import classifier as classifier_workflow
 from models.mask_net.workflows.classifier import ClassifierTrainConfig, build_classifier, classifier_loaders
 from models.mask_net.workflows.losses import classification_loss, inverse_frequency_weights
+from models.mask_net.workflows.model_io import load_model_for_inference
 from utils.checkpoint import load_checkpoint, make_checkpoint, save_checkpoint
 from utils.classification_metrics import classification_report
 from utils.cli import config_from_args
@@ -99,6 +101,7 @@ def test_training_writes_the_run_directory_and_copies_segmentation_weights(train
     ckpt = load_checkpoint(trained_run / "checkpoint_last.pth")
     assert ckpt["builder"] == "models.mask_net.covid_mask_net"
     assert ckpt["builder_kwargs"]["roi_batch_size"] == 128 and ckpt["builder_kwargs"]["s_features"] == 512
+    assert ckpt["builder_kwargs"]["score_columns"] == "per_class", "a new classifier's default row layout"
     seg_state = seg_checkpoint[1]
     frozen = [k for k in ckpt["model"] if k in seg_state and "bn" not in k and "downsample.1" not in k]
     assert frozen and all(torch.equal(ckpt["model"][k], seg_state[k]) for k in frozen), "frozen weights stay as loaded"
@@ -175,6 +178,10 @@ def test_wrong_flags_and_files_are_named(trained_run, seg_checkpoint, phantom):
     with pytest.raises(ValueError, match="--truncation 2 contradicts the checkpoint"):
         evaluate_classifier.main(parser.parse_args(["--ckpt", str(trained_run / "checkpoint_last.pth"),
                                                     "--truncation", "2", "--test_data_dir", str(phantom / "val")]))
+    with pytest.raises(ValueError, match="--score_columns shared contradicts the checkpoint"):
+        evaluate_classifier.main(parser.parse_args(["--ckpt", str(trained_run / "checkpoint_last.pth"),
+                                                    "--score_columns", "shared", "--test_data_dir",
+                                                    str(phantom / "val")]))
     with pytest.raises(ValueError, match="not a classification checkpoint"):
         evaluate_classifier.main(parser.parse_args(["--ckpt", str(seg_checkpoint[0]),
                                                     "--test_data_dir", str(phantom / "val")]))
@@ -189,6 +196,28 @@ def test_wrong_flags_and_files_are_named(trained_run, seg_checkpoint, phantom):
         classifier_loaders(config(["--crop_to_box", "--split_file", "x.txt"]))
     with pytest.raises(ValueError, match="--num_classes 3 contradicts"):
         build_classifier(config(["--pretrained_segmentation_model", str(seg_checkpoint[0]), "--num_class", "3"]))
+
+
+@pytest.mark.parametrize("stored", [{}, {"score_columns": "shared"}, {"score_columns": "per_class"}])
+def test_classifier_checkpoints_rebuild_their_row_layout_and_old_ones_the_originals(stored, tmp_path):
+    kwargs = dict(SEG_KWARGS, num_classes=3, roi_batch_size=8, s_features=16, **stored)
+    path = tmp_path / "cls.pth"
+    save_checkpoint(make_checkpoint(model=covid_mask_net(**kwargs), builder=CLASSIFIER_BUILDER,
+                                    builder_kwargs=kwargs, epoch=0), path)
+    model, _ = load_model_for_inference(str(path), device=torch.device("cpu"), flags={}, builder=CLASSIFIER_BUILDER,
+                                        kind="classification")
+    layout = stored.get("score_columns", "shared")  # checkpoints written before the option: the original's rows
+    assert model.score_columns == layout
+    assert model.s_module[0].in_features == 8 * {"shared": 5, "per_class": 6}[layout]
+
+
+def test_train_classifier_score_columns_flag_selects_the_original_rows(phantom, seg_checkpoint, tmp_path):
+    argv = shlex.split(README_TRAIN.replace("seg.pth", str(seg_checkpoint[0]))) + [
+        "--train_data_dir", str(phantom / "train"), "--val_data_dir", str(phantom / "val"), "--num_epochs", "1",
+        "--max_steps", "1", "--batch_size", "2", "--save_dir", str(tmp_path), "--no_progress",
+        "--score_columns", "shared"]
+    train_classifier.main(train_classifier.get_args_parser().parse_args(argv))
+    assert load_checkpoint(tmp_path / "checkpoint_last.pth")["builder_kwargs"]["score_columns"] == "shared"
 
 
 def test_loss_options_match_their_definitions():

@@ -75,6 +75,38 @@ def test_no_surviving_detection_gives_zero_rows_and_identical_logits():
     assert torch.equal(first, second) and torch.isfinite(first).all()
 
 
+def test_per_class_rows_put_each_score_in_its_class_column_and_keep_the_shared_rows_deltas():
+    shared, per_class = tiny_model(roi_batch_size=256).eval(), tiny_model(roi_batch_size=256, score_columns="per_class")
+    per_class.load_state_dict({k: v for k, v in shared.state_dict().items() if not k.startswith("s_module.0.")},
+                              strict=False)  # same detector; only S's first layer differs in shape
+    per_class.eval()
+    with torch.no_grad():
+        old, new = shared.surviving_detections(images()), per_class.surviving_detections(images())
+        logits = per_class(images())
+    assert per_class.s_module[0].in_features == 6 * 256 and shared.s_module[0].in_features == 5 * 256
+    assert logits.shape == (2, 3) and torch.isfinite(logits).all()
+    for o, n in zip(old, new):
+        assert n.shape == (o.shape[0], 6)  # [s_GGO, s_consolidation, dx, dy, dw, dh]
+        assert torch.equal(n[:, 2:], o[:, 1:]), "same survivors, same order, same deltas"
+        assert torch.equal(n[:, :2].sum(dim=1), o[:, 0]) and ((n[:, :2] > 0).sum(dim=1) <= 1).all()
+        assert (n[:, 0] > 0).any() and (n[:, 1] > 0).any(), "both lesion classes appear among the survivors"
+
+
+def test_per_class_rows_of_one_lesion_class_are_the_original_rows():
+    shared = tiny_model(num_classes=2).eval()
+    per_class = tiny_model(num_classes=2, score_columns="per_class").eval()
+    assert set(shared.state_dict()) == set(per_class.state_dict())
+    per_class.load_state_dict(shared.state_dict())
+    with torch.no_grad():
+        assert torch.equal(shared(images()), per_class(images()))
+
+
+def test_empty_per_class_rows_are_zero_rows_of_the_per_class_width():
+    model = tiny_model(rpn_score_thresh=1.5, score_columns="per_class").eval()
+    with torch.no_grad():
+        assert torch.equal(model.ranked_detections(images()), torch.zeros(2, 16, 6))
+
+
 def expected_trainable(model):
     names = {f"s_module.{n}" for n, _ in model.s_module.named_parameters()}
     for module_name, module in model.backbone.named_modules():
@@ -137,6 +169,7 @@ def test_segmentation_weights_of_another_architecture_are_refused():
     (dict(s_features=2.5), "s_features must be a positive int"),
     (dict(with_masks=True), "sets \\['with_masks'\\] itself"),
     (dict(truncation=3), "truncation must be 0, 1 or 2"),
+    (dict(score_columns="per_lesion"), "score_columns must be one of"),
 ])
 def test_builder_rejects_bad_arguments(kwargs, message):
     with pytest.raises(ValueError, match=message):

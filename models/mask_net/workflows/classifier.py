@@ -44,6 +44,9 @@ from .loops import prepare_training, train_one_epoch
 from .losses import classification_loss, inverse_frequency_weights
 
 DEFAULT_ROI_BATCH_SIZE, DEFAULT_S_FEATURES = 128, 512
+# A new classifier's rows: each score in its lesion class's column (the original's "shared" column
+# leaves S unable to tell a consolidation from a ground-glass detection scored alike).
+DEFAULT_SCORE_COLUMNS = "per_class"
 # The metric (in metrics.jsonl) that chooses checkpoint_best.pth; higher is better.
 SELECTION_METRIC = "val_accuracy"  # always defined, unlike an AUC on a one-class validation set
 # Segmentation builder settings the classifier does not inherit (mask branch, detection filtering);
@@ -57,7 +60,8 @@ SETTING_OVERRIDES = ("rpn_nms_th", "roi_nms_th", "image_size")
 @dataclass(kw_only=True)
 class ClassifierTrainConfig(RunConfig, ClassifierSettings):
     """Settings of :func:`train_classifier`: the run's (:class:`utils.training.RunConfig`), the model's
-    (:class:`ClassifierSettings`; B and S's width default to 128 and 512 on a segmentation checkpoint), and:
+    (:class:`ClassifierSettings`; on a segmentation checkpoint B, S's width and the score columns default to
+    128, 512 and "per_class"), and:
 
     Attributes:
         pretrained_segmentation_model: segmentation checkpoint whose weights (mask branch excluded)
@@ -145,6 +149,7 @@ def classifier_kwargs_from_segmentation(config: ClassifierTrainConfig, seg_kwarg
     kwargs.update(builder_keywords(settings, names=("backbone_name", "truncation", "num_classes")))
     kwargs["roi_batch_size"] = config.roi_batch_size or DEFAULT_ROI_BATCH_SIZE
     kwargs["s_features"] = config.s_features or DEFAULT_S_FEATURES
+    kwargs["score_columns"] = config.score_columns or DEFAULT_SCORE_COLUMNS
     return {**kwargs, **builder_keywords(settings, names=SETTING_OVERRIDES)}
 
 

@@ -45,6 +45,7 @@ class ClassifierSettings:
     num_classes: int | None = None
     roi_batch_size: int | None = None
     s_features: int | None = None
+    score_columns: str | None = None
     rpn_nms_th: float | None = None
     roi_nms_th: float | None = None
 

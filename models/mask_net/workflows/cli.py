@@ -23,6 +23,9 @@ MODEL_FLAGS = {
                   "lesion classes: both = GGO and consolidation as 2 classes, ggo = GGO only, merge = one class"),
     "roi_batch_size": ({"type": positive_int}, "B, the ranked detections per slice that S reads"),
     "s_features": ({"type": positive_int}, "hidden width of S"),
+    "score_columns": ({"choices": ["shared", "per_class"]},
+                      "what a row of S holds: shared = [score, 4 box deltas] as the original, the class unsaid; "
+                      "per_class = one score column per lesion class, the score in its class's column"),
     "rpn_nms_th": ({"type": probability}, "RPN NMS IoU threshold, train and test"),
     "roi_nms_th": ({"type": probability}, "per-class NMS IoU threshold of the RoI detections"),
     "confidence_th": ({"type": probability}, "lowest detection score kept"),
@@ -45,8 +48,8 @@ SAMPLING_FLAGS = ("rpn_fg_iou_th", "rpn_bg_iou_th", "roi_fg_iou_th", "roi_bg_iou
                   "fpn_channels", "mask_overlap_th")
 SEGMENTATION_INFERENCE_FLAGS = ("backbone_name", "truncation", "mask_type", "rpn_nms_th", "roi_nms_th", "confidence_th",
                                 "mask_overlap_th")
-CLASSIFIER_FLAGS = ("backbone_name", "truncation", "num_classes", "roi_batch_size", "s_features", "rpn_nms_th",
-                    "roi_nms_th")
+CLASSIFIER_FLAGS = ("backbone_name", "truncation", "num_classes", "roi_batch_size", "s_features", "score_columns",
+                    "rpn_nms_th", "roi_nms_th")
 
 
 def add_model_args(parser: argparse.ArgumentParser, *, names: tuple[str, ...], defaults: dict | None = None,

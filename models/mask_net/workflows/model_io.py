@@ -17,12 +17,14 @@ from utils.checkpoint import SEGMENTATION_BUILDER, build_model_from_checkpoint, 
 
 # Model setting -> builder keyword; ``image_size`` sets the short side and caps the long one at 2x.
 BUILDER_KEYWORDS = {"backbone_name": "backbone_name", "truncation": "truncation", "num_classes": "num_classes",
-                    "roi_batch_size": "roi_batch_size", "s_features": "s_features", "rpn_nms_th": "rpn_nms_thresh",
+                    "roi_batch_size": "roi_batch_size", "s_features": "s_features", "score_columns": "score_columns",
+                    "rpn_nms_th": "rpn_nms_thresh",
                     "roi_nms_th": "box_nms_thresh", "confidence_th": "box_score_thresh",
                     "mask_overlap_th": "mask_overlap_thresh",
                     "image_size": ("min_size", "max_size")}
 # Settings that fix parameter shapes (and the lesion classes): given ones must match the checkpoint.
-ARCHITECTURE_SETTINGS = ("backbone_name", "truncation", "num_classes", "roi_batch_size", "s_features", "mask_type")
+ARCHITECTURE_SETTINGS = ("backbone_name", "truncation", "num_classes", "roi_batch_size", "s_features", "score_columns",
+                         "mask_type")
 # Settings that leave parameter shapes alone: given ones replace the checkpoint's.
 INFERENCE_SETTINGS = ("rpn_nms_th", "roi_nms_th", "confidence_th", "mask_overlap_th", "image_size")
 
