@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 
 from models.volumetric.cli import (
-    add_amp_arg,
     add_checkpoint_arg,
     add_data_root_arg,
     add_output_arg,
@@ -39,7 +38,7 @@ from models.volumetric.cli import (
 )
 from models.volumetric.common import TEST
 from models.volumetric.inference import infer
-from utils.cli import add_device_args, run_cli
+from utils.cli import add_amp_arg, add_device_args, run_cli
 
 
 def get_args_parser() -> argparse.ArgumentParser:

@@ -25,6 +25,7 @@ from models.mask_net.workflows.classifier import ClassifierTrainConfig as Config
 from models.mask_net.workflows.classifier import train_classifier
 from models.mask_net.workflows.cli import CLASSIFIER_FLAGS, add_model_args
 from utils.cli import (
+    add_amp_arg,
     add_device_args,
     add_epoch_args,
     add_optimisation_args,
@@ -64,6 +65,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                         "(default: off)")
     add_optimisation_args(p, batch_size=Config.batch_size, unit="slices")
     add_device_args(p)
+    add_amp_arg(p)
     add_seed_args(p)
     return p
 

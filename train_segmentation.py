@@ -20,6 +20,7 @@ from models.mask_net.workflows.cli import SAMPLING_FLAGS, add_model_args
 from models.mask_net.workflows.segmentation import PRESETS, train_segmentation
 from models.mask_net.workflows.segmentation import SegmentationTrainConfig as Config
 from utils.cli import (
+    add_amp_arg,
     add_device_args,
     add_epoch_args,
     add_optimisation_args,
@@ -60,6 +61,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                         "(default: off)")
     add_optimisation_args(p, batch_size=Config.batch_size, unit="images")
     add_device_args(p)
+    add_amp_arg(p)
     add_seed_args(p)
     return p
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 
 from models.volumetric.cli import (
-    add_amp_arg,
     add_datalist_args,
     add_epochs_arg,
     add_network_args,
@@ -33,7 +32,7 @@ from models.volumetric.cli import (
     train_settings,
 )
 from models.volumetric.trainer import train
-from utils.cli import add_device_args, add_run_args, add_seed_args, positive_int, run_cli
+from utils.cli import add_amp_arg, add_device_args, add_run_args, add_seed_args, positive_int, run_cli
 
 
 def get_args_parser() -> argparse.ArgumentParser:

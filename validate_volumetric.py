@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 
 from models.volumetric.cli import (
-    add_amp_arg,
     add_checkpoint_arg,
     add_datalist_args,
     add_output_arg,
@@ -34,7 +33,7 @@ from models.volumetric.cli import (
 )
 from models.volumetric.common import VALIDATION
 from models.volumetric.validation import validate
-from utils.cli import add_device_args, run_cli
+from utils.cli import add_amp_arg, add_device_args, run_cli
 
 
 def get_args_parser() -> argparse.ArgumentParser:

@@ -56,6 +56,13 @@ def add_device_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu", help="torch device: cpu, cuda or cuda:N (default: cpu)")
 
 
+def add_amp_arg(parser: argparse.ArgumentParser) -> None:
+    """``--amp``: mixed precision (:mod:`utils.amp`)."""
+    parser.add_argument("--amp", action="store_true",
+                        help="mixed precision: bfloat16 on CPU and on GPUs that have it, float16 with loss scaling "
+                             "on older GPUs (default: off)")
+
+
 def add_seed_args(parser: argparse.ArgumentParser, default: int = 0) -> None:
     """``--seed`` for :func:`utils.reproducibility.seed_everything`."""
     parser.add_argument("--seed", type=int, default=default, help=f"random seed (default: {default})")

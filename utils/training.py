@@ -18,6 +18,8 @@ from typing import Callable
 
 import torch
 
+from utils.amp import checkpoint_entries as amp_entries
+from utils.amp import restore_scaler
 from utils.checkpoint import load_checkpoint, make_checkpoint
 from utils.cli import args_to_dict, resolve_device
 from utils.reproducibility import rng_state, seed_epoch, seed_everything, set_rng_state
@@ -45,6 +47,8 @@ class RunConfig:
         max_steps: batches per epoch (smoke runs), or None for all.
         no_progress: hide progress bars.
         device: cpu, cuda or cuda:N.
+        amp: mixed precision in training (:mod:`utils.amp`: bfloat16, or float16 with loss scaling on
+            GPUs without bfloat16).
         seed: the run's seed.
     """
 
@@ -65,6 +69,7 @@ class RunConfig:
     max_steps: int | None = None
     no_progress: bool = False
     device: str = "cpu"
+    amp: bool = False
     seed: int = 0
 
 
@@ -163,7 +168,7 @@ def lr_setter(config: RunConfig, optimizer: torch.optim.Optimizer, steps_per_epo
 def fit(config: RunConfig, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
         train_loader: torch.utils.data.DataLoader, builder: str, builder_kwargs: dict, kind: str,
         run_epoch: Callable[[int], dict], checkpoint_extras: Callable[[dict], dict],
-        best: Best | None = None) -> RunDir:
+        best: Best | None = None, scaler: torch.amp.GradScaler | None = None, precision: str = "fp32") -> RunDir:
     """Open the run directory, resume when asked, and run the epochs up to ``start_epoch + num_epochs``.
 
     Args:
@@ -176,6 +181,8 @@ def fit(config: RunConfig, *, model: torch.nn.Module, optimizer: torch.optim.Opt
         run_epoch: ``run_epoch(epoch) -> record``: trains and validates one epoch, returns its metrics.
         checkpoint_extras: ``checkpoint_extras(record) -> dict`` of further checkpoint entries.
         best: the metric that selects ``checkpoint_best.pth`` (default: lowest ``val_loss``).
+        scaler: the GradScaler of float16 training, saved in every checkpoint and restored on resume.
+        precision: what the training ran in (:func:`utils.amp.precision`), recorded in every checkpoint.
 
     Returns:
         The run directory.
@@ -187,13 +194,14 @@ def fit(config: RunConfig, *, model: torch.nn.Module, optimizer: torch.optim.Opt
     if config.resume:
         scheduled = config.lr_schedule != "constant" or config.warmup_steps  # its lr is set before every step
         first_epoch, _ = resume_training(config.resume, model=model, optimizer=optimizer, run=run,
-                                         builder=builder, kind=kind,
+                                         builder=builder, kind=kind, scaler=scaler,
                                          hyperparameters={"lr": None if scheduled else config.lrate,
                                                           "weight_decay": config.weight_decay})
 
     def checkpoint(epoch: int, record: dict) -> dict:
         return make_checkpoint(model=model, optimizer=optimizer, epoch=epoch, args=args, builder=builder,
-                               builder_kwargs=builder_kwargs, **checkpoint_extras(record))
+                               builder_kwargs=builder_kwargs, **amp_entries(scaler, precision),
+                               **checkpoint_extras(record))
 
     run_epochs(run=run, epochs=range(first_epoch, config.start_epoch + config.num_epochs), seed=config.seed,
                loader=train_loader, run_epoch=run_epoch, checkpoint=checkpoint,
@@ -203,8 +211,9 @@ def fit(config: RunConfig, *, model: torch.nn.Module, optimizer: torch.optim.Opt
 
 def resume_training(path: str, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
                     run: RunDir | None, builder: str, kind: str,
-                    hyperparameters: dict | None = None) -> tuple[int, dict]:
-    """Restore a run from its checkpoint: weights, optimizer, RNG states and the best-so-far value.
+                    hyperparameters: dict | None = None,
+                    scaler: torch.amp.GradScaler | None = None) -> tuple[int, dict]:
+    """Restore a run from its checkpoint: weights, optimizer, loss scale, RNG states and the best-so-far value.
 
     Args:
         path: the checkpoint to resume (usually ``checkpoint_last.pth``).
@@ -215,6 +224,7 @@ def resume_training(path: str, *, model: torch.nn.Module, optimizer: torch.optim
         kind: what such a checkpoint is called in errors.
         hyperparameters: optimizer settings of this command line (``lr``, ``weight_decay``); where
             they differ from the checkpoint's, they are applied and the change is printed.
+        scaler: the GradScaler of float16 training, or None (:func:`utils.amp.restore_scaler`).
 
     Returns:
         The first epoch to run (the checkpoint's epoch + 1) and the checkpoint.
@@ -228,6 +238,7 @@ def resume_training(path: str, *, model: torch.nn.Module, optimizer: torch.optim
     if optimizer is not None and ckpt["optimizer"] is not None:
         optimizer.load_state_dict(ckpt["optimizer"])
         apply_hyperparameters(optimizer, hyperparameters or {})
+    restore_scaler(scaler, ckpt, path)
     if ckpt.get("rng_state"):
         set_rng_state(ckpt["rng_state"])
     if run is not None:

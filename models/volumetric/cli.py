@@ -72,12 +72,6 @@ def add_output_arg(parser: argparse.ArgumentParser, *, dest: str, required: bool
     parser.add_argument(*names, dest=dest, required=required, default=None, help=help)
 
 
-def add_amp_arg(parser: argparse.ArgumentParser) -> None:
-    """``--amp``: mixed precision (float16 on CUDA, bfloat16 on CPU)."""
-    parser.add_argument("--amp", action="store_true",
-                        help="mixed precision: float16 on CUDA, bfloat16 on CPU (default: off)")
-
-
 def add_epochs_arg(parser: argparse.ArgumentParser) -> None:
     """``--epochs`` (alias ``--num_epochs``): the epoch count at which the run ends."""
     parser.add_argument("--epochs", "--num_epochs", dest="epochs", type=positive_int, default=100,

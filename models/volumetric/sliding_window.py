@@ -12,8 +12,8 @@ import torch
 from monai.inferers import SlidingWindowInferer
 from scipy import ndimage
 
-from models.volumetric.amp import autocast
 from models.volumetric.config import SegConfig, hu_to_unit
+from utils.amp import autocast
 
 # Windows [B, 1, x, y, z] are handed to the network channels-last: about 2x faster 3D convolutions
 # on CPU when the weights are channels-last too (see prepare_for_inference).

@@ -39,11 +39,11 @@ from monai.transforms import (
 )
 from tqdm import tqdm
 
-from models.volumetric.amp import autocast
 from models.volumetric.common import IMAGE_KEY, LoadVolumed
 from models.volumetric.config import SegConfig
 from models.volumetric.task import Task
 from models.volumetric.vit import PATCH_SIZE, check_vit_sizes, img_size_from_roi
+from utils.amp import autocast
 from utils.training import backward_step
 
 VIEW_KEYS = (IMAGE_KEY, "image_2")

@@ -26,6 +26,8 @@ from models.volumetric.training import (
     mean_over_ranks,
     setup_distributed,
 )
+from utils.amp import checkpoint_entries as amp_entries
+from utils.amp import grad_scaler, precision
 from utils.checkpoint import make_checkpoint
 from utils.cli import resolve_device
 from utils.reproducibility import rng_state, seed_epoch, seed_everything
@@ -50,7 +52,7 @@ class TrainSettings:
         workers: DataLoader worker processes.
         val_every: validate every N epochs and at the last one.
         progress: show progress bars (rank 0).
-        amp: mixed precision (:mod:`models.volumetric.amp`).
+        amp: mixed precision (:mod:`utils.amp`).
         device: torch device name; under torchrun ``cuda`` becomes ``cuda:LOCAL_RANK``.
         seed: base seed (each process adds its rank).
         resume: checkpoint to resume from.
@@ -103,6 +105,7 @@ class _Run:
     val_set: Any
     run_dir: RunDir | None
     ctx: DistContext
+    scaler: torch.amp.GradScaler | None
 
 
 def train(settings: TrainSettings) -> dict:
@@ -144,9 +147,10 @@ def build_model(task: Task, config: Any, *, network: dict, pretrained: dict) -> 
 
 
 def resume(path: str, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer, run_dir: RunDir | None,
-           task: Task, lr: float | None) -> int:
-    """Restore model, optimizer, RNG states and best-so-far value; returns the first epoch to run."""
+           task: Task, lr: float | None, scaler: torch.amp.GradScaler | None = None) -> int:
+    """Restore model, optimizer, loss scale, RNG states and best-so-far value; returns the first epoch to run."""
     start, ckpt = resume_training(path, model=model, optimizer=optimizer, run=run_dir, builder=task.builder,
+                                  scaler=scaler,
                                   kind=f"{task.name} training",
                                   hyperparameters={"lr": lr})
     if ckpt.get("task") != task.name:
@@ -168,13 +172,14 @@ def _train(s: TrainSettings, ctx: DistContext) -> dict:
                      best=Best(f"val_{metric}", higher)) if ctx.is_main else None
     # a scheduled lr is set every epoch, so only a constant one is compared with the checkpoint's
     constant_lr = lr if s.lr_schedule == "constant" else None
+    scaler = grad_scaler(ctx.device, s.amp)
     start = 0
     if s.resume:
-        start = resume(s.resume, model=model, optimizer=optimizer, run_dir=run_dir, task=task, lr=constant_lr)
+        start = resume(s.resume, model=model, optimizer=optimizer, run_dir=run_dir, task=task, lr=constant_lr,
+                       scaler=scaler)
     model.to(ctx.device)
     net = DistributedDataParallel(model) if ctx.distributed else model
-    scaler = torch.amp.GradScaler("cuda") if s.amp and ctx.device.type == "cuda" else None
-    run = _Run(s, task, config, model, kwargs, optimizer, val_set, run_dir, ctx)
+    run = _Run(s, task, config, model, kwargs, optimizer, val_set, run_dir, ctx, scaler)
     record: dict = {}
     for epoch in range(start, s.epochs):
         seed_epoch(s.seed, epoch, rank=ctx.rank, generator=loader.generator, dataset=train_set)
@@ -213,7 +218,8 @@ def _end_epoch(run: _Run, record: dict) -> dict:
         record.update({f"val_{k}": v for k, v in result.items() if isinstance(v, (int, float))})
     ckpt = make_checkpoint(model=run.model, builder=task.builder, builder_kwargs=run.kwargs, epoch=epoch,
                            args=s.args(), optimizer=run.optimizer, task=task.name,
-                           task_config=run.config.to_dict(), metrics=dict(record))
+                           task_config=run.config.to_dict(), metrics=dict(record),
+                           **amp_entries(run.scaler, precision(run.ctx.device, s.amp)))
     ckpt["rng_state"] = rng_state()
     record["best"] = run.run_dir.end_epoch(ckpt, record)
     print(f"epoch {epoch}: " + ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"

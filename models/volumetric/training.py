@@ -17,10 +17,10 @@ from monai.data import CacheDataset, DataLoader, Dataset
 from monai.transforms import Compose
 from tqdm import tqdm
 
-from models.volumetric.amp import autocast
 from models.volumetric.common import IMAGE_KEY, LABEL_KEY, apply_transform, unwrap_transform_error
 from models.volumetric.config import SegConfig
 from models.volumetric.sliding_window import segment
+from utils.amp import autocast
 from utils.dice import dice_per_class, mean_ignoring_nan
 from utils.training import backward_step
 

@@ -27,6 +27,7 @@ from models.mask_net.covid_mask_net import (
 )
 from models.mask_net.workflows.model_io import builder_keywords, check_architecture
 from models.summary import parameter_counts
+from utils.amp import grad_scaler, precision
 from utils.checkpoint import load_checkpoint
 from utils.classification_metrics import one_vs_rest_auc
 from utils.reproducibility import worker_init_fn
@@ -180,13 +181,14 @@ def train_classifier(config: ClassifierTrainConfig) -> RunDir:
     print(f"trainable parameters: {trainable:,} of {total:,} (module S and the backbone's BatchNorm affine parameters)")
     weights = inverse_frequency_weights(train_loader.dataset.labels) if config.class_balance else None
     steps = dict(max_steps=config.max_steps, progress=not config.no_progress)
+    scaler = grad_scaler(device, config.amp)
 
     def loss_fn(m, images, labels):
         return {"loss_cls": classification_loss(m(images), labels, kind=config.loss, class_weights=weights)}
 
     def run_epoch(epoch: int) -> dict:
         train = train_one_epoch(model, train_loader, optimizer, device=device, epoch=epoch, loss_fn=loss_fn,
-                                set_lr=set_lr_for(epoch),
+                                set_lr=set_lr_for(epoch), amp=config.amp, scaler=scaler,
                                 freeze_bn_stats=True, **steps)
         val = validate(model, val_loader, device=device, loss_kind=config.loss, **steps)
         print(f"Epoch {epoch}: train loss = {train['loss']:.3f}, validation loss = {val['loss']:.3f}, "
@@ -199,4 +201,5 @@ def train_classifier(config: ClassifierTrainConfig) -> RunDir:
 
     return fit(config, model=model, optimizer=optimizer, train_loader=train_loader, builder=CLASSIFIER_BUILDER,
                builder_kwargs=kwargs, kind="classification", run_epoch=run_epoch, checkpoint_extras=checkpoint_extras,
-               best=Best(SELECTION_METRIC, higher_is_better=True))
+               best=Best(SELECTION_METRIC, higher_is_better=True), scaler=scaler,
+               precision=precision(device, config.amp))

@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 from models.mask_net.fast.poolers import use_gather_poolers
 from models.mask_net.transform import resize_boxes
+from utils.amp import autocast
 from utils.mean_ap import mean_average_precision
 from utils.training import RunConfig, backward_step, lr_setter, make_optimizer, steps_per_epoch
 
@@ -79,7 +80,7 @@ def _sum_losses(loss_dict: dict[str, torch.Tensor]) -> torch.Tensor:
 
 def train_one_epoch(model: torch.nn.Module, loader: Iterable, optimizer: torch.optim.Optimizer, *,
                     device: torch.device, epoch: int, loss_fn: Callable | None = None,
-                    scaler: torch.amp.GradScaler | None = None, freeze_bn_stats: bool = False,
+                    amp: bool = False, scaler: torch.amp.GradScaler | None = None, freeze_bn_stats: bool = False,
                     max_steps: int | None = None, progress: bool = True,
                     set_lr: Callable[[int], None] | None = None) -> dict[str, float]:
     """One pass over ``loader`` with optimizer steps.
@@ -93,7 +94,8 @@ def train_one_epoch(model: torch.nn.Module, loader: Iterable, optimizer: torch.o
         device: where to run.
         epoch: shown in the progress bar.
         loss_fn: ``loss_fn(model, images, targets) -> dict of losses``; default: ``model(images, targets)``.
-        scaler: a GradScaler for mixed precision on CUDA, or None.
+        amp: run the forward pass under :func:`utils.amp.autocast` (bfloat16, or float16 on GPUs without it).
+        scaler: the GradScaler of float16 training (:func:`utils.amp.grad_scaler`), or None.
         freeze_bn_stats: keep BatchNorm running statistics frozen while training.
         max_steps: stop after this many batches (smoke runs); None for the whole loader.
         progress: show a tqdm bar with the running losses.
@@ -113,7 +115,7 @@ def train_one_epoch(model: torch.nn.Module, loader: Iterable, optimizer: torch.o
     bn_ctx = frozen_batchnorm_stats(model) if freeze_bn_stats else contextlib.nullcontext()
     with bn_ctx:
         for step, batch in enumerate(bar):
-            losses = _forward_losses(model, batch, device, loss_fn, amp=scaler is not None)
+            losses = _forward_losses(model, batch, device, loss_fn, amp=amp)
             total = _sum_losses(losses)
             if not torch.isfinite(total):
                 raise FloatingPointError(f"loss is {total.item()} at epoch {epoch}, step {step}: {_fmt(losses)}")
@@ -184,7 +186,7 @@ def _forward_losses(model, batch, device, loss_fn, *, amp: bool) -> dict[str, to
         images, targets = move_to_device(images, targets, device)
     else:
         images, targets = [img.to(device) for img in images], targets.to(device)
-    with torch.autocast(device_type=device.type, enabled=amp):
+    with autocast(device, amp):
         return loss_fn(model, images, targets) if loss_fn else model(images, targets)
 
 

@@ -24,6 +24,7 @@ from models.mask_net.covid_mask_net import SEGMENTATION_BUILDER
 from models.mask_net.fast import fast_inference_copy
 from models.mask_net.mask_rcnn import maskrcnn_resnet_fpn
 from models.mask_net.workflows.model_io import builder_keywords, load_model_for_inference
+from utils.amp import grad_scaler, precision
 from utils.checkpoint import load_checkpoint
 from utils.cli import resolve_device
 from utils.plots import detection_overlay
@@ -158,10 +159,11 @@ def train_segmentation(config: SegmentationTrainConfig) -> RunDir:
         load_weights(model, ckpt["model"], config.pretrained_model)  # names the file and the flags on a mismatch
     optimizer, set_lr_for = prepare_training(model, config, device, train_loader)
     steps = dict(max_steps=config.max_steps, progress=not config.no_progress)
+    scaler = grad_scaler(device, config.amp)
 
     def run_epoch(epoch: int) -> dict:
         train = train_one_epoch(model, train_loader, optimizer, device=device, epoch=epoch,
-                                set_lr=set_lr_for(epoch), **steps)
+                                set_lr=set_lr_for(epoch), amp=config.amp, scaler=scaler, **steps)
         val = {**validation_loss(model, val_loader, device=device, epoch=epoch, **steps),
                **validation_detection_metrics(model, val_loader, device=device, epoch=epoch, **steps)}
         print(f"Epoch {epoch}: train loss = {train['loss']:.3f}, validation loss = {val['loss']:.3f}, "
@@ -175,7 +177,8 @@ def train_segmentation(config: SegmentationTrainConfig) -> RunDir:
 
     return fit(config, model=model, optimizer=optimizer, train_loader=train_loader, builder=SEGMENTATION_BUILDER,
                builder_kwargs=kwargs, kind="segmentation", run_epoch=run_epoch, checkpoint_extras=checkpoint_extras,
-               best=Best(SELECTION_METRIC, higher_is_better=True))
+               best=Best(SELECTION_METRIC, higher_is_better=True), scaler=scaler,
+               precision=precision(device, config.amp))
 
 
 @dataclass(kw_only=True)

@@ -15,7 +15,6 @@ from monai.data import MetaTensor
 from monai.transforms import Compose, Invertd
 from tqdm import tqdm
 
-from models.volumetric.amp import autocast
 from models.volumetric.common import IMAGE_KEY, LABEL_KEY, apply_transform, case_name
 from models.volumetric.covid_cls.config import ClsConfig
 from models.volumetric.covid_cls.metrics import classification_metrics
@@ -23,6 +22,7 @@ from models.volumetric.covid_cls.model import postprocessing
 from models.volumetric.covid_cls.transforms import MASK_KEY, preprocessing
 from models.volumetric.saliency import TARGET_LAYER, explainer_for, save_saliency_outputs
 from models.volumetric.segmentation import save_mask, segment_case
+from utils.amp import autocast
 
 SALIENCY_KEY = "saliency"
 
