@@ -64,8 +64,9 @@ def cases(data: Path, runs: Path, tiny: bool) -> list[tuple[str, object, list[st
            "--max_steps", STEPS, "--batch_size", "2", "--image_size", size, "--lrate", "1e-3", "--no_progress",
            "--train_data_dir", str(data / "seg" / "train"), "--val_data_dir", str(data / "seg" / "val")]
     cls = ["--num_epochs", "1", "--max_steps", STEPS, "--batch_size", "2", "--image_size", size, "--lrate", "1e-3",
-           "--no_progress", "--train_data_dir", str(data / "cls" / "train"), "--val_data_dir", str(data / "cls" / "val")]
-    roi = ["--roi_size", "32", "32", "16"] if tiny else []
+           "--no_progress", "--train_data_dir", str(data / "cls" / "train"),
+           "--val_data_dir", str(data / "cls" / "val")]
+    roi = {"lung_seg": ["32", "32", "32"], "lesion_seg": ["32", "32", "16"], "covid_cls": ["32", "32", "32"]}
     out = [("train_segmentation", train_segmentation, seg + ["--save_dir", str(runs / "seg{amp}")]),
            ("train_classifier", train_classifier,
             cls + ["--pretrained_segmentation_model", str(runs / "seg{amp}" / "checkpoint_last.pth"),
@@ -73,7 +74,8 @@ def cases(data: Path, runs: Path, tiny: bool) -> list[tuple[str, object, list[st
     for task, datalist in (("lung_seg", "lung"), ("lesion_seg", "lesion"), ("covid_cls", "covid")):
         out.append((f"train_volumetric {task}", train_volumetric,
                     ["--task", task, "--datalist", str(volumes / f"dataset_{datalist}.json"), "--epochs", "1",
-                     "--batch_size", "1", "--no_progress", "--save_dir", str(runs / f"{task}{{amp}}"), *roi]))
+                     "--batch_size", "2", "--no_progress", "--save_dir", str(runs / f"{task}{{amp}}"),
+                     *(["--roi_size", *roi[task]] if tiny else [])]))
     return out
 
 
