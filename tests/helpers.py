@@ -115,6 +115,15 @@ def write_dicom_series(folder: Path, hu: np.ndarray, *, spacing=(0.8, 0.9, 3.0))
     return folder
 
 
+def write_slice_phantom(out: Path, *, slices_per_patient: int) -> Path:
+    """A tiny 2D phantom (3 patients each of segmentation and classification, 64-px slices) in ``out``."""
+    from datasets.synthetic import generate_dataset
+
+    generate_dataset(out, seed=2, n_patients=3, n_seg_patients=3, slices_per_patient=slices_per_patient,
+                     image_size=64, outputs=("seg", "cls"), montage=False)
+    return out
+
+
 def write_datalist(root: Path, *, label: str = "lung", n_train: int = 2, n_val: int = 1) -> Path:
     """A dataset.json with relative paths and training/validation/testing sections."""
     cases = [write_case(root / "volumes", f"case{i}", seed=i, label=label) for i in range(n_train + n_val)]

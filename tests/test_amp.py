@@ -7,10 +7,9 @@ import torch
 import train_classifier
 import train_segmentation
 import train_volumetric
-from datasets.synthetic import generate_dataset
 from models.mask_net import maskrcnn_resnet_fpn
 from models.mask_net.workflows import classifier as classifier_workflow
-from tests.helpers import write_datalist
+from tests.helpers import write_datalist, write_slice_phantom
 from utils import amp
 from utils.checkpoint import SEGMENTATION_BUILDER, load_checkpoint, make_checkpoint, save_checkpoint
 from utils.training import resume_training
@@ -61,10 +60,7 @@ def test_resume_restores_the_saved_loss_scale_and_says_when_there_is_none(tmp_pa
 
 @pytest.fixture(scope="module")
 def phantom(tmp_path_factory):
-    out = tmp_path_factory.mktemp("phantom")
-    generate_dataset(out, seed=2, n_patients=3, n_seg_patients=3, slices_per_patient=2, image_size=64,
-                     outputs=("seg", "cls"), montage=False)
-    return out
+    return write_slice_phantom(tmp_path_factory.mktemp("phantom"), slices_per_patient=2)
 
 
 def _records(run):

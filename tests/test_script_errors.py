@@ -17,8 +17,8 @@ import evaluate_classifier
 import evaluation_mean_ap
 import inference_segmentation
 import make_synthetic_data
-from datasets.synthetic import generate_dataset
 from models.mask_net import covid_mask_net, maskrcnn_resnet_fpn
+from tests.helpers import write_slice_phantom
 from utils.checkpoint import make_checkpoint, save_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -36,10 +36,7 @@ WRONG_KINDS = [(script, wrong) for script, (_, kind) in SCRIPTS.items()
 
 @pytest.fixture(scope="module")
 def phantom(tmp_path_factory):
-    out = tmp_path_factory.mktemp("phantom")
-    generate_dataset(out, seed=2, n_patients=3, n_seg_patients=3, slices_per_patient=1, image_size=64,
-                     outputs=("seg", "cls"), montage=False)
-    return out
+    return write_slice_phantom(tmp_path_factory.mktemp("phantom"), slices_per_patient=1)
 
 
 @pytest.fixture(scope="module")
