@@ -1,4 +1,4 @@
-"""The project's one mixed-precision policy, used by every trainer and inference path.
+"""The project's one mixed-precision policy: every trainer and the 3D inference scripts use it.
 
 ``--amp`` on a script turns it on; the precision then follows the device:
 
