@@ -209,6 +209,11 @@ def test_classifier_checkpoints_rebuild_their_row_layout_and_old_ones_the_origin
     layout = stored.get("score_columns", "shared")  # checkpoints written before the option: the original's rows
     assert model.score_columns == layout
     assert model.s_module[0].in_features == 8 * {"shared": 5, "per_class": 6}[layout]
+    other = {"shared": "per_class", "per_class": "shared"}[layout]
+    refused = f"--score_columns {other} contradicts the checkpoint .* score_columns={layout}"
+    with pytest.raises(ValueError, match=refused):
+        load_model_for_inference(str(path), device=torch.device("cpu"), flags={"score_columns": other},
+                                 builder=CLASSIFIER_BUILDER, kind="classification")
 
 
 def test_train_classifier_score_columns_flag_selects_the_original_rows(phantom, seg_checkpoint, tmp_path):

@@ -25,7 +25,7 @@ from models.mask_net.covid_mask_net import (
     covid_mask_net,
     load_segmentation_weights,
 )
-from models.mask_net.workflows.model_io import builder_keywords, check_architecture
+from models.mask_net.workflows.model_io import builder_keywords, check_architecture, stored_settings
 from models.summary import parameter_counts
 from utils.amp import grad_scaler, precision
 from utils.checkpoint import load_checkpoint
@@ -128,7 +128,7 @@ def build_classifier(config: ClassifierTrainConfig) -> tuple[torch.nn.Module, di
     from_segmentation = path == config.pretrained_segmentation_model
     wanted = (SEGMENTATION_BUILDER, CLASSIFIER_BUILDER) if from_segmentation else (CLASSIFIER_BUILDER,)
     ckpt = load_checkpoint(path, builder=wanted, kind=None if from_segmentation else "classification")
-    check_architecture(path, ckpt["builder_kwargs"], asdict(config))
+    check_architecture(path, stored_settings(ckpt), asdict(config))
     if ckpt["builder"] == CLASSIFIER_BUILDER:
         kwargs = {**ckpt["builder_kwargs"], **builder_keywords(asdict(config), names=SETTING_OVERRIDES)}
         model = covid_mask_net(**kwargs)

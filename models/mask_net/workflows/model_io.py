@@ -9,11 +9,12 @@ checkpoint is an error naming both values.
 """
 from __future__ import annotations
 
+import inspect
 from typing import Iterable
 
 import torch
 
-from utils.checkpoint import SEGMENTATION_BUILDER, build_model_from_checkpoint, load_checkpoint
+from utils.checkpoint import SEGMENTATION_BUILDER, build_model_from_checkpoint, load_checkpoint, resolve_builder
 
 # Model setting -> builder keyword; ``image_size`` sets the short side and caps the long one at 2x.
 BUILDER_KEYWORDS = {"backbone_name": "backbone_name", "truncation": "truncation", "num_classes": "num_classes",
@@ -77,10 +78,18 @@ def load_model_for_inference(path: str, *, device: torch.device, flags: dict, bu
             contradicts its architecture.
     """
     ckpt = load_checkpoint(path, builder=builder, kind=kind)
-    stored = {**ckpt["builder_kwargs"], "mask_type": ckpt.get("mask_type")}
-    check_architecture(path, stored, flags, architecture_flags)
+    check_architecture(path, stored_settings(ckpt), flags, architecture_flags)
     model = build_model_from_checkpoint(ckpt, **builder_keywords(flags, names=INFERENCE_SETTINGS))
     return model.eval().to(device), ckpt
+
+
+def stored_settings(ckpt: dict) -> dict:
+    """What the checkpoint's model was built with: its builder's defaults, overridden by the stored
+    ``builder_kwargs`` (so an option added after the checkpoint was written reads as the default it was
+    built with), and its ``mask_type``."""
+    defaults = {name: p.default for name, p in inspect.signature(resolve_builder(ckpt["builder"])).parameters.items()
+                if p.default is not inspect.Parameter.empty}
+    return {**defaults, **ckpt["builder_kwargs"], "mask_type": ckpt.get("mask_type")}
 
 
 def check_architecture(path: str, stored: dict, flags: dict, keys: Iterable[str] = ARCHITECTURE_SETTINGS) -> None:
