@@ -107,7 +107,7 @@ def window_logits(model: torch.nn.Module, image: torch.Tensor, *, config: SegCon
         image: Float[1, X, Y, Z] in [0, 1] on the task's working grid.
         config: ROI, overlap, batch of windows and the region the windows cover.
         device: where the windows run.
-        amp: autocast to float16/bfloat16 (CUDA/CPU) inside the network.
+        amp: run the network under :func:`utils.amp.autocast` (bfloat16, or float16 on GPUs without it).
 
     Returns:
         Logits Float[C, x, y, z] on ``device`` and the region, one slice per axis of ``image``'s grid
