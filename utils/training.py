@@ -19,7 +19,7 @@ from typing import Callable
 import torch
 
 from utils.amp import checkpoint_entries as amp_entries
-from utils.amp import restore_scaler
+from utils.amp import precision, restore_scaler
 from utils.checkpoint import load_checkpoint, make_checkpoint
 from utils.cli import args_to_dict, resolve_device
 from utils.reproducibility import rng_state, seed_epoch, seed_everything, set_rng_state
@@ -168,7 +168,7 @@ def lr_setter(config: RunConfig, optimizer: torch.optim.Optimizer, steps_per_epo
 def fit(config: RunConfig, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
         train_loader: torch.utils.data.DataLoader, builder: str, builder_kwargs: dict, kind: str,
         run_epoch: Callable[[int], dict], checkpoint_extras: Callable[[dict], dict],
-        best: Best | None = None, scaler: torch.amp.GradScaler | None = None, precision: str = "fp32") -> RunDir:
+        best: Best | None = None, scaler: torch.amp.GradScaler | None = None) -> RunDir:
     """Open the run directory, resume when asked, and run the epochs up to ``start_epoch + num_epochs``.
 
     Args:
@@ -181,8 +181,8 @@ def fit(config: RunConfig, *, model: torch.nn.Module, optimizer: torch.optim.Opt
         run_epoch: ``run_epoch(epoch) -> record``: trains and validates one epoch, returns its metrics.
         checkpoint_extras: ``checkpoint_extras(record) -> dict`` of further checkpoint entries.
         best: the metric that selects ``checkpoint_best.pth`` (default: lowest ``val_loss``).
-        scaler: the GradScaler of float16 training, saved in every checkpoint and restored on resume.
-        precision: what the training ran in (:func:`utils.amp.precision`), recorded in every checkpoint.
+        scaler: the GradScaler of float16 training, saved in every checkpoint and restored on resume;
+            every checkpoint also records the precision ``config.amp`` resolved to on ``config.device``.
 
     Returns:
         The run directory.
@@ -191,6 +191,7 @@ def fit(config: RunConfig, *, model: torch.nn.Module, optimizer: torch.optim.Opt
     run = RunDir(config.save_dir, args=args, seed=config.seed, resume=bool(config.resume), overwrite=config.overwrite,
                  best=best)
     first_epoch = config.start_epoch
+    trained_in = precision(resolve_device(config.device), config.amp)
     if config.resume:
         scheduled = config.lr_schedule != "constant" or config.warmup_steps  # its lr is set before every step
         first_epoch, _ = resume_training(config.resume, model=model, optimizer=optimizer, run=run,
@@ -200,7 +201,7 @@ def fit(config: RunConfig, *, model: torch.nn.Module, optimizer: torch.optim.Opt
 
     def checkpoint(epoch: int, record: dict) -> dict:
         return make_checkpoint(model=model, optimizer=optimizer, epoch=epoch, args=args, builder=builder,
-                               builder_kwargs=builder_kwargs, **amp_entries(scaler, precision),
+                               builder_kwargs=builder_kwargs, **amp_entries(scaler, trained_in),
                                **checkpoint_extras(record))
 
     run_epochs(run=run, epochs=range(first_epoch, config.start_epoch + config.num_epochs), seed=config.seed,

@@ -27,7 +27,7 @@ from models.mask_net.covid_mask_net import (
 )
 from models.mask_net.workflows.model_io import builder_keywords, check_architecture, stored_settings
 from models.summary import parameter_counts
-from utils.amp import grad_scaler, precision
+from utils.amp import grad_scaler
 from utils.checkpoint import load_checkpoint
 from utils.classification_metrics import one_vs_rest_auc
 from utils.reproducibility import worker_init_fn
@@ -201,5 +201,4 @@ def train_classifier(config: ClassifierTrainConfig) -> RunDir:
 
     return fit(config, model=model, optimizer=optimizer, train_loader=train_loader, builder=CLASSIFIER_BUILDER,
                builder_kwargs=kwargs, kind="classification", run_epoch=run_epoch, checkpoint_extras=checkpoint_extras,
-               best=Best(SELECTION_METRIC, higher_is_better=True), scaler=scaler,
-               precision=precision(device, config.amp))
+               best=Best(SELECTION_METRIC, higher_is_better=True), scaler=scaler)

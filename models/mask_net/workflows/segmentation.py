@@ -24,7 +24,7 @@ from models.mask_net.covid_mask_net import SEGMENTATION_BUILDER
 from models.mask_net.fast import fast_inference_copy
 from models.mask_net.mask_rcnn import maskrcnn_resnet_fpn
 from models.mask_net.workflows.model_io import builder_keywords, load_model_for_inference
-from utils.amp import grad_scaler, precision
+from utils.amp import grad_scaler
 from utils.checkpoint import load_checkpoint
 from utils.cli import resolve_device
 from utils.plots import detection_overlay
@@ -177,8 +177,7 @@ def train_segmentation(config: SegmentationTrainConfig) -> RunDir:
 
     return fit(config, model=model, optimizer=optimizer, train_loader=train_loader, builder=SEGMENTATION_BUILDER,
                builder_kwargs=kwargs, kind="segmentation", run_epoch=run_epoch, checkpoint_extras=checkpoint_extras,
-               best=Best(SELECTION_METRIC, higher_is_better=True), scaler=scaler,
-               precision=precision(device, config.amp))
+               best=Best(SELECTION_METRIC, higher_is_better=True), scaler=scaler)
 
 
 @dataclass(kw_only=True)
