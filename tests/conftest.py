@@ -1,4 +1,6 @@
 """Shared test settings."""
+import shutil
+
 import pytest
 import torch
 
@@ -10,3 +12,21 @@ def single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def free_module_folders(request, tmp_path_factory):
+    """Remove the folders a test module's shared fixtures wrote (phantoms, checkpoints) when the module ends.
+
+    With ``tmp_path_retention_policy = "failed"`` pytest removes a passing test's ``tmp_path``; this does the same
+    for ``tmp_path_factory`` folders, so the suite needs the disk of one module, not of all (several GB). A module
+    with a failed test keeps its folders for inspection.
+    """
+    base = tmp_path_factory.getbasetemp()
+    before = set(base.iterdir())
+    failed = request.session.testsfailed
+    yield
+    if request.session.testsfailed == failed:
+        for path in set(base.iterdir()) - before:
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path, ignore_errors=True)
