@@ -39,7 +39,7 @@ import argparse
 from datasets.conventions import LUNG_WINDOW
 from models.analysis import CLASSIFIERS, MODELS, PNG_SPACING, analyze, load_models
 from utils import quantify as q
-from utils.cli import add_device_args, run_cli
+from utils.cli import add_amp_arg, add_device_args, run_cli
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -72,13 +72,14 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--fill_nan", type=float, default=None, metavar="HU",
                    help="HU value that replaces NaN and infinite voxels, e.g. -1000 for air; the report says so "
                         "(default: refuse such volumes)")
+    add_amp_arg(p, inference=True)
     add_device_args(p)
     return p
 
 
 def main(args: argparse.Namespace) -> dict:
     # Models load when first needed (lazy), so that a bad scan is refused before any model is loaded.
-    models = load_models(args.models_dir, device=args.device, skip=args.skip, lazy=True,
+    models = load_models(args.models_dir, device=args.device, skip=args.skip, lazy=True, amp=args.amp,
                          checkpoints={name: getattr(args, spec.flag) for name, spec in MODELS.items()})
     report = analyze(args.input, models, out_dir=args.out, consolidation_hu=args.consolidation_hu,
                      slice_window=args.slice_window, png_window=args.png_window, png_spacing=args.png_spacing,

@@ -21,7 +21,15 @@ import argparse
 from models.mask_net.workflows.classifier_evaluation import ClassifierEvalConfig as Config
 from models.mask_net.workflows.classifier_evaluation import evaluate_classifier
 from models.mask_net.workflows.cli import CLASSIFIER_FLAGS, add_model_args
-from utils.cli import add_device_args, add_output_args, add_workers_args, config_from_args, positive_int, run_cli
+from utils.cli import (
+    add_amp_arg,
+    add_device_args,
+    add_output_args,
+    add_workers_args,
+    config_from_args,
+    positive_int,
+    run_cli,
+)
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -42,6 +50,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     add_output_args(p, default=Config.save_dir, what="predictions.csv, metrics.json and plots")
     p.add_argument("--model_name", default=None, help="title used in the plots (default: the checkpoint's file name)")
     add_workers_args(p)
+    add_amp_arg(p, inference=True)
     add_device_args(p)
     return p
 

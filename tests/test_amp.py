@@ -1,9 +1,12 @@
-"""The one mixed-precision policy (utils.amp) and --amp in every trainer, on CPU (bfloat16)."""
+"""The one mixed-precision policy (utils.amp) and --amp in every trainer and 2D inference script, on CPU (bfloat16)."""
 import json
 
 import pytest
 import torch
 
+import evaluate_classifier
+import evaluation_mean_ap
+import inference_segmentation
 import train_classifier
 import train_segmentation
 import train_volumetric
@@ -129,3 +132,49 @@ def test_train_volumetric_amp_two_steps(tmp_path):
         ["--task", "lesion_seg", "--datalist", str(datalist), "--epochs", "2", "--batch_size", "1",
          "--save_dir", str(tmp_path / "run"), "--roi_size", "32", "32", "16", "--spacing", "2", "2", "4", "--amp"]))
     _check_bf16_run(tmp_path / "run")
+
+
+def test_for_inference_runs_under_autocast_and_hands_back_float32():
+    layer, x = torch.nn.Linear(4, 4), torch.rand(2, 4)
+    assert amp.for_inference(layer, CPU, False) is layer
+    wrapped = amp.for_inference(layer, CPU, True)
+    inner = []
+    layer.register_forward_hook(lambda module, args, out: inner.append(out.dtype))
+    out = wrapped(x)
+    assert inner == [torch.bfloat16] and out.dtype == torch.float32
+    torch.testing.assert_close(out, layer(x), atol=0.05, rtol=0.05)
+    assert wrapped.out_features == 4, "other attributes are the wrapped module's"
+
+
+def test_mask_rcnn_under_autocast_gives_float32_detections():
+    torch.manual_seed(0)
+    model = maskrcnn_resnet_fpn(**SEG_KWARGS).eval()
+    with torch.inference_mode(), amp.autocast(CPU, True):
+        detections = model([torch.rand(3, 64, 64)])[0]
+    assert detections["masks"].shape[-2:] == (64, 64) and len(detections["scores"]) > 0
+    assert {k: v.dtype for k, v in detections.items()} == {
+        "boxes": torch.float32, "scores": torch.float32, "labels": torch.int64, "masks": torch.float32}
+
+
+def test_segmentation_inference_and_evaluation_scripts_run_with_amp(phantom, tmp_path):
+    seg = str(_seg_checkpoint(tmp_path))
+    test = str(phantom / "seg" / "test")
+    inference_segmentation.main(inference_segmentation.get_args_parser().parse_args(
+        ["--ckpt", seg, "--test_data_dir", test, "--save_dir", str(tmp_path / "inf"), "--amp"]))
+    predictions = json.loads((tmp_path / "inf" / "predictions.json").read_text())
+    assert predictions and all(0.0 <= p["score"] <= 1.0 for p in predictions)
+    evaluation_mean_ap.main(evaluation_mean_ap.get_args_parser().parse_args(
+        ["--ckpt", seg, "--test_data_dir", test, "--save_dir", str(tmp_path / "ap"), "--amp"]))
+    assert "segm" in json.loads((tmp_path / "ap" / "metrics.json").read_text())
+
+
+def test_evaluate_classifier_runs_with_amp(phantom, tmp_path):
+    parse = train_classifier.get_args_parser().parse_args
+    argv = [a for a in _classifier_argv(phantom, _seg_checkpoint(tmp_path), tmp_path / "run", "--num_epochs", "1")
+            if a != "--amp"]
+    train_classifier.main(parse(argv))
+    evaluate_classifier.main(evaluate_classifier.get_args_parser().parse_args(
+        ["--ckpt", str(tmp_path / "run" / "checkpoint_last.pth"), "--test_data_dir", str(phantom / "cls" / "test"),
+         "--save_dir", str(tmp_path / "eval"), "--no_progress", "--amp"]))
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert 0.0 <= metrics["slice"]["accuracy"] <= 1.0

@@ -16,6 +16,7 @@ from models.analysis import steps as analysis_steps
 from models.mask_net.covid_mask_net import CLASSIFIER_BUILDER, covid_mask_net
 from tests.helpers import VOLUMETRIC, chest_phantom
 from tests.helpers import volumetric_checkpoint as _volumetric_checkpoint
+from utils import amp
 from utils.checkpoint import make_checkpoint, save_checkpoint
 from utils.manifest import load_manifest, register
 from utils.quantify import voxel_volume_ml
@@ -232,3 +233,16 @@ def test_models_load_now_or_when_first_needed(tmp_path, checkpoints):
     assert list(lazy.paths) == ["lung_seg", "lesion_seg"] and "covid_cls" not in lazy
     with pytest.raises(ValueError, match="unknown models \\['lungs'\\]"):
         load_models(tmp_path / "none", checkpoints={"lungs": checkpoints["lung_seg"]}, lazy=True)
+
+
+def test_amp_runs_the_segmentation_networks_and_the_2d_classifier_in_bfloat16(tmp_path, monkeypatch, checkpoints):
+    """--amp reaches the volumetric segmentation (autocast in its sliding window) and the 2D classifier (wrapped);
+    the report's numbers stay float32 and in range."""
+    asked, real = [], analysis_steps.segment_case
+    monkeypatch.setattr(analysis_steps, "segment_case", lambda *a, **k: asked.append(k["amp"]) or real(*a, **k))
+    _write_scan(tmp_path / "scan.nii.gz")
+    report = _run([str(tmp_path / "scan.nii.gz"), "--out", str(tmp_path / "out"), *_flags(checkpoints), "--amp"])
+    assert asked == [True, True]
+    assert all(0.0 <= c["probability"] <= 1.0 for c in report["covid"].values())
+    models = analyze_scan.load_models(device="cpu", checkpoints={k: str(v) for k, v in checkpoints.items()}, amp=True)
+    assert isinstance(models.get("mask_net_classifier").model, amp.AutocastInference)

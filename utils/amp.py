@@ -1,4 +1,4 @@
-"""The project's one mixed-precision policy: every trainer and the 3D inference scripts use it.
+"""The project's one mixed-precision policy: every trainer and every inference script use it.
 
 ``--amp`` on a script turns it on; the precision then follows the device:
 
@@ -8,7 +8,8 @@
 
 Without ``--amp`` everything runs in float32. A training checkpoint records the choice (``args``
 has ``amp``; ``precision`` is what it resolved to) and, when a scaler is used, its state under
-``scaler``, which a resumed run restores.
+``scaler``, which a resumed run restores. At inference :func:`for_inference` runs a model under
+autocast and hands back float32 outputs, so what the scripts write does not change with ``--amp``.
 """
 from __future__ import annotations
 
@@ -34,6 +35,41 @@ def autocast(device: torch.device, amp: bool):
     if name == "fp32":
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=PRECISIONS[name])
+
+
+class AutocastInference(torch.nn.Module):
+    """``module`` called under autocast, its floating-point outputs (in nested dicts, lists and tuples)
+    returned in float32; other attributes are ``module``'s."""
+
+    def __init__(self, module: torch.nn.Module, device_type: str, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.module, self.device_type, self.dtype = module, device_type, dtype
+
+    def forward(self, *args, **kwargs):
+        with torch.autocast(device_type=self.device_type, dtype=self.dtype):
+            return _float32(self.module(*args, **kwargs))
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self._modules["module"], name)
+
+
+def _float32(out):
+    if isinstance(out, torch.Tensor):
+        return out.float() if out.is_floating_point() else out
+    if isinstance(out, dict):
+        return {k: _float32(v) for k, v in out.items()}
+    if isinstance(out, (list, tuple)):
+        return type(out)(_float32(v) for v in out)
+    return out
+
+
+def for_inference(module: torch.nn.Module, device: torch.device, amp: bool) -> torch.nn.Module:
+    """``module`` itself without ``amp``; with it an :class:`AutocastInference` in :func:`precision`."""
+    name = precision(device, amp)
+    return module if name == "fp32" else AutocastInference(module, device.type, PRECISIONS[name])
 
 
 def grad_scaler(device: torch.device, amp: bool) -> torch.amp.GradScaler | None:

@@ -56,11 +56,12 @@ def add_device_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu", help="torch device: cpu, cuda or cuda:N (default: cpu)")
 
 
-def add_amp_arg(parser: argparse.ArgumentParser) -> None:
-    """``--amp``: mixed precision (:mod:`utils.amp`)."""
+def add_amp_arg(parser: argparse.ArgumentParser, *, inference: bool = False) -> None:
+    """``--amp``: mixed precision (:mod:`utils.amp`), for training or (``inference``) for running a model."""
+    how = ("float16 on older GPUs; meant for GPUs: bfloat16 can be slower than float32 on a CPU" if inference
+           else "float16 with loss scaling on older GPUs")
     parser.add_argument("--amp", action="store_true",
-                        help="mixed precision: bfloat16 on CPU and on GPUs that have it, float16 with loss scaling "
-                             "on older GPUs (default: off)")
+                        help=f"mixed precision: bfloat16 on CPU and on GPUs that have it, {how} (default: off)")
 
 
 def add_seed_args(parser: argparse.ArgumentParser, default: int = 0) -> None:

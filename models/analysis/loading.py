@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from models.mask_net.covid_mask_net import CLASSIFIER_BUILDER
+from utils.amp import for_inference
 from utils.checkpoint import load_checkpoint
 from utils.cli import resolve_device
 from utils.manifest import MissingModelError, resolve_model, sha256_file
@@ -112,10 +113,12 @@ class Models:
     Attributes:
         paths: model name -> checkpoint path, in pipeline order (only the models the run uses).
         device: where the networks run.
+        amp: run the segmentation networks and the 2D classifier in mixed precision (:mod:`utils.amp`);
+            the 3D classifier stays float32 for its GradCAM map.
     """
 
-    def __init__(self, paths: dict[str, Path], *, device: torch.device):
-        self.paths, self.device = dict(paths), device
+    def __init__(self, paths: dict[str, Path], *, device: torch.device, amp: bool = False):
+        self.paths, self.device, self.amp = dict(paths), device, amp
         self._loaded: dict[str, LoadedModel] = {}
         self._cards: dict[str, dict] = {}
 
@@ -130,7 +133,7 @@ class Models:
             FileNotFoundError, ValueError: naming the checkpoint when it cannot be loaded.
         """
         if name not in self._loaded:
-            self._loaded[name] = _load(name, self.paths[name], device=self.device)
+            self._loaded[name] = _load(name, self.paths[name], device=self.device, amp=self.amp)
             self._cards[name] = self._loaded[name].card
         return self._loaded[name]
 
@@ -150,7 +153,7 @@ class Models:
 
 def load_models(models_dir: str | os.PathLike = DEFAULT_MODELS_DIR, *, device: str | torch.device = "cpu",
                 checkpoints: dict[str, str | os.PathLike | None] | None = None,
-                skip: tuple[str, ...] | list[str] = (), lazy: bool = False) -> Models:
+                skip: tuple[str, ...] | list[str] = (), lazy: bool = False, amp: bool = False) -> Models:
     """Find the pipeline's checkpoints and load them, to analyse any number of scans.
 
     Args:
@@ -162,24 +165,27 @@ def load_models(models_dir: str | os.PathLike = DEFAULT_MODELS_DIR, *, device: s
         skip: classifiers to leave out (``covid_cls``, ``mask_net_classifier``).
         lazy: load each checkpoint when it is first needed instead of now; ``analyze_scan.py`` uses
             this so that a bad scan is reported before any model is loaded.
+        amp: mixed precision (see :class:`Models`).
 
     Raises:
         MissingModelError: naming a missing model and how to produce it (before anything is loaded).
         ValueError: for an unusable device or a checkpoint of the wrong kind.
     """
     device = resolve_device(str(device))
-    models = Models(resolve_model_paths(models_dir=models_dir, checkpoints=checkpoints, skip=skip), device=device)
+    models = Models(resolve_model_paths(models_dir=models_dir, checkpoints=checkpoints, skip=skip), device=device,
+                    amp=amp)
     return models if lazy else models.load_all()
 
 
-def _load(name: str, path: Path, *, device: torch.device) -> LoadedModel:
-    """Rebuild model ``name`` from its checkpoint, in eval mode on ``device``."""
+def _load(name: str, path: Path, *, device: torch.device, amp: bool = False) -> LoadedModel:
+    """Rebuild model ``name`` from its checkpoint, in eval mode on ``device`` (the 2D classifier under
+    :func:`utils.amp.for_inference` with ``amp``; the volumetric models take ``amp`` where they run)."""
     if name == "mask_net_classifier":
         from models.mask_net.workflows.model_io import load_model_for_inference
 
         model, ckpt = load_model_for_inference(str(path), device=device, flags={}, builder=CLASSIFIER_BUILDER,
                                                kind="classification", architecture_flags=())
-        return LoadedModel(model, card=model_card(name, path, ckpt))
+        return LoadedModel(for_inference(model, device, amp), card=model_card(name, path, ckpt))
     from models.volumetric.inference import load_task_model
 
     model, task, config, ckpt = load_task_model(path, device=device, task_name=name)

@@ -33,7 +33,7 @@ def segment(name: str, image_path: Path, *, models: Models) -> tuple[np.ndarray,
     """
     loaded = models.get(name)
     out = segment_case({"image": str(image_path), "case": image_path.name}, model=loaded.model, task=loaded.task,
-                       config=loaded.config, device=models.device)
+                       config=loaded.config, device=models.device, amp=models.amp)
     return (out["mask"] > 0).astype(np.uint8), out["affine"]
 
 

@@ -20,7 +20,7 @@ from .mask_head import MaskHead, MaskPredictor
 from .mask_overlap import suppress_overlapping_masks
 from .roi_heads import RoIHeads
 from .rpn import RegionProposalNetwork, RPNHead
-from .transform import IMAGENET_MEAN, IMAGENET_STD, DetectionTransform
+from .transform import IMAGENET_MEAN, IMAGENET_STD, DetectionTransform, ImageBatch
 
 # COVID-CT-Mask-Net's hyperparameters (its training script and torchvision 0.3 defaults).
 COVID_DEFAULTS = dict(
@@ -78,11 +78,19 @@ class MaskRCNN(nn.Module):
         detections, roi_losses = self.roi_heads(features, proposals, batch.image_sizes, targets)
         if self.training:
             return {**rpn_losses, **roi_losses}
-        if self.roi_heads.has_mask and self.roi_heads.mask_overlap_thresh < 1:
-            thresh = self.roi_heads.mask_overlap_thresh
-            detections = [suppress_overlapping_masks(d, size, thresh=thresh)
-                          for d, size in zip(detections, batch.image_sizes)]
-        return self.transform.postprocess(detections, batch.image_sizes, original_sizes)
+        return self._postprocess(detections, batch, original_sizes)
+
+    def _postprocess(self, detections: list[dict], batch: ImageBatch,
+                     original_sizes: list[tuple[int, int]]) -> list[dict]:
+        """Mask-overlap suppression and pasting onto the original images, in float32 whatever precision the
+        stages ran in (under autocast the heads give bfloat16 or float16 masks and deltas)."""
+        detections = [{k: v.float() if v.is_floating_point() else v for k, v in d.items()} for d in detections]
+        with torch.autocast(device_type=batch.tensors.device.type, enabled=False):
+            if self.roi_heads.has_mask and self.roi_heads.mask_overlap_thresh < 1:
+                thresh = self.roi_heads.mask_overlap_thresh
+                detections = [suppress_overlapping_masks(d, size, thresh=thresh)
+                              for d, size in zip(detections, batch.image_sizes)]
+            return self.transform.postprocess(detections, batch.image_sizes, original_sizes)
 
 
 def check_targets(targets: list[dict] | None, num_images: int, *, need_masks: bool) -> None:

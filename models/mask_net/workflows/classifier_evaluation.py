@@ -24,6 +24,7 @@ from datasets.classification import SliceClassificationDataset
 from datasets.conventions import CLASS_NAMES
 from models.mask_net.covid_mask_net import CLASSIFIER_BUILDER
 from models.mask_net.workflows.model_io import load_model_for_inference
+from utils.amp import for_inference
 from utils.classification_metrics import (
     aggregate_probabilities,
     classification_report,
@@ -58,6 +59,7 @@ class ClassifierEvalConfig(ClassifierSettings):
         ckpt: the classification checkpoint.
         test_data_dir: folder of test slices; ``split_file`` (COVIDx-CT) selects some of them, or None.
         batch_size, num_workers, no_progress, device: how the slices are run.
+        amp: run the model in mixed precision (:func:`utils.amp.for_inference`).
         aggregate: slice, scan or patient: the level reported besides the slices.
         crop_to_box: crop slices to the split file's lung box.
         save_dir: folder of the predictions, metrics.json and plots.
@@ -73,12 +75,15 @@ class ClassifierEvalConfig(ClassifierSettings):
     save_dir: str = "runs/evaluate_classifier"
     model_name: str | None = None
     num_workers: int = 0
+    amp: bool = False
     no_progress: bool = False
     device: str = "cpu"
 
 
-def load_classifier(path: str, *, flags: dict, device: torch.device) -> tuple[torch.nn.Module, dict]:
-    """Rebuild a classification checkpoint's model strictly, in eval mode, with threshold settings applied.
+def load_classifier(path: str, *, flags: dict, device: torch.device,
+                    amp: bool = False) -> tuple[torch.nn.Module, dict]:
+    """Rebuild a classification checkpoint's model strictly, in eval mode, with threshold settings applied
+    (under :func:`utils.amp.for_inference` with ``amp``).
 
     Args:
         path: the classification checkpoint.
@@ -88,8 +93,9 @@ def load_classifier(path: str, *, flags: dict, device: torch.device) -> tuple[to
     Raises:
         ValueError: when ``path`` is not a classification checkpoint or a setting contradicts it.
     """
-    return load_model_for_inference(path, device=device, flags=flags, builder=CLASSIFIER_BUILDER,
-                                    kind="classification")
+    model, ckpt = load_model_for_inference(path, device=device, flags=flags, builder=CLASSIFIER_BUILDER,
+                                           kind="classification")
+    return for_inference(model, device, amp), ckpt
 
 
 def collate_slices(batch: list) -> tuple[list[torch.Tensor], torch.Tensor, list[dict]]:
@@ -204,7 +210,7 @@ def evaluate_classifier(config: ClassifierEvalConfig) -> dict:
         ValueError: for a checkpoint of another kind or a setting that contradicts it.
     """
     device = resolve_device(config.device)
-    model, _ = load_classifier(config.ckpt, flags=asdict(config), device=device)
+    model, _ = load_classifier(config.ckpt, flags=asdict(config), device=device, amp=config.amp)
     probs, labels, metas = predict(model, evaluation_loader(config), device=device, progress=not config.no_progress)
     save_dir = Path(config.save_dir)
     save_dir.mkdir(parents=True, exist_ok=True)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 
 from datasets.conventions import MASK_TYPE_LABELS
-from utils.cli import positive_int, probability
+from utils.cli import add_amp_arg, positive_int, probability
 
 BACKBONES = ("resnet18", "resnet34", "resnet50")
 # The model flags of the 2D scripts, declared once: name -> (argparse keywords, help without its default).
@@ -75,10 +75,12 @@ def add_model_args(parser: argparse.ArgumentParser, *, names: tuple[str, ...], d
 
 
 def add_segmentation_inference_args(parser: argparse.ArgumentParser) -> None:
-    """Flags of the scripts that run a trained segmentation model: its settings, mask threshold, --unfused."""
+    """Flags of the scripts that run a trained segmentation model: its settings, mask threshold, --unfused, --amp."""
     add_model_args(parser, names=SEGMENTATION_INFERENCE_FLAGS)
     parser.add_argument("--mask_logits_th", type=probability, default=0.5,
                         help="mask probability above which a pixel is lesion (default: 0.5)")
     parser.add_argument("--unfused", action="store_true",
                         help="run the model as trained instead of its fast inference copy (BatchNorm folded, faster "
-                             "CPU kernels; same detections up to float rounding, about 1e-5) (default: fast copy)")
+                             "CPU kernels; same detections up to float rounding, about 1e-5; --amp implies it) "
+                             "(default: fast copy)")
+    add_amp_arg(parser, inference=True)

@@ -24,7 +24,7 @@ from models.mask_net.covid_mask_net import SEGMENTATION_BUILDER
 from models.mask_net.fast import fast_inference_copy
 from models.mask_net.mask_rcnn import maskrcnn_resnet_fpn
 from models.mask_net.workflows.model_io import builder_keywords, load_model_for_inference
-from utils.amp import grad_scaler
+from utils.amp import for_inference, grad_scaler
 from utils.checkpoint import load_checkpoint
 from utils.cli import resolve_device
 from utils.plots import detection_overlay
@@ -190,6 +190,7 @@ class SegmentationModelConfig:
         rpn_nms_th, roi_nms_th, confidence_th, mask_overlap_th: replace the checkpoint's thresholds when given.
         mask_logits_th: mask probability above which a pixel is lesion.
         unfused: run the model as trained instead of its fast inference copy.
+        amp: run it under autocast (:func:`utils.amp.for_inference`), as trained: the fast copy is float32.
         device: cpu, cuda or cuda:N.
     """
 
@@ -203,17 +204,21 @@ class SegmentationModelConfig:
     mask_overlap_th: float | None = None
     mask_logits_th: float = 0.5
     unfused: bool = False
+    amp: bool = False
     device: str = "cpu"
 
 
 def load_segmentation_model(config: SegmentationModelConfig, device: torch.device) -> tuple[torch.nn.Module, dict]:
-    """The checkpoint's Mask R-CNN in eval mode on ``device`` (its fast copy unless ``unfused``), and the checkpoint.
+    """The checkpoint's Mask R-CNN in eval mode on ``device`` (its fast copy unless ``unfused`` or ``amp``), and
+    the checkpoint.
 
     Raises:
         ValueError: for a checkpoint of another kind, or a setting that contradicts it.
     """
     model, ckpt = load_model_for_inference(config.ckpt, device=device, flags=asdict(config))
-    return (model if config.unfused else fast_inference_copy(model)), ckpt
+    if not (config.unfused or config.amp):
+        model = fast_inference_copy(model)
+    return for_inference(model, device, config.amp), ckpt
 
 
 @dataclass(kw_only=True)
