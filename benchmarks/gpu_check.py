@@ -11,8 +11,8 @@ through its script's parser and ``main``:
 - ``train_volumetric.py`` for lung_seg, lesion_seg and covid_cls, one epoch;
 
 each without and with ``--amp`` (bfloat16 where the GPU has it, else float16 with a loss scaler), and
-finally ``analyze_scan.py`` on a test scan with the models trained with ``--amp``. Prints a markdown
-table (step, precision, seconds, peak GPU memory from ``torch.cuda.max_memory_allocated``) and
+finally ``analyze_scan.py`` on a test scan with the models trained with ``--amp``, also both ways. Prints a
+markdown table (step, precision, seconds, peak GPU memory from ``torch.cuda.max_memory_allocated``) and
 writes it to ``OUT/gpu_check.md`` with the GPU's name. Times include each script's start (model
 building, data loading), so they compare settings, not kernels.
 """
@@ -105,13 +105,15 @@ def run(args: argparse.Namespace) -> list[dict]:
             seconds, peak = timed(module, flags + (["--amp"] if amp else []), device)
             rows.append({"step": name, "precision": precision(device, amp), "seconds": seconds, "peak_mib": peak})
     scan = json.loads((data / "volumes" / "dataset_covid.json").read_text())["test"][0]["image"]
-    seconds, peak = timed(analyze_scan, [str(data / "volumes" / scan), "--out", str(out / "analyze"),
-                                         "--lung_ckpt", str(runs / "lung_seg_amp" / "checkpoint_last.pth"),
-                                         "--lesion_ckpt", str(runs / "lesion_seg_amp" / "checkpoint_last.pth"),
-                                         "--covid3d_ckpt", str(runs / "covid_cls_amp" / "checkpoint_last.pth"),
-                                         "--covid2d_ckpt", str(runs / "cls_amp" / "checkpoint_last.pth"),
-                                         "--device", args.device], device)
-    rows.append({"step": "analyze_scan", "precision": "fp32", "seconds": seconds, "peak_mib": peak})
+    trained = (("lung_ckpt", "lung_seg"), ("lesion_ckpt", "lesion_seg"), ("covid3d_ckpt", "covid_cls"),
+               ("covid2d_ckpt", "cls"))
+    models = [a for flag, run in trained for a in (f"--{flag}", str(runs / f"{run}_amp" / "checkpoint_last.pth"))]
+    for amp in (False, True):
+        argv = [str(data / "volumes" / scan), "--out", str(out / f"analyze{'_amp' if amp else ''}"),
+                *models, "--device", args.device] + (["--amp"] if amp else [])
+        seconds, peak = timed(analyze_scan, argv, device)
+        rows.append({"step": "analyze_scan", "precision": precision(device, amp), "seconds": seconds,
+                     "peak_mib": peak})
     return rows
 
 
