@@ -291,9 +291,10 @@ def test_a_user_error_in_train_volumetric_exits_1_with_one_line(datalist, tmp_pa
 
 def test_a_single_case_last_batch_is_dropped_so_batchnorm_can_train(tmp_path, monkeypatch):
     from models.volumetric import covid_cls
-    from models.volumetric.training import DistContext, make_train_loader
+    from models.volumetric.training import make_train_loader
     from tests.helpers import TINY_NET
     from tests.helpers import cls_datalist as _phantom_datalist
+    from utils.distributed import DistContext
 
     ctx = DistContext(0, 1, torch.device("cpu"))
     sizes = {n: [len(b) for b in make_train_loader(list(range(n)), batch_size=2, ctx=ctx, seed=0)] for n in (1, 3, 4)}

@@ -18,18 +18,12 @@ from torch.nn.parallel import DistributedDataParallel
 from models.volumetric import get_task
 from models.volumetric.common import TRAINING, VALIDATION, load_cases
 from models.volumetric.task import Task
-from models.volumetric.training import (
-    DistContext,
-    cleanup_distributed,
-    make_datasets,
-    make_train_loader,
-    mean_over_ranks,
-    setup_distributed,
-)
+from models.volumetric.training import make_datasets, make_train_loader
 from utils.amp import checkpoint_entries as amp_entries
 from utils.amp import grad_scaler, precision
 from utils.checkpoint import make_checkpoint
 from utils.cli import resolve_device
+from utils.distributed import DistContext, cleanup_distributed, mean_over_ranks, setup_distributed
 from utils.reproducibility import rng_state, seed_epoch, seed_everything
 from utils.run_dir import Best, RunDir, check_run_dir
 from utils.training import current_lr, lr_factor, resume_training

@@ -1,18 +1,15 @@
-"""Training stages of the volumetric tasks: datasets, loaders, one epoch, validation Dice; DDP set-up.
+"""Training stages of the volumetric tasks: datasets, loaders, one epoch, validation Dice.
 
 A task whose stages differ (classification, self-supervised pre-training) names its own in its
 :class:`models.volumetric.task.Task`; these are the segmentation defaults.
 
 Under ``torchrun`` (``WORLD_SIZE`` > 1) every process trains on its DistributedSampler share; only
-rank 0 validates, logs and writes checkpoints, the others wait at a barrier.
+rank 0 validates, logs and writes checkpoints, the others wait at a barrier. The process group is
+set up by :mod:`utils.distributed`, which every trainer shares.
 """
 from __future__ import annotations
 
-import os
-from dataclasses import dataclass
-
 import torch
-import torch.distributed as dist
 from monai.data import CacheDataset, DataLoader, Dataset
 from monai.transforms import Compose
 from tqdm import tqdm
@@ -22,48 +19,8 @@ from models.volumetric.config import SegConfig
 from models.volumetric.sliding_window import segment
 from utils.amp import autocast
 from utils.dice import dice_per_class, mean_ignoring_nan
+from utils.distributed import DistContext
 from utils.training import backward_step
-
-
-@dataclass(frozen=True)
-class DistContext:
-    """Where this process stands: ``rank`` of ``world_size`` processes, on ``device``."""
-
-    rank: int
-    world_size: int
-    device: torch.device
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def distributed(self) -> bool:
-        return self.world_size > 1
-
-
-def setup_distributed(device: torch.device) -> DistContext:
-    """Join the process group that ``torchrun`` describes (gloo on CPU, nccl on CUDA), if any.
-
-    Args:
-        device: the requested device; under torchrun ``cuda`` becomes ``cuda:LOCAL_RANK``.
-    """
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size <= 1:
-        return DistContext(0, 1, device)
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if device.type == "cuda":
-        device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(device)
-    dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-    return DistContext(dist.get_rank(), dist.get_world_size(), device)
-
-
-def cleanup_distributed(ctx: DistContext) -> None:
-    """Leave the process group (no-op for a single process)."""
-    if ctx.distributed and dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
 
 
 def make_datasets(task, config: SegConfig, *, train_cases: list[dict], val_cases: list[dict],
@@ -165,12 +122,3 @@ def _batches(loader: DataLoader):
             return
         except RuntimeError as err:
             raise unwrap_transform_error(err) from err
-
-
-def mean_over_ranks(value: float, ctx: DistContext) -> float:
-    """The mean of ``value`` over the processes (``value`` itself for a single process)."""
-    if not ctx.distributed:
-        return value
-    tensor = torch.tensor([value], dtype=torch.float64, device=ctx.device)
-    dist.all_reduce(tensor)
-    return float(tensor.item()) / ctx.world_size
