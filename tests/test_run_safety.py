@@ -177,15 +177,7 @@ def test_resume_keeps_the_best_checkpoint_3d(datalist, tmp_path):
                                 "val_dice", 2.0)
 
 
-# --------------------------------------------------------- 7, 8. torchrun guard and lr on resume
-@pytest.mark.parametrize("script", [train_segmentation, train_classifier])
-def test_2d_trainers_refuse_several_processes(script, monkeypatch, tmp_path):
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    with pytest.raises(ValueError, match="WORLD_SIZE=2"):
-        train(script, ["--save_dir", str(tmp_path / "run")])
-    assert not (tmp_path / "run").exists()
-
-
+# --------------------------------------------------------- 8. lr on resume (7: tests/test_ddp_2d.py)
 def test_a_changed_learning_rate_is_applied_on_resume_and_logged(seg_root, tmp_path):
     run = tmp_path / "run"
     train(train_segmentation, seg_argv(seg_root, run))

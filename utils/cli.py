@@ -83,7 +83,7 @@ def add_run_args(parser: argparse.ArgumentParser, *, default_save_dir: str) -> N
 
 def add_optimisation_args(parser: argparse.ArgumentParser, *, batch_size: int, unit: str) -> None:
     """``--batch_size --lrate --weight_decay --optimizer --lr_schedule --warmup_steps --num_workers
-    --max_steps --no_progress`` of the 2D trainers.
+    --max_steps --no_progress --sync_bn`` of the 2D trainers.
 
     ``--lr`` is an alias of ``--lrate`` and ``--workers`` of ``--num_workers`` (the 3D track's names).
 
@@ -92,7 +92,8 @@ def add_optimisation_args(parser: argparse.ArgumentParser, *, batch_size: int, u
         unit: what one batch item is, for the help text ("images", "slices").
     """
     parser.add_argument("--batch_size", type=positive_int, default=batch_size,
-                        help=f"{unit} per step (default: {batch_size})")
+                        help=f"{unit} per step and process: under torchrun a step sees batch_size x the number of "
+                             f"processes (default: {batch_size})")
     parser.add_argument("--lrate", "--lr", dest="lrate", type=float, default=1e-5,
                         help="base learning rate (default: 1e-5)")
     parser.add_argument("--weight_decay", type=float, default=1e-3, help="weight decay (L2) (default: 1e-3)")
@@ -106,6 +107,10 @@ def add_optimisation_args(parser: argparse.ArgumentParser, *, batch_size: int, u
     parser.add_argument("--max_steps", type=positive_int, default=None,
                         help="stop each epoch after this many batches, for smoke runs (default: all)")
     add_workers_args(parser)
+    parser.add_argument("--sync_bn", action="store_true",
+                        help="under torchrun on GPUs, synchronise the batch statistics of the BatchNorm layers that "
+                             "train on them across the processes (SyncBatchNorm); off, each process normalises "
+                             "with its own batch's, as the original did on each GPU (default: off)")
 
 
 def add_epoch_args(parser: argparse.ArgumentParser, *, model_name: str) -> None:

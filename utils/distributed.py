@@ -53,10 +53,17 @@ def setup_distributed(device: torch.device) -> DistContext:
     return DistContext(dist.get_rank(), dist.get_world_size(), device)
 
 
-def cleanup_distributed(ctx: DistContext) -> None:
-    """Leave the process group (no-op for a single process)."""
+def cleanup_distributed(ctx: DistContext, *, wait: bool = True) -> None:
+    """Leave the process group (no-op for a single process).
+
+    Args:
+        ctx: this process.
+        wait: meet the other processes at a barrier first. A process that leaves on an error does
+            not wait: the others may never get there, and torchrun stops them once it has exited.
+    """
     if ctx.distributed and dist.is_initialized():
-        dist.barrier()
+        if wait:
+            dist.barrier()
         dist.destroy_process_group()
 
 
@@ -96,16 +103,30 @@ def mean_over_ranks(value: float, ctx: DistContext) -> float:
     return float(tensor.item()) / ctx.world_size
 
 
-def train_shuffling(dataset, ctx: DistContext, seed: int) -> dict:
+def means_over_ranks(values: dict[str, float], ctx: DistContext) -> dict[str, float]:
+    """Each value's mean over the processes, in one all-reduce (``values`` itself for a single process).
+
+    Every process must pass the same keys.
+    """
+    if not ctx.distributed:
+        return dict(values)
+    keys = sorted(values)
+    tensor = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=ctx.device)
+    dist.all_reduce(tensor)
+    means = dict(zip(keys, (tensor / ctx.world_size).tolist()))
+    return {k: means[k] for k in values}
+
+
+def train_shuffling(dataset, ctx: DistContext | None, seed: int) -> dict:
     """DataLoader keywords of a shuffled training loader.
 
     A single process shuffles with the loader's ``generator`` (re-seeded every epoch by the trainer).
     Under DDP a :class:`DistributedSampler` (seeded by ``seed``; the trainer calls its ``set_epoch``)
     hands each process every ``world_size``-th index of one permutation, so an epoch shows every sample
     once across the processes; when ``world_size`` does not divide the dataset, it repeats a few samples
-    to give every process the same number.
+    to give every process the same number. ``ctx`` None is a single process.
     """
-    if not ctx.distributed:
+    if ctx is None or not ctx.distributed:
         return {"shuffle": True}
     return {"sampler": DistributedSampler(dataset, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True,
                                           seed=seed)}

@@ -10,11 +10,11 @@ straight through.
 """
 from __future__ import annotations
 
+import contextlib
 import math
-import os
 import time
 from dataclasses import asdict, dataclass
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 
@@ -22,6 +22,14 @@ from utils.amp import checkpoint_entries as amp_entries
 from utils.amp import precision, restore_scaler
 from utils.checkpoint import load_checkpoint, make_checkpoint
 from utils.cli import args_to_dict, resolve_device
+from utils.distributed import (
+    DistContext,
+    barrier,
+    cleanup_distributed,
+    on_main,
+    set_sampler_epoch,
+    setup_distributed,
+)
 from utils.reproducibility import rng_state, seed_epoch, seed_everything, set_rng_state
 from utils.run_dir import Best, RunDir, check_run_dir
 
@@ -39,7 +47,9 @@ class RunConfig:
         start_epoch: number of the first epoch of a new run.
         save_every: also keep ``<model_name>_ckpt_<epoch>.pth`` every this many epochs.
         model_name: prefix of those periodic checkpoints.
-        batch_size, lrate, weight_decay, num_workers: loader and optimizer settings.
+        batch_size: slices per optimizer step and process; under torchrun the step sees
+            ``batch_size * world_size`` slices.
+        lrate, weight_decay, num_workers: optimizer and loader settings.
         optimizer: "adam" (the original's) or "sgd" (momentum 0.9).
         lr_schedule: "constant" (the original's), "cosine" (to zero at the last epoch) or "step"
             (x0.1 at 75 % and again at 90 % of the steps); see :func:`lr_factor`.
@@ -50,6 +60,9 @@ class RunConfig:
         amp: mixed precision in training (:mod:`utils.amp`: bfloat16, or float16 with loss scaling on
             GPUs without bfloat16).
         seed: the run's seed.
+        sync_bn: under torchrun on GPUs, synchronise the statistics of the BatchNorm layers that train
+            on batch statistics across the processes (:func:`utils.distributed.sync_batchnorm`); off,
+            each process normalises with its own batch's, as the original did on each GPU.
     """
 
     save_dir: str
@@ -71,32 +84,33 @@ class RunConfig:
     device: str = "cpu"
     amp: bool = False
     seed: int = 0
+    sync_bn: bool = False
 
 
-def refuse_distributed(script: str) -> None:
-    """Stop a script that does not support DDP from running as several ``torchrun`` copies.
+@contextlib.contextmanager
+def start_training(config: RunConfig) -> Iterator[DistContext]:
+    """The guards before any work, in this process's place in the process group; then seed everything.
 
-    Raises:
-        ValueError: when ``WORLD_SIZE`` > 1.
-    """
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size > 1:
-        raise ValueError(f"{script} does not support several processes yet (WORLD_SIZE={world_size}): the copies "
-                         f"would race on one run directory; run it as a single process")
+    Joins the process group that ``torchrun`` describes (:func:`utils.distributed.setup_distributed`;
+    under it ``cuda`` becomes ``cuda:LOCAL_RANK``), has rank 0 alone check the run directory (the
+    others raise its error too) and leaves the group at the end of the block.
 
-
-def start_training(config: RunConfig, *, name: str) -> torch.device:
-    """The guards before any work (one process, a usable run directory, the device), then seed everything.
+    Yields:
+        This process's :class:`utils.distributed.DistContext`.
 
     Raises:
-        ValueError: under torchrun with several processes, or for an unusable device.
+        ValueError: for an unusable device.
         FileExistsError: for a new run in a used ``save_dir`` without ``overwrite``.
     """
-    refuse_distributed(name)
-    check_run_dir(config.save_dir, resume=bool(config.resume), overwrite=config.overwrite)
-    device = resolve_device(config.device)
-    seed_everything(config.seed)
-    return device
+    ctx = setup_distributed(resolve_device(config.device))
+    try:
+        on_main(ctx, lambda: check_run_dir(config.save_dir, resume=bool(config.resume), overwrite=config.overwrite))
+        seed_everything(config.seed)
+        yield ctx
+    except BaseException:
+        cleanup_distributed(ctx, wait=False)  # the other processes may never reach a barrier
+        raise
+    cleanup_distributed(ctx)
 
 
 OPTIMIZERS = ("adam", "sgd")
@@ -165,17 +179,23 @@ def lr_setter(config: RunConfig, optimizer: torch.optim.Optimizer, steps_per_epo
     return for_epoch
 
 
-def fit(config: RunConfig, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+def fit(config: RunConfig, *, ctx: DistContext, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
         train_loader: torch.utils.data.DataLoader, builder: str, builder_kwargs: dict, kind: str,
         run_epoch: Callable[[int], dict], checkpoint_extras: Callable[[dict], dict],
-        best: Best | None = None, scaler: torch.amp.GradScaler | None = None) -> RunDir:
+        best: Best | None = None, scaler: torch.amp.GradScaler | None = None) -> RunDir | None:
     """Open the run directory, resume when asked, and run the epochs up to ``start_epoch + num_epochs``.
+
+    Under torchrun rank 0 alone opens the run directory (moving an old run aside with ``overwrite``)
+    and writes to it; every process resumes the weights, optimizer and loss scale, and rank 0 also the
+    best-so-far value.
 
     Args:
         config: the run's settings; ``asdict(config)`` goes to args.json and into every checkpoint.
-        model: the model on its device; its weights (and the optimizer's state) are replaced on resume.
+        ctx: this process (:func:`start_training`).
+        model: the unwrapped model on its device; its weights (and the optimizer's state) are replaced on
+            resume, and the checkpoints hold its ``state_dict`` (no DDP ``module.`` prefix).
         optimizer: the optimizer.
-        train_loader: the shuffled training loader (re-seeded each epoch).
+        train_loader: the shuffled training loader (re-seeded each epoch; its DistributedSampler under DDP).
         builder, builder_kwargs: what the checkpoints record (and a resumed one must name).
         kind: what such a checkpoint is called in errors ("segmentation", "classification").
         run_epoch: ``run_epoch(epoch) -> record``: trains and validates one epoch, returns its metrics.
@@ -185,11 +205,11 @@ def fit(config: RunConfig, *, model: torch.nn.Module, optimizer: torch.optim.Opt
             every checkpoint also records the precision ``config.amp`` resolved to on ``config.device``.
 
     Returns:
-        The run directory.
+        The run directory on rank 0, None on the other ranks.
     """
     args = args_to_dict(asdict(config))
-    run = RunDir(config.save_dir, args=args, seed=config.seed, resume=bool(config.resume), overwrite=config.overwrite,
-                 best=best)
+    run = on_main(ctx, lambda: RunDir(config.save_dir, args=args, seed=config.seed, resume=bool(config.resume),
+                                      overwrite=config.overwrite, best=best))
     first_epoch = config.start_epoch
     trained_in = precision(resolve_device(config.device), config.amp)
     if config.resume:
@@ -205,7 +225,7 @@ def fit(config: RunConfig, *, model: torch.nn.Module, optimizer: torch.optim.Opt
                                **checkpoint_extras(record))
 
     run_epochs(run=run, epochs=range(first_epoch, config.start_epoch + config.num_epochs), seed=config.seed,
-               loader=train_loader, run_epoch=run_epoch, checkpoint=checkpoint,
+               ctx=ctx, loader=train_loader, run_epoch=run_epoch, checkpoint=checkpoint,
                periodic=lambda e: f"{config.model_name}_ckpt_{e + 1}.pth" if (e + 1) % config.save_every == 0 else None)
     return run
 
@@ -303,26 +323,35 @@ def current_lr(optimizer: torch.optim.Optimizer) -> float:
     return float(optimizer.param_groups[0]["lr"])
 
 
-def run_epochs(*, run: RunDir, epochs: range, seed: int, loader: torch.utils.data.DataLoader,
+def run_epochs(*, run: RunDir | None, epochs: range, seed: int, loader: torch.utils.data.DataLoader,
                run_epoch: Callable[[int], dict], checkpoint: Callable[[int, dict], dict],
-               periodic: Callable[[int], str | None] = lambda epoch: None) -> None:
+               periodic: Callable[[int], str | None] = lambda epoch: None,
+               ctx: DistContext | None = None) -> None:
     """The epoch loop of the 2D trainers: seed the epoch, train and validate, save, then log (``run.end_epoch``).
 
     Args:
-        run: the run directory (its ``best`` names the selection metric).
+        run: the run directory (its ``best`` names the selection metric); None on non-zero ranks, which
+            neither save nor log and wait at a barrier while rank 0 does.
         epochs: the epochs to run.
-        seed: the run's seed; each epoch is seeded from ``(seed, epoch)``.
-        loader: the training loader; its ``generator`` is re-seeded per epoch (shuffle order).
+        seed: the run's seed; each epoch is seeded from ``(seed, epoch, rank)``.
+        loader: the training loader; its ``generator`` is re-seeded per epoch (shuffle order, worker
+            seeds) and its DistributedSampler, if any, is set to the epoch.
         run_epoch: ``run_epoch(epoch) -> record``: trains one epoch and returns its metrics line.
         checkpoint: ``checkpoint(epoch, record) -> dict`` in the project's schema.
         periodic: ``periodic(epoch) -> file name`` of an extra checkpoint to keep, or None.
+        ctx: this process (default: a single one).
     """
+    ctx = ctx or DistContext(0, 1, torch.device("cpu"))
     start = time.time()
     for epoch in epochs:
-        seed_epoch(seed, epoch, generator=loader.generator)
-        record = {"epoch": epoch, **run_epoch(epoch)}
-        record["time_s"] = time.time() - start
-        ckpt = checkpoint(epoch, record)
-        ckpt["rng_state"] = rng_state()
-        run.end_epoch(ckpt, record, extra_name=periodic(epoch))
-    print(f"Training took {time.time() - start:.1f} s; run directory: {run.path}")
+        seed_epoch(seed, epoch, rank=ctx.rank, generator=loader.generator)
+        set_sampler_epoch(loader, epoch)
+        record = {"epoch": epoch, **run_epoch(epoch), "world_size": ctx.world_size}
+        if run is not None:
+            record["time_s"] = time.time() - start
+            ckpt = checkpoint(epoch, record)
+            ckpt["rng_state"] = rng_state()
+            run.end_epoch(ckpt, record, extra_name=periodic(epoch))
+        barrier(ctx)
+    if run is not None:
+        print(f"Training took {time.time() - start:.1f} s; run directory: {run.path}")

@@ -30,6 +30,7 @@ from models.summary import parameter_counts
 from utils.amp import grad_scaler
 from utils.checkpoint import load_checkpoint
 from utils.classification_metrics import one_vs_rest_auc
+from utils.distributed import DistContext, means_over_ranks, train_shuffling
 from utils.reproducibility import worker_init_fn
 from utils.run_dir import Best, RunDir
 from utils.training import (
@@ -91,8 +92,10 @@ class ClassifierTrainConfig(RunConfig, ClassifierSettings):
     batch_size: int = 8
 
 
-def classifier_loaders(config: ClassifierTrainConfig) -> tuple[DataLoader, DataLoader]:
-    """Shuffled (seeded) training loader and validation loader in file order.
+def classifier_loaders(config: ClassifierTrainConfig, ctx: DistContext | None = None
+                       ) -> tuple[DataLoader, DataLoader]:
+    """Shuffled (seeded; this process's DistributedSampler share under DDP) training loader and validation
+    loader in file order.
 
     Raises:
         ValueError: for ``crop_to_box`` without both split files (they hold the boxes).
@@ -108,7 +111,7 @@ def classifier_loaders(config: ClassifierTrainConfig) -> tuple[DataLoader, DataL
     common = dict(batch_size=config.batch_size, num_workers=config.num_workers, collate_fn=collate_slices,
                   worker_init_fn=worker_init_fn)
     generator = torch.Generator().manual_seed(config.seed)
-    return (DataLoader(train_set, shuffle=True, generator=generator, **common),
+    return (DataLoader(train_set, generator=generator, **train_shuffling(train_set, ctx, config.seed), **common),
             DataLoader(val_set, shuffle=False, **common))
 
 
@@ -165,31 +168,50 @@ def validate(model, loader, *, device: torch.device, loss_kind: str, max_steps: 
             "macro_auc": macro_auc}
 
 
-def train_classifier(config: ClassifierTrainConfig) -> RunDir:
-    """Train S (and the backbone's BatchNorm affine parameters); returns the run directory.
+def train_classifier(config: ClassifierTrainConfig) -> RunDir | None:
+    """Train S (and the backbone's BatchNorm affine parameters), as one process or as one of several under
+    ``torchrun`` (DDP).
+
+    Under DDP each process trains on its share and gradients are averaged, so with the unweighted loss
+    (a mean over the batch) ``world_size`` processes of ``batch_size`` slices step as one process of
+    ``world_size * batch_size`` slices; with ``class_balance`` each process's weighted mean is averaged
+    instead. Rank 0 alone validates and writes the run directory while the others wait at a barrier.
+    ``sync_bn`` changes nothing here: the backbone's BatchNorm layers always normalise with their
+    frozen running statistics.
+
+    Returns:
+        The run directory (None on non-zero ranks).
 
     Raises:
         FileExistsError: for a new run in a used ``save_dir`` without ``overwrite``.
         ValueError: without a checkpoint to start from, for one of another kind, or a setting that
-            contradicts it; under torchrun with several processes.
+            contradicts it.
     """
-    device = start_training(config, name="train_classifier")
-    train_loader, val_loader = classifier_loaders(config)
+    with start_training(config) as ctx:
+        return _train_classifier(config, ctx)
+
+
+def _train_classifier(config: ClassifierTrainConfig, ctx: DistContext) -> RunDir | None:
+    train_loader, val_loader = classifier_loaders(config, ctx)
     model, kwargs = build_classifier(config)
-    optimizer, set_lr_for = prepare_training(model, config, device, train_loader)
+    net, optimizer, set_lr_for = prepare_training(model, config, ctx, train_loader)
     total, trainable = parameter_counts(model)
     print(f"trainable parameters: {trainable:,} of {total:,} (module S and the backbone's BatchNorm affine parameters)")
     weights = inverse_frequency_weights(train_loader.dataset.labels) if config.class_balance else None
-    steps = dict(max_steps=config.max_steps, progress=not config.no_progress)
+    device = ctx.device
+    steps = dict(max_steps=config.max_steps, progress=not config.no_progress and ctx.is_main)
     scaler = grad_scaler(device, config.amp)
 
     def loss_fn(m, images, labels):
         return {"loss_cls": classification_loss(m(images), labels, kind=config.loss, class_weights=weights)}
 
     def run_epoch(epoch: int) -> dict:
-        train = train_one_epoch(model, train_loader, optimizer, device=device, epoch=epoch, loss_fn=loss_fn,
+        train = train_one_epoch(net, train_loader, optimizer, device=device, epoch=epoch, loss_fn=loss_fn,
                                 set_lr=set_lr_for(epoch), amp=config.amp, scaler=scaler,
                                 freeze_bn_stats=True, **steps)
+        train = means_over_ranks(train, ctx)
+        if not ctx.is_main:
+            return {}
         val = validate(model, val_loader, device=device, loss_kind=config.loss, **steps)
         print(f"Epoch {epoch}: train loss = {train['loss']:.3f}, validation loss = {val['loss']:.3f}, "
               f"validation accuracy = {val['accuracy']:.3f}, validation macro AUC = {val['macro_auc']:.3f}")
@@ -199,6 +221,6 @@ def train_classifier(config: ClassifierTrainConfig) -> RunDir:
         return {"class_names": list(CLASS_NAMES), "val_loss": record["val_loss"],
                 "val_macro_auc": record["val_macro_auc"], SELECTION_METRIC: record[SELECTION_METRIC]}
 
-    return fit(config, model=model, optimizer=optimizer, train_loader=train_loader, builder=CLASSIFIER_BUILDER,
-               builder_kwargs=kwargs, kind="classification", run_epoch=run_epoch, checkpoint_extras=checkpoint_extras,
-               best=Best(SELECTION_METRIC, higher_is_better=True), scaler=scaler)
+    return fit(config, ctx=ctx, model=model, optimizer=optimizer, train_loader=train_loader,
+               builder=CLASSIFIER_BUILDER, builder_kwargs=kwargs, kind="classification", run_epoch=run_epoch,
+               checkpoint_extras=checkpoint_extras, best=Best(SELECTION_METRIC, higher_is_better=True), scaler=scaler)

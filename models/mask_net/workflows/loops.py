@@ -25,28 +25,32 @@ from tqdm import tqdm
 from models.mask_net.fast.poolers import use_gather_poolers
 from models.mask_net.transform import resize_boxes
 from utils.amp import autocast
+from utils.distributed import DistContext, distribute, unwrap
 from utils.mean_ap import mean_average_precision
 from utils.training import RunConfig, backward_step, lr_setter, make_optimizer, steps_per_epoch
 
 _BATCH_NORMS = (torch.nn.modules.batchnorm._BatchNorm,)
 
 
-def prepare_training(model: torch.nn.Module, config: RunConfig, device: torch.device, loader: Iterable
-                     ) -> tuple[torch.optim.Optimizer, Callable[[int], Callable[[int], None] | None]]:
-    """What both 2D trainers do before their epochs: move the model to ``device``, pool RoIs by row
+def prepare_training(model: torch.nn.Module, config: RunConfig, ctx: DistContext, loader: Iterable
+                     ) -> tuple[torch.nn.Module, torch.optim.Optimizer, Callable[[int], Callable[[int], None] | None]]:
+    """What both 2D trainers do before their epochs: move the model to ``ctx.device``, pool RoIs by row
     gathers on CPU (torchvision's CPU RoIAlign backward runs on one thread), build the optimizer and
-    the lr schedule.
+    the lr schedule, and under DDP wrap the model (:func:`utils.distributed.distribute`, with
+    ``config.sync_bn``).
 
     Returns:
-        The optimizer and ``set_lr_for(epoch)``, the ``set_lr`` of :func:`train_one_epoch` for that
-        epoch (None for a constant lr).
+        The model to train (DDP-wrapped under torchrun, else ``model``), the optimizer (over ``model``'s
+        parameters) and ``set_lr_for(epoch)``, the ``set_lr`` of :func:`train_one_epoch` for that epoch
+        (None for a constant lr).
     """
-    model.to(device)
-    if device.type == "cpu":
+    model.to(ctx.device)
+    if ctx.device.type == "cpu":
         use_gather_poolers(model.roi_heads)
     optimizer = make_optimizer(model, config)
     schedule = lr_setter(config, optimizer, steps_per_epoch(loader, config.max_steps))
-    return optimizer, lambda epoch: schedule(epoch) if schedule else None
+    net = distribute(model, ctx, sync_bn=config.sync_bn)
+    return net, optimizer, lambda epoch: schedule(epoch) if schedule else None
 
 
 def move_to_device(images, targets, device: torch.device):
@@ -87,7 +91,7 @@ def train_one_epoch(model: torch.nn.Module, loader: Iterable, optimizer: torch.o
 
     Args:
         model: a detection model returning a loss dict in train mode, or any model when ``loss_fn``
-            is given.
+            is given; under DDP the wrapped model (its sampling counts are read from the module inside).
         loader: yields ``(images, targets)``; images a list of FloatTensor[3,H,W], targets a list of
             dicts (detection) or a tensor (classification, with ``loss_fn``).
         optimizer: the optimizer.
@@ -124,7 +128,7 @@ def train_one_epoch(model: torch.nn.Module, loader: Iterable, optimizer: torch.o
                 set_lr(step)
             backward_step(total, optimizer, scaler)
             _accumulate(totals, losses, total)
-            _accumulate_sampling(sampling, model)
+            _accumulate_sampling(sampling, unwrap(model))
             bar.set_postfix({k: f"{v / totals['steps']:.3f}" for k, v in totals.items() if k != "steps"})
     return {**_means(totals), **sampling_fractions(sampling)}
 

@@ -27,6 +27,7 @@ from models.mask_net.workflows.model_io import builder_keywords, load_model_for_
 from utils.amp import for_inference, grad_scaler
 from utils.checkpoint import load_checkpoint
 from utils.cli import resolve_device
+from utils.distributed import DistContext, means_over_ranks, train_shuffling
 from utils.plots import detection_overlay
 from utils.reproducibility import worker_init_fn
 from utils.rle import encode_masks
@@ -128,8 +129,10 @@ def segmentation_builder_kwargs(config: SegmentationTrainConfig) -> dict:
             "num_classes": num_detection_classes(config.mask_type)}
 
 
-def segmentation_loaders(config: SegmentationTrainConfig) -> tuple[DataLoader, DataLoader]:
-    """Training (shuffled, seeded) and validation loaders over the CNCB layout."""
+def segmentation_loaders(config: SegmentationTrainConfig, ctx: DistContext | None = None
+                         ) -> tuple[DataLoader, DataLoader]:
+    """Training (shuffled, seeded; this process's DistributedSampler share under DDP) and validation loaders
+    over the CNCB layout."""
     def dataset(root, transforms=None):
         return CNCBSegmentationDataset(root, imgs_dir=config.imgs_dir, masks_dir=config.gt_dir,
                                        mask_type=config.mask_type, transforms=transforms)
@@ -139,31 +142,45 @@ def segmentation_loaders(config: SegmentationTrainConfig) -> tuple[DataLoader, D
     common = dict(batch_size=config.batch_size, num_workers=config.num_workers, collate_fn=train_set.collate_fn,
                   worker_init_fn=worker_init_fn)
     generator = torch.Generator().manual_seed(config.seed)
-    return (DataLoader(train_set, shuffle=True, generator=generator, **common),
+    return (DataLoader(train_set, generator=generator, **train_shuffling(train_set, ctx, config.seed), **common),
             DataLoader(val_set, shuffle=False, **common))
 
 
-def train_segmentation(config: SegmentationTrainConfig) -> RunDir:
-    """Train the segmentation model; returns its run directory.
+def train_segmentation(config: SegmentationTrainConfig) -> RunDir | None:
+    """Train the segmentation model, as one process or as one of several under ``torchrun`` (DDP).
+
+    Under DDP each process trains on its share of every epoch and gradients are averaged; rank 0 alone
+    validates and writes the run directory while the others wait at a barrier.
+
+    Returns:
+        The run directory (None on non-zero ranks).
 
     Raises:
         FileExistsError: for a new run in a used ``save_dir`` without ``overwrite``.
-        ValueError: under torchrun with several processes, or for a checkpoint of another kind.
+        ValueError: for a checkpoint of another kind, or ``sync_bn`` on CPU processes.
     """
-    device = start_training(config, name="train_segmentation")
+    with start_training(config) as ctx:
+        return _train_segmentation(config, ctx)
+
+
+def _train_segmentation(config: SegmentationTrainConfig, ctx: DistContext) -> RunDir | None:
     kwargs = segmentation_builder_kwargs(config)
-    train_loader, val_loader = segmentation_loaders(config)
+    train_loader, val_loader = segmentation_loaders(config, ctx)
     model = maskrcnn_resnet_fpn(**kwargs, pretrained_backbone=config.use_pretrained_resnet_backbone)
     if config.pretrained_model:
         ckpt = load_checkpoint(config.pretrained_model, builder=SEGMENTATION_BUILDER, kind="segmentation")
         load_weights(model, ckpt["model"], config.pretrained_model)  # names the file and the flags on a mismatch
-    optimizer, set_lr_for = prepare_training(model, config, device, train_loader)
-    steps = dict(max_steps=config.max_steps, progress=not config.no_progress)
+    net, optimizer, set_lr_for = prepare_training(model, config, ctx, train_loader)
+    device = ctx.device
+    steps = dict(max_steps=config.max_steps, progress=not config.no_progress and ctx.is_main)
     scaler = grad_scaler(device, config.amp)
 
     def run_epoch(epoch: int) -> dict:
-        train = train_one_epoch(model, train_loader, optimizer, device=device, epoch=epoch,
+        train = train_one_epoch(net, train_loader, optimizer, device=device, epoch=epoch,
                                 set_lr=set_lr_for(epoch), amp=config.amp, scaler=scaler, **steps)
+        train = means_over_ranks(train, ctx)
+        if not ctx.is_main:
+            return {}
         val = {**validation_loss(model, val_loader, device=device, epoch=epoch, **steps),
                **validation_detection_metrics(model, val_loader, device=device, epoch=epoch, **steps)}
         print(f"Epoch {epoch}: train loss = {train['loss']:.3f}, validation loss = {val['loss']:.3f}, "
@@ -175,9 +192,9 @@ def train_segmentation(config: SegmentationTrainConfig) -> RunDir:
         return {"mask_type": config.mask_type, "class_names": list(class_names_for(config.mask_type)),
                 "val_loss": record["val_loss"], SELECTION_METRIC: record[SELECTION_METRIC]}
 
-    return fit(config, model=model, optimizer=optimizer, train_loader=train_loader, builder=SEGMENTATION_BUILDER,
-               builder_kwargs=kwargs, kind="segmentation", run_epoch=run_epoch, checkpoint_extras=checkpoint_extras,
-               best=Best(SELECTION_METRIC, higher_is_better=True), scaler=scaler)
+    return fit(config, ctx=ctx, model=model, optimizer=optimizer, train_loader=train_loader,
+               builder=SEGMENTATION_BUILDER, builder_kwargs=kwargs, kind="segmentation", run_epoch=run_epoch,
+               checkpoint_extras=checkpoint_extras, best=Best(SELECTION_METRIC, higher_is_better=True), scaler=scaler)
 
 
 @dataclass(kw_only=True)
