@@ -16,6 +16,10 @@ logits on one-hot labels (``--loss ce`` for cross-entropy). The run directory (`
 args.json, env.txt, metrics.jsonl, checkpoint_last.pth, checkpoint_best.pth (highest validation accuracy so
 far, a tie going to the later epoch, kept across --resume) and every ``--save_every`` epochs
 ``<model_name>_ckpt_<epoch>.pth``. The pipeline is ``models.mask_net.workflows.train_classifier``.
+
+Several processes (DDP; ``--batch_size`` is per process, rank 0 alone validates and writes)::
+
+    torchrun --nproc_per_node N train_classifier.py --device cuda ...   # add --nnodes M for M machines
 """
 from __future__ import annotations
 
@@ -70,7 +74,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(args: argparse.Namespace) -> RunDir:
+def main(args: argparse.Namespace) -> RunDir | None:
     return train_classifier(config_from_args(Config, args))
 
 

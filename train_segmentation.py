@@ -11,6 +11,10 @@ checkpoint_best.pth (highest validation mask mAP so far, kept across --resume) a
 ``<model_name>_ckpt_<epoch>.pth``, all in the project's checkpoint schema. The pipeline is
 ``models.mask_net.workflows.train_segmentation``. ``--preset paper`` reproduces the original's anchor
 and RoI matching; the default ``lesion`` preset learns faster on small lesions (README).
+
+Several processes (DDP; ``--batch_size`` is per process, rank 0 alone validates and writes)::
+
+    torchrun --nproc_per_node N train_segmentation.py --device cuda ...   # add --nnodes M for M machines
 """
 from __future__ import annotations
 
@@ -66,7 +70,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(args: argparse.Namespace) -> RunDir:
+def main(args: argparse.Namespace) -> RunDir | None:
     return train_segmentation(config_from_args(Config, args))
 
 

@@ -7,6 +7,10 @@ configured by a :class:`RunConfig`. Each epoch's randomness is seeded from
 ``(seed, epoch, rank)`` (:func:`utils.reproducibility.seed_epoch`). A run killed at any point and
 resumed from ``checkpoint_last.pth`` therefore ends with the same weights, on CPU, as a run that went
 straight through.
+
+Under ``torchrun`` the 2D trainers run DDP (:mod:`utils.distributed`): :func:`start_training` joins the
+process group, every process trains on its DistributedSampler share, and rank 0 alone checks and
+writes the run directory and validates while the others wait at a barrier.
 """
 from __future__ import annotations
 

@@ -9,7 +9,9 @@ training batch in ``last_sampling``; :func:`train_one_epoch` sums them into ``rp
 The loops take explicit arguments (model, loader, optimizer, device) and return plain floats, so the
 pipelines stay thin. A detection model in training mode returns a dict of losses; validation loss is
 computed in that mode but without gradients and without touching BatchNorm running statistics
-(the original updated both).
+(the original updated both). Under DDP :func:`train_one_epoch` runs the wrapped model, and the
+validation functions run on rank 0 with the unwrapped one (a DDP forward on one rank alone would wait
+for the others).
 """
 from __future__ import annotations
 
