@@ -339,3 +339,26 @@ def volumetric_checkpoint(name: str, path):
     return path
 
 
+
+
+ANALYSIS_CLS_KWARGS = dict(backbone_name="resnet18", truncation=2, num_classes=3, roi_batch_size=8, s_features=16,
+                           min_size=64, max_size=64, rpn_pre_nms_top_n_test=50, rpn_post_nms_top_n_test=20)
+
+
+def analysis_checkpoints(folder: Path) -> dict[str, Path]:
+    """Randomly initialised, tiny checkpoints of the four models of ``analyze_scan.py``, in the project's schema."""
+    from models.mask_net.covid_mask_net import CLASSIFIER_BUILDER, covid_mask_net
+
+    torch.manual_seed(0)
+    paths = {name: volumetric_checkpoint(name, folder / f"{name}.pth") for name in VOLUMETRIC}
+    model = covid_mask_net(**ANALYSIS_CLS_KWARGS)
+    paths["mask_net_classifier"] = save_checkpoint(make_checkpoint(
+        model=model, builder=CLASSIFIER_BUILDER, builder_kwargs=ANALYSIS_CLS_KWARGS, epoch=0,
+        mask_type="both"), folder / "mask_net_classifier.pth")
+    return paths
+
+
+def analysis_flags(checkpoints: dict) -> list[str]:
+    """``analyze_scan.py`` flags naming the four checkpoints."""
+    return ["--lung_ckpt", str(checkpoints["lung_seg"]), "--lesion_ckpt", str(checkpoints["lesion_seg"]),
+            "--covid3d_ckpt", str(checkpoints["covid_cls"]), "--covid2d_ckpt", str(checkpoints["mask_net_classifier"])]

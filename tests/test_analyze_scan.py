@@ -7,40 +7,24 @@ import json
 import nibabel as nib
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 import analyze_scan
 from datasets.conventions import LUNG_WINDOW, hu_to_png
 from models.analysis import steps as analysis_steps
-from models.mask_net.covid_mask_net import CLASSIFIER_BUILDER, covid_mask_net
-from tests.helpers import VOLUMETRIC, chest_phantom
-from tests.helpers import volumetric_checkpoint as _volumetric_checkpoint
+from tests.helpers import analysis_checkpoints, analysis_flags, chest_phantom
 from utils import amp
-from utils.checkpoint import make_checkpoint, save_checkpoint
 from utils.manifest import load_manifest, register
 from utils.quantify import voxel_volume_ml
-
-CLS_KWARGS = dict(backbone_name="resnet18", truncation=2, num_classes=3, roi_batch_size=8, s_features=16,
-                  min_size=64, max_size=64, rpn_pre_nms_top_n_test=50, rpn_post_nms_top_n_test=20)
 
 
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
     """Randomly initialised, tiny checkpoints of the four models, in the project's schema."""
-    folder = tmp_path_factory.mktemp("models")
-    torch.manual_seed(0)
-    paths = {name: _volumetric_checkpoint(name, folder / f"{name}.pth") for name in VOLUMETRIC}
-    model = covid_mask_net(**CLS_KWARGS)
-    paths["mask_net_classifier"] = save_checkpoint(make_checkpoint(
-        model=model, builder=CLASSIFIER_BUILDER, builder_kwargs=CLS_KWARGS, epoch=0,
-        mask_type="both"), folder / "mask_net_classifier.pth")
-    return paths
+    return analysis_checkpoints(tmp_path_factory.mktemp("models"))
 
 
-def _flags(checkpoints) -> list[str]:
-    return ["--lung_ckpt", str(checkpoints["lung_seg"]), "--lesion_ckpt", str(checkpoints["lesion_seg"]),
-            "--covid3d_ckpt", str(checkpoints["covid_cls"]), "--covid2d_ckpt", str(checkpoints["mask_net_classifier"])]
+_flags = analysis_flags
 
 
 def _run(argv: list[str]) -> dict:
