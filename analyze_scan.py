@@ -29,24 +29,46 @@ replaces them; the filled volume is written as ``scan.nii.gz``), slice pictures 
 numbers, and an ``--out`` where an output would replace an input. Every warning of the analysis is
 listed in ``report.json`` ("warnings") and at the top of ``report.html``.
 
+A cohort: INPUT may also be a folder of scans (NIfTI files and/or sub-folders of one DICOM series or
+slice pictures each), a ``.txt``/``.csv`` list of scan paths, or a MONAI ``dataset.json``
+(``--section``, default testing). The models are loaded once; ``--out`` gets one folder per scan id
+(what a one-scan run writes), written under ``.tmp-<id>`` and renamed when complete, and
+``cohort.csv`` with a row per scan. A bad scan is listed as an error and the others go on (the exit
+status is 1 when any failed); a scan already analysed with the same models is skipped, so a killed
+run is continued by running it again::
+
+    python analyze_scan.py data/scans --out runs/cohort                    # or scans.txt, dataset.json
+    python analyze_scan.py data/scans --out runs/cohort --shard 0/4         # one of 4 jobs: cohort-shard-0-of-4.csv
+    python -m models.analysis.cohort merge runs/cohort                     # the shards' tables -> cohort.csv
+    torchrun --nproc_per_node 4 analyze_scan.py data/scans --out runs/cohort  # shard = rank; rank 0 merges
+
 From Python (load the models once, analyse many scans): :func:`models.analysis.load_models` and
 :func:`models.analysis.analyze`, which this script calls.
 """
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from datasets.conventions import LUNG_WINDOW
-from models.analysis import CLASSIFIERS, MODELS, PNG_SPACING, analyze, load_models
+from models.analysis import CLASSIFIERS, MODELS, PNG_SPACING, analyze, cohort, load_models
 from utils import quantify as q
-from utils.cli import add_amp_arg, add_device_args, run_cli
+from utils.cli import add_amp_arg, add_device_args, resolve_device, run_cli
+from utils.distributed import barrier, cleanup_distributed, setup_distributed
 
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("input", help="NIfTI file, DICOM folder, or folder of PNG/JPG slices of one scan")
-    p.add_argument("--out", required=True, help="output folder for masks, report.json and report.html (required)")
+    p.add_argument("input", help="NIfTI file, DICOM folder, or folder of PNG/JPG slices of one scan; or a cohort: a "
+                                 "folder of scans, a .txt/.csv list of scan paths, or a dataset.json")
+    p.add_argument("--out", required=True, help="output folder for masks, report.json and report.html; for a cohort, "
+                                                "one such folder per scan and cohort.csv (required)")
+    p.add_argument("--section", default=cohort.DEFAULT_SECTION,
+                   help=f"section of a dataset.json input (default: {cohort.DEFAULT_SECTION})")
+    p.add_argument("--shard", type=cohort.parse_shard, default=None, metavar="I/N",
+                   help="analyse only part I of N of a cohort (0 <= I < N) and write cohort-shard-I-of-N.csv; "
+                        "under torchrun the rank and world size choose it (default: the whole cohort)")
     p.add_argument("--models_dir", default="pretrained_models",
                    help="folder with manifest.json, used for each model not given by its flag "
                         "(default: pretrained_models)")
@@ -77,14 +99,47 @@ def get_args_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(args: argparse.Namespace) -> dict:
-    # Models load when first needed (lazy), so that a bad scan is refused before any model is loaded.
-    models = load_models(args.models_dir, device=args.device, skip=args.skip, lazy=True, amp=args.amp,
-                         checkpoints={name: getattr(args, spec.flag) for name, spec in MODELS.items()})
-    report = analyze(args.input, models, out_dir=args.out, consolidation_hu=args.consolidation_hu,
-                     slice_window=args.slice_window, png_window=args.png_window, png_spacing=args.png_spacing,
-                     batch_size=args.batch_size, allow_non_hu=args.allow_non_hu, fill_nan=args.fill_nan)
-    return report.summary
+def main(args: argparse.Namespace) -> dict | list[dict]:
+    """One scan: its report.json dict. A cohort: its table's rows (raises :class:`cohort.CohortFailed` when
+    any scan failed, after all were tried)."""
+    scans = cohort.find_scans(args.input, section=args.section, exclude=args.out)
+    print(scans.describe(args.input), flush=True)
+    options = dict(consolidation_hu=args.consolidation_hu, slice_window=args.slice_window,
+                   png_window=args.png_window, png_spacing=args.png_spacing, batch_size=args.batch_size,
+                   allow_non_hu=args.allow_non_hu, fill_nan=args.fill_nan)
+    if scans.kind == "scan":
+        # Models load when first needed (lazy), so that a bad scan is refused before any model is loaded.
+        report = analyze(scans.paths[0], _models(args, args.device), out_dir=args.out, **options)
+        return report.summary
+    ctx = setup_distributed(resolve_device(args.device))
+    try:
+        rows = _cohort(scans, args, ctx, options)
+    except BaseException:
+        cleanup_distributed(ctx, wait=False)
+        raise
+    cleanup_distributed(ctx)
+    return rows
+
+
+def _models(args: argparse.Namespace, device):
+    return load_models(args.models_dir, device=device, skip=args.skip, lazy=True, amp=args.amp,
+                       checkpoints={name: getattr(args, spec.flag) for name, spec in MODELS.items()})
+
+
+def _cohort(scans: cohort.Cohort, args: argparse.Namespace, ctx, options: dict) -> list[dict]:
+    """This process's share of the cohort; under torchrun rank 0 then merges every rank's table."""
+    shard = (ctx.rank, ctx.world_size) if ctx.distributed else args.shard
+    rows = cohort.analyze_cohort(scans, _models(args, ctx.device), out_dir=args.out, shard=shard, **options)
+    table = Path(args.out) / (cohort.shard_csv_name(*shard) if shard else cohort.COHORT_CSV)
+    if ctx.distributed:
+        barrier(ctx)
+        if not ctx.is_main:
+            return rows
+        table, rows = cohort.merge_shards(args.out)
+    if any(row["status"] != "ok" for row in rows):
+        raise cohort.CohortFailed(cohort.summary_line(rows, table))
+    print(cohort.summary_line(rows, table), flush=True)
+    return rows
 
 
 if __name__ == "__main__":

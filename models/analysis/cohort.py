@@ -1,0 +1,403 @@
+"""Many scans through the pipeline: what the input lists, one output folder per scan, one table for all.
+
+The input of ``analyze_scan.py`` is one scan, or a cohort: a folder of scans (NIfTI files and/or
+sub-folders that each hold one DICOM series or one folder of slice pictures), a ``.txt`` or ``.csv``
+file listing scan paths, or a MONAI ``dataset.json`` (one of its sections). :func:`find_scans` tells
+which; :func:`analyze_cohort` runs the scans with the models loaded once, writes each scan's folder
+under a temporary name and renames it when complete, skips scans already analysed with the same
+models, and keeps going past a bad scan. Shards (:func:`shard_of`) split a cohort over processes or
+jobs; :func:`merge_shards` joins their tables::
+
+    python -m models.analysis.cohort merge runs/cohort     # cohort-shard-*.csv -> cohort.csv
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import hashlib
+import json
+import os
+import re
+import shutil
+import sys
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+
+from utils.cli import USER_ERRORS
+
+from .loading import CLASSIFIERS, MODELS, Models
+from .pipeline import analyze
+
+NIFTI_SUFFIXES = (".nii.gz", ".nii")
+SLICE_SUFFIXES = (".dcm", ".png", ".jpg", ".jpeg")  # files that make their folder one scan
+LIST_SUFFIXES = (".txt", ".csv")
+DEFAULT_SECTION = "testing"
+COHORT_CSV = "cohort.csv"
+TMP_PREFIX = ".tmp-"
+BASE_COLUMNS = ("scan_id", "input", "status", "error")
+
+
+@dataclass
+class Cohort:
+    """The scans an input stands for.
+
+    Attributes:
+        kind: ``scan`` (one scan, analysed as before), ``folder``, ``list`` or ``datalist``.
+        paths: the scans, sorted by path.
+        ids: scan id of each path (unique; the name of its output folder).
+    """
+
+    kind: str
+    paths: list[Path]
+    ids: dict[Path, str]
+
+    def describe(self, source: str | os.PathLike) -> str:
+        if self.kind == "scan":
+            return f"input {source}: one scan"
+        what = {"folder": "a folder", "list": "a list file", "datalist": "a dataset.json"}[self.kind]
+        return f"input {source}: {what} of {len(self.paths)} scans"
+
+
+def find_scans(source: str | os.PathLike, *, section: str = DEFAULT_SECTION,
+               exclude: str | os.PathLike | None = None) -> Cohort:
+    """The scans ``source`` stands for.
+
+    A folder is a cohort when it holds NIfTI files or sub-folders (each one scan) and no DICOM or slice
+    picture of its own; a folder holding such files is one scan, as is any other file than a list or a
+    ``.json`` datalist.
+
+    Args:
+        source: a scan, a folder of scans, a ``.txt``/``.csv`` list (one path a line; a csv's ``path``
+            column, else its first), or a MONAI ``dataset.json``; relative paths in a list or datalist
+            are taken from its folder.
+        section: the datalist's section (its entries are paths or dicts with ``image``).
+        exclude: a folder left out of a folder cohort (the output folder, when it lies inside).
+
+    Raises:
+        FileNotFoundError: when ``source`` does not exist.
+        ValueError: naming the list or datalist when it is unusable or lists nothing.
+    """
+    path = Path(source)
+    if not path.exists():
+        raise FileNotFoundError(f"input not found: {path}")
+    if path.is_dir():
+        paths, kind = _folder_scans(path, exclude=exclude), "folder"
+    elif path.name.lower().endswith(LIST_SUFFIXES):
+        paths, kind = _listed_scans(path), "list"
+    elif path.suffix.lower() == ".json":
+        paths, kind = _datalist_scans(path, section), "datalist"
+    else:
+        paths, kind = [], "scan"
+    if not paths:
+        if kind not in ("scan", "folder"):
+            raise ValueError(f"{path}: lists no scan")
+        return Cohort("scan", [path], {path: scan_id(path)})
+    paths = sorted(set(paths), key=str)
+    return Cohort(kind, paths, unique_ids(paths))
+
+
+def _folder_scans(folder: Path, *, exclude) -> list[Path]:
+    """The NIfTI files and sub-folders of ``folder``; none when it holds slice files itself (one scan)."""
+    entries = [p for p in folder.iterdir() if not p.name.startswith(".")]
+    if any(p.is_file() and (p.name.lower().endswith(SLICE_SUFFIXES) or _is_dicom(p)) for p in entries):
+        return []
+    skip = Path(exclude).resolve() if exclude is not None else None
+    return [p for p in entries if (p.is_dir() and p.resolve() != skip)
+            or (p.is_file() and p.name.lower().endswith(NIFTI_SUFFIXES))]
+
+
+def _is_dicom(path: Path) -> bool:
+    with path.open("rb") as handle:
+        return handle.read(132)[128:] == b"DICM"
+
+
+def _listed_scans(path: Path) -> list[Path]:
+    """The paths of a ``.txt`` (one a line) or ``.csv`` (``path`` column, else the first) list."""
+    with path.open(newline="") as handle:
+        if path.suffix.lower() == ".csv":
+            rows = list(csv.reader(handle))
+            header = [c.strip() for c in rows[0]] if rows else []
+            column = header.index("path") if "path" in header else 0
+            values = [row[column] for row in rows[1:] if len(row) > column]
+        else:
+            values = handle.read().splitlines()
+    values = [v.strip() for v in values if v.strip() and not v.strip().startswith("#")]
+    return [_relative_to(path.parent, v) for v in values]
+
+
+def _datalist_scans(path: Path, section: str) -> list[Path]:
+    """The images of a MONAI datalist's ``section`` (entries are paths or dicts with ``image``)."""
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: not a JSON datalist ({err})") from err
+    if not isinstance(data, dict) or section not in data:
+        sections = sorted(data) if isinstance(data, dict) else []
+        raise ValueError(f"{path}: no section {section!r} (--section); it has {sections}")
+    paths = []
+    for i, entry in enumerate(data[section]):
+        image = entry.get("image") if isinstance(entry, dict) else entry
+        if not isinstance(image, str):
+            raise ValueError(f"{path}: entry {i} of {section!r} names no image path: {entry!r}")
+        paths.append(_relative_to(path.parent, image))
+    return paths
+
+
+def _relative_to(folder: Path, value: str) -> Path:
+    return Path(value) if Path(value).is_absolute() else folder / value
+
+
+def scan_id(path: str | os.PathLike) -> str:
+    """The scan's name: its file name without ``.nii``/``.nii.gz``, or its folder's name, in safe characters."""
+    name = Path(path).name
+    for suffix in (*NIFTI_SUFFIXES, *SLICE_SUFFIXES):
+        if name.lower().endswith(suffix) and len(name) > len(suffix):
+            name = name[:-len(suffix)]
+            break
+    return re.sub(r"[^A-Za-z0-9._-]", "_", name).lstrip(".") or "scan"
+
+
+def unique_ids(paths: list[Path]) -> dict[Path, str]:
+    """Scan id of each path; a repeated name gets ``-2``, ``-3``... in the order of the sorted paths (stable)."""
+    ids, used = {}, set()
+    for path in sorted(paths, key=str):
+        base = candidate = scan_id(path)
+        n = 1
+        while candidate in used:
+            n += 1
+            candidate = f"{base}-{n}"
+        ids[path] = candidate
+        used.add(candidate)
+    return ids
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """``I/N`` -> (I, N) with 0 <= I < N (argparse type)."""
+    match = re.fullmatch(r"(\d+)/(\d+)", text.strip())
+    if not match or not int(match[1]) < int(match[2]):
+        raise argparse.ArgumentTypeError(f"a shard is I/N with 0 <= I < N, e.g. 0/4, got {text!r}")
+    return int(match[1]), int(match[2])
+
+
+def shard_of(path: str | os.PathLike, count: int) -> int:
+    """The shard (0..count-1) of a scan: sha1 of its path string mod ``count``, the same in every process."""
+    return int(hashlib.sha1(str(path).encode()).hexdigest(), 16) % count
+
+
+def shard_csv_name(index: int, count: int) -> str:
+    return f"cohort-shard-{index}-of-{count}.csv"
+
+
+def analyze_cohort(cohort: Cohort, models: Models, *, out_dir: str | os.PathLike,
+                   shard: tuple[int, int] | None = None, verbose: bool = True, **options) -> list[dict]:
+    """Analyse the cohort's scans (this shard's), each into ``out_dir/<scan id>``, and write the table.
+
+    A scan whose folder holds a ``report.json`` made with the same models (sha256) is not analysed
+    again; its row is read back. Each scan is written to ``out_dir/.tmp-<scan id>`` and renamed when
+    complete, so a killed run leaves no half-written scan folder (the temporary one is redone). A scan
+    that fails gets ``status`` ``error`` and a one-line message; the others go on.
+
+    Args:
+        cohort: from :func:`find_scans`.
+        models: from :func:`models.analysis.load_models` (loaded once, when the first scan needs them).
+        out_dir: the cohort's output folder.
+        shard: (I, N) to analyse only the scans of shard I of N (:func:`shard_of`); the table is then
+            ``cohort-shard-I-of-N.csv``, else ``cohort.csv``.
+        verbose: print each scan and each step.
+        **options: keyword arguments of :func:`models.analysis.analyze`.
+
+    Returns:
+        One row per scan (see :func:`report_row`), in path order; the table is rewritten after each scan.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = [p for p in cohort.paths if shard is None or shard_of(p, shard[1]) == shard[0]]
+    table = out / (shard_csv_name(*shard) if shard else COHORT_CSV)
+    cards, rows = models.cards(), []
+    for i, path in enumerate(paths, 1):
+        sid = cohort.ids[path]
+        if verbose:
+            print(f"scan {i}/{len(paths)}: {sid} ({path})", flush=True)
+        done = _previous_report(out / sid, cards)
+        if done is not None:
+            if verbose:
+                print("      done before with the same models; skipped", flush=True)
+            rows.append(report_row(done, path=path, scan_id=sid))
+        else:
+            rows.append(_analyze_one(path, sid, models, out=out, verbose=verbose, **options))
+        write_table(rows, table)
+    write_table(rows, table)
+    return rows
+
+
+def _previous_report(folder: Path, cards: list[dict]) -> dict | None:
+    """The scan's ``report.json`` when it was made with the models of ``cards`` (same names and sha256)."""
+    try:
+        report = json.loads((folder / "report.json").read_text())
+    except (OSError, ValueError):
+        return None
+    same = [(m.get("name"), m.get("sha256")) for m in report.get("models", [])] == \
+           [(m["name"], m["sha256"]) for m in cards]
+    return report if same else None
+
+
+def _analyze_one(path: Path, sid: str, models: Models, *, out: Path, verbose: bool, **options) -> dict:
+    """One scan into ``out/.tmp-<id>``, renamed to ``out/<id>`` when complete; its row, ``error`` on failure."""
+    tmp, final = out / f"{TMP_PREFIX}{sid}", out / sid
+    shutil.rmtree(tmp, ignore_errors=True)  # left by a killed run
+    models.load_all()  # a model that cannot be loaded stops the cohort: raised here, not caught below
+    try:
+        report = analyze(path, models, out_dir=tmp, verbose=verbose, **options)
+    except Exception as err:  # noqa: BLE001 - a bad scan must not stop the cohort
+        if verbose and not isinstance(err, USER_ERRORS):
+            traceback.print_exc()
+        message = error_message(err)
+        print(f"error: {sid}: {message}", file=sys.stderr, flush=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        return {"scan_id": sid, "input": str(path), "status": "error", "error": message}
+    summary = _moved(report.summary, tmp, final)
+    (tmp / "report.json").write_text(json.dumps(summary, indent=2) + "\n")
+    shutil.rmtree(final, ignore_errors=True)  # made with other models
+    os.replace(tmp, final)
+    if verbose:
+        print(f"      complete: {final}", flush=True)
+    return report_row(summary, path=path, scan_id=sid)
+
+
+def error_message(err: BaseException) -> str:
+    """One line: the project's message (it names the file), with the error's type when it is not a user error."""
+    text = " ".join(str(err).split()) or type(err).__name__
+    return text if isinstance(err, USER_ERRORS) else f"{type(err).__name__}: {text}"
+
+
+def _moved(summary: dict, tmp: Path, final: Path) -> dict:
+    """``report.json``'s dict with the paths of files in ``tmp`` pointing into ``final``."""
+    old, new = str(tmp), str(final)
+    summary = json.loads(json.dumps(summary))  # the JSON values, as report.json holds them
+
+    def move(value):
+        if isinstance(value, dict):
+            return {k: move(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [move(v) for v in value]
+        if isinstance(value, str) and (value == old or value.startswith(old + os.sep)):
+            return new + value[len(old):]
+        return value
+
+    return move(summary)
+
+
+def report_row(report: dict, *, path: str | os.PathLike, scan_id: str) -> dict:
+    """The table's row of one analysed scan.
+
+    Columns: ``scan_id``, ``input``, ``status`` (``ok``), ``error`` (empty), every quantity as
+    ``<region>.<quantity>`` (e.g. ``left.lung_ml``), ``<classifier>.probability``, ``warnings``
+    (joined by `` | ``) and ``<model>.sha256``.
+    """
+    row = {"scan_id": scan_id, "input": str(path), "status": "ok", "error": ""}
+    for region, values in report["quantities"].items():
+        if isinstance(values, dict):
+            row.update({f"{region}.{k}": v for k, v in values.items()})
+        else:
+            row[region] = values
+    for name in CLASSIFIERS:
+        if name in report.get("covid", {}):
+            row[f"{name}.probability"] = report["covid"][name]["probability"]
+    row["warnings"] = " | ".join(" ".join(w.split()) for w in report.get("warnings", []))
+    row.update({f"{m['name']}.sha256": m["sha256"] for m in report.get("models", [])})
+    return row
+
+
+def _column_group(name: str) -> int:
+    if name in BASE_COLUMNS:
+        return BASE_COLUMNS.index(name)
+    if name.endswith(".probability"):
+        return 20
+    if name == "warnings":
+        return 30
+    model = name.removesuffix(".sha256")
+    if model != name:
+        return 40 + (list(MODELS).index(model) if model in MODELS else len(MODELS))
+    return 10  # quantities
+
+
+def write_table(rows: list[dict], path: str | os.PathLike) -> Path:
+    """Write rows as a csv sorted by scan id (columns: identity, quantities, probabilities, warnings, models),
+    atomically (a temporary file, then rename)."""
+    path = Path(path)
+    rows = sorted(rows, key=lambda row: row["scan_id"])
+    columns = []
+    for row in rows:
+        columns += [k for k in row if k not in columns]
+    columns.sort(key=_column_group)  # stable: quantities keep the report's order
+    tmp = path.with_name(f"{TMP_PREFIX}{path.name}")
+    with tmp.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns, restval="")
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(tmp, path)
+    return path
+
+
+def read_table(path: str | os.PathLike) -> list[dict]:
+    """The rows of a table written by :func:`write_table` (values as strings)."""
+    with Path(path).open(newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def merge_shards(out_dir: str | os.PathLike) -> tuple[Path, list[dict]]:
+    """Join ``cohort-shard-I-of-N.csv`` of every shard into ``cohort.csv``, sorted by scan id.
+
+    Raises:
+        FileNotFoundError: when ``out_dir`` holds no shard table.
+        ValueError: naming the shards that are missing, or tables of different shard counts.
+    """
+    out = Path(out_dir)
+    found = {}
+    for path in out.glob("cohort-shard-*-of-*.csv"):
+        match = re.fullmatch(r"cohort-shard-(\d+)-of-(\d+)\.csv", path.name)
+        if match:
+            found[(int(match[1]), int(match[2]))] = path
+    if not found:
+        raise FileNotFoundError(f"{out}: no cohort-shard-I-of-N.csv to merge")
+    counts = sorted({n for _, n in found})
+    if len(counts) > 1:
+        raise ValueError(f"{out}: shard tables of different shard counts {counts}; remove the stale ones")
+    missing = [i for i in range(counts[0]) if (i, counts[0]) not in found]
+    if missing:
+        raise ValueError(f"{out}: shards {missing} of {counts[0]} have no table yet "
+                         f"({', '.join(shard_csv_name(i, counts[0]) for i in missing)})")
+    rows = [row for key in sorted(found) for row in read_table(found[key])]
+    return write_table(rows, out / COHORT_CSV), rows
+
+
+def summary_line(rows: list[dict], table: Path) -> str:
+    failed = [r["scan_id"] for r in rows if r["status"] != "ok"]
+    line = f"{len(rows) - len(failed)} of {len(rows)} scans ok, {len(failed)} failed"
+    return f"{line} ({', '.join(failed)}); table: {table}" if failed else f"{line}; table: {table}"
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Merge the shard tables of a cohort run into cohort.csv.")
+    p.add_argument("command", choices=["merge"], help="merge: cohort-shard-*.csv -> cohort.csv (sorted by scan id)")
+    p.add_argument("out", help="the cohort's --out folder")
+    return p
+
+
+def main(args: argparse.Namespace) -> list[dict]:
+    table, rows = merge_shards(args.out)
+    if any(r["status"] != "ok" for r in rows):
+        raise CohortFailed(summary_line(rows, table))
+    print(summary_line(rows, table))
+    return rows
+
+
+class CohortFailed(ValueError):
+    """Some scans of a cohort failed (the others were analysed; the table says which and why)."""
+
+
+if __name__ == "__main__":
+    from utils.cli import run_cli
+
+    run_cli(main, get_args_parser())
