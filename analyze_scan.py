@@ -48,13 +48,11 @@ From Python (load the models once, analyse many scans): :func:`models.analysis.l
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 from datasets.conventions import LUNG_WINDOW
 from models.analysis import CLASSIFIERS, MODELS, PNG_SPACING, analyze, cohort, load_models
 from utils import quantify as q
-from utils.cli import add_amp_arg, add_device_args, resolve_device, run_cli
-from utils.distributed import barrier, cleanup_distributed, setup_distributed
+from utils.cli import add_amp_arg, add_device_args, run_cli
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -100,46 +98,20 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def main(args: argparse.Namespace) -> dict | list[dict]:
-    """One scan: its report.json dict. A cohort: its table's rows (raises :class:`cohort.CohortFailed` when
-    any scan failed, after all were tried)."""
+    """One scan: its report.json dict. A cohort: its table's rows (:class:`cohort.CohortFailed` when a scan failed)."""
     scans = cohort.find_scans(args.input, section=args.section, exclude=args.out)
     print(scans.describe(args.input), flush=True)
     options = dict(consolidation_hu=args.consolidation_hu, slice_window=args.slice_window,
                    png_window=args.png_window, png_spacing=args.png_spacing, batch_size=args.batch_size,
                    allow_non_hu=args.allow_non_hu, fill_nan=args.fill_nan)
+
+    def models(device):  # loaded when first needed (lazy): a bad single scan is refused before any model loads
+        return load_models(args.models_dir, device=device, skip=args.skip, lazy=True, amp=args.amp,
+                           checkpoints={name: getattr(args, spec.flag) for name, spec in MODELS.items()})
+
     if scans.kind == "scan":
-        # Models load when first needed (lazy), so that a bad scan is refused before any model is loaded.
-        report = analyze(scans.paths[0], _models(args, args.device), out_dir=args.out, **options)
-        return report.summary
-    ctx = setup_distributed(resolve_device(args.device))
-    try:
-        rows = _cohort(scans, args, ctx, options)
-    except BaseException:
-        cleanup_distributed(ctx, wait=False)
-        raise
-    cleanup_distributed(ctx)
-    return rows
-
-
-def _models(args: argparse.Namespace, device):
-    return load_models(args.models_dir, device=device, skip=args.skip, lazy=True, amp=args.amp,
-                       checkpoints={name: getattr(args, spec.flag) for name, spec in MODELS.items()})
-
-
-def _cohort(scans: cohort.Cohort, args: argparse.Namespace, ctx, options: dict) -> list[dict]:
-    """This process's share of the cohort; under torchrun rank 0 then merges every rank's table."""
-    shard = (ctx.rank, ctx.world_size) if ctx.distributed else args.shard
-    rows = cohort.analyze_cohort(scans, _models(args, ctx.device), out_dir=args.out, shard=shard, **options)
-    table = Path(args.out) / (cohort.shard_csv_name(*shard) if shard else cohort.COHORT_CSV)
-    if ctx.distributed:
-        barrier(ctx)
-        if not ctx.is_main:
-            return rows
-        table, rows = cohort.merge_shards(args.out)
-    if any(row["status"] != "ok" for row in rows):
-        raise cohort.CohortFailed(cohort.summary_line(rows, table))
-    print(cohort.summary_line(rows, table), flush=True)
-    return rows
+        return analyze(scans.paths[0], models(args.device), out_dir=args.out, **options).summary
+    return cohort.run_cohort(scans, models, out_dir=args.out, device=args.device, shard=args.shard, **options)
 
 
 if __name__ == "__main__":

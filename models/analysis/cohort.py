@@ -23,8 +23,12 @@ import sys
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
-from utils.cli import USER_ERRORS
+import torch
+
+from utils.cli import USER_ERRORS, resolve_device
+from utils.distributed import DistContext, barrier, cleanup_distributed, setup_distributed
 
 from .loading import CLASSIFIERS, MODELS, Models
 from .pipeline import analyze
@@ -187,6 +191,54 @@ def shard_of(path: str | os.PathLike, count: int) -> int:
 
 def shard_csv_name(index: int, count: int) -> str:
     return f"cohort-shard-{index}-of-{count}.csv"
+
+
+def run_cohort(cohort: Cohort, load: Callable[[torch.device], Models], *, out_dir: str | os.PathLike,
+               device: str = "cpu", shard: tuple[int, int] | None = None, **options) -> list[dict]:
+    """The cohort in this process, or under ``torchrun`` in every process, and its summary line.
+
+    Under ``torchrun`` (``WORLD_SIZE`` > 1) the rank and world size choose the shard; after a barrier
+    rank 0 merges every shard's table into ``cohort.csv``.
+
+    Args:
+        cohort: from :func:`find_scans`.
+        load: device -> the models (:func:`models.analysis.load_models`), called once per process.
+        out_dir: the cohort's output folder.
+        device: ``cpu``, ``cuda`` or ``cuda:N`` (under torchrun ``cuda`` becomes ``cuda:LOCAL_RANK``).
+        shard: (I, N), see :func:`analyze_cohort`; ignored under torchrun.
+        **options: keyword arguments of :func:`models.analysis.analyze`.
+
+    Returns:
+        The rows of this process's table (rank 0 under torchrun: of the merged table, which it alone reports).
+
+    Raises:
+        CohortFailed: after every scan was tried, when one failed (rank 0 under torchrun: any rank's).
+    """
+    ctx = setup_distributed(resolve_device(str(device)))
+    try:
+        rows, table = _run_shard(cohort, load, ctx, out_dir=Path(out_dir), shard=shard, **options)
+    except BaseException:
+        cleanup_distributed(ctx, wait=False)
+        raise
+    cleanup_distributed(ctx)
+    if not ctx.is_main:  # rank 0 reports the merged table
+        return rows
+    if any(row["status"] != "ok" for row in rows):
+        raise CohortFailed(summary_line(rows, table))
+    print(summary_line(rows, table), flush=True)
+    return rows
+
+
+def _run_shard(cohort: Cohort, load, ctx: DistContext, *, out_dir: Path, shard, **options) -> tuple[list[dict], Path]:
+    """This process's share of the cohort and its table; under torchrun rank 0 returns the merged table."""
+    shard = (ctx.rank, ctx.world_size) if ctx.distributed else shard
+    rows = analyze_cohort(cohort, load(ctx.device), out_dir=out_dir, shard=shard, **options)
+    table = out_dir / (shard_csv_name(*shard) if shard else COHORT_CSV)
+    if ctx.distributed:
+        barrier(ctx)
+        if ctx.is_main:
+            table, rows = merge_shards(out_dir)
+    return rows, table
 
 
 def analyze_cohort(cohort: Cohort, models: Models, *, out_dir: str | os.PathLike,
