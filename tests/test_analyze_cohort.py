@@ -6,8 +6,10 @@ import csv
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import nibabel as nib
@@ -226,3 +228,26 @@ def test_torchrun_two_processes_give_the_one_process_table(one_process, scans, c
         row["input"] = row["input"].replace(str(folder), str(scans))
     _assert_same_tables(rows[:3], expected)
     assert result.stdout.count("4 of 4 scans ok") == 1  # rank 0 alone reports the merged table
+
+
+def test_a_run_killed_with_sigkill_is_finished_by_running_it_again(scans, checkpoints, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    command = [sys.executable, str(REPO / "analyze_scan.py"), str(scans), "--out", str(out),
+               *analysis_flags(checkpoints)]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+           "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 240
+        while not (out / ".tmp-chest_b").exists() and time.time() < deadline and process.poll() is None:
+            time.sleep(0.05)
+    finally:
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+    assert (out / "chest_a" / "report.json").is_file() and not (out / "chest_b").exists()
+    analysed, real = [], cohort.analyze
+    monkeypatch.setattr(cohort, "analyze",
+                        lambda scan, *a, **k: analysed.append(Path(scan).name) or real(scan, *a, **k))
+    rows = _run([str(scans), "--out", str(out), *analysis_flags(checkpoints)])
+    assert analysed == ["chest_b.nii.gz", "chest_c.nii.gz"]
+    assert [r["status"] for r in rows] == ["ok"] * 3 and not list(out.glob(".tmp-*"))
