@@ -52,7 +52,7 @@ import argparse
 from datasets.conventions import LUNG_WINDOW
 from models.analysis import CLASSIFIERS, MODELS, PNG_SPACING, analyze, cohort, load_models
 from utils import quantify as q
-from utils.cli import add_amp_arg, add_device_args, run_cli
+from utils.cli import add_amp_arg, add_device_args, non_negative_int, run_cli
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -92,6 +92,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--fill_nan", type=float, default=None, metavar="HU",
                    help="HU value that replaces NaN and infinite voxels, e.g. -1000 for air; the report says so "
                         "(default: refuse such volumes)")
+    p.add_argument("--workers", "--num_workers", dest="workers", type=non_negative_int, default=0,
+                   help="cohort: processes that read the next scans while the models run on the current one "
+                        "(default: 0, each scan read in turn)")
     add_amp_arg(p, inference=True)
     add_device_args(p)
     return p
@@ -111,7 +114,8 @@ def main(args: argparse.Namespace) -> dict | list[dict]:
 
     if scans.kind == "scan":
         return analyze(scans.paths[0], models(args.device), out_dir=args.out, **options).summary
-    return cohort.run_cohort(scans, models, out_dir=args.out, device=args.device, shard=args.shard, **options)
+    return cohort.run_cohort(scans, models, out_dir=args.out, device=args.device, shard=args.shard,
+                             workers=args.workers, **options)
 
 
 if __name__ == "__main__":

@@ -137,7 +137,7 @@ def test_a_rerun_skips_the_scans_done_and_redoes_a_leftover_temporary_folder(one
     (out / "cohort.csv").unlink()
     analysed, real = [], cohort.analyze
     monkeypatch.setattr(cohort, "analyze",
-                        lambda scan, *a, **k: analysed.append(Path(scan).name) or real(scan, *a, **k))
+                        lambda scan, *a, **k: analysed.append(Path(scan.source).name) or real(scan, *a, **k))
     _run([str(scans), "--out", str(out), *analysis_flags(checkpoints)])
     assert analysed == ["chest_c.nii.gz"]
     assert not (out / ".tmp-chest_c").exists() and (out / "chest_c" / "report.json").is_file()
@@ -247,7 +247,39 @@ def test_a_run_killed_with_sigkill_is_finished_by_running_it_again(scans, checkp
     assert (out / "chest_a" / "report.json").is_file() and not (out / "chest_b").exists()
     analysed, real = [], cohort.analyze
     monkeypatch.setattr(cohort, "analyze",
-                        lambda scan, *a, **k: analysed.append(Path(scan).name) or real(scan, *a, **k))
+                        lambda scan, *a, **k: analysed.append(Path(scan.source).name) or real(scan, *a, **k))
     rows = _run([str(scans), "--out", str(out), *analysis_flags(checkpoints)])
     assert analysed == ["chest_b.nii.gz", "chest_c.nii.gz"]
     assert [r["status"] for r in rows] == ["ok"] * 3 and not list(out.glob(".tmp-*"))
+
+
+def test_worker_processes_read_ahead_and_give_the_same_table(scans, checkpoints, tmp_path, monkeypatch):
+    folder = tmp_path / "scans"
+    shutil.copytree(scans, folder)
+    (folder / "broken.nii.gz").write_bytes(b"not a nifti file")
+    volume = chest_phantom(seed=6)
+    image = volume["image"].astype(np.float32)
+    image.flat[::200] = np.nan
+    nib.save(nib.Nifti1Image(image, volume["affine"]), folder / "holes.nii.gz")
+    readers, real = tmp_path / "readers.txt", cohort.read_scan
+
+    def read_scan(*a, **k):  # inherited by the forked reader processes
+        with readers.open("a") as handle:
+            handle.write(f"{os.getpid()}\n")
+        return real(*a, **k)
+
+    monkeypatch.setattr(cohort, "read_scan", read_scan)
+    argv = [str(folder), *analysis_flags(checkpoints), "--skip", *loading.CLASSIFIERS, "--fill_nan", "-1000"]
+    tables = {}
+    for workers in (0, 2):
+        out = tmp_path / f"out{workers}"
+        with pytest.raises(cohort.CohortFailed, match="4 of 5 scans ok, 1 failed \\(broken\\)"):
+            _run([*argv, "--out", str(out), "--workers", str(workers)])
+        tables[workers] = _table(out / "cohort.csv")
+        assert not list(out.glob(".tmp-*")) and (out / "holes" / "scan.nii.gz").is_file()
+    pids = [int(line) for line in readers.read_text().split()]
+    assert pids[:5] == [os.getpid()] * 5 and os.getpid() not in pids[5:] and len(pids) == 10
+    _assert_same_tables(tables[2], tables[0], tol=0)
+    holes = {r["scan_id"]: r for r in tables[2]}["holes"]
+    assert holes["status"] == "ok" and holes["warnings"].startswith("NonFiniteWarning: ") and "-1000 HU" in \
+        holes["warnings"]

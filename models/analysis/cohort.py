@@ -17,10 +17,12 @@ import csv
 import hashlib
 import json
 import os
+import pickle
 import re
 import shutil
 import sys
 import traceback
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -32,6 +34,7 @@ from utils.distributed import DistContext, barrier, cleanup_distributed, setup_d
 
 from .loading import CLASSIFIERS, MODELS, Models
 from .pipeline import analyze
+from .scan import read_scan
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 SLICE_SUFFIXES = (".dcm", ".png", ".jpg", ".jpeg")  # files that make their folder one scan
@@ -206,7 +209,8 @@ def run_cohort(cohort: Cohort, load: Callable[[torch.device], Models], *, out_di
         out_dir: the cohort's output folder.
         device: ``cpu``, ``cuda`` or ``cuda:N`` (under torchrun ``cuda`` becomes ``cuda:LOCAL_RANK``).
         shard: (I, N), see :func:`analyze_cohort`; ignored under torchrun.
-        **options: keyword arguments of :func:`models.analysis.analyze`.
+        **options: keyword arguments of :func:`analyze_cohort` (``workers``, ``verbose``) and of
+            :func:`models.analysis.analyze`.
 
     Returns:
         The rows of this process's table (rank 0 under torchrun: of the merged table, which it alone reports).
@@ -242,7 +246,8 @@ def _run_shard(cohort: Cohort, load, ctx: DistContext, *, out_dir: Path, shard, 
 
 
 def analyze_cohort(cohort: Cohort, models: Models, *, out_dir: str | os.PathLike,
-                   shard: tuple[int, int] | None = None, verbose: bool = True, **options) -> list[dict]:
+                   shard: tuple[int, int] | None = None, workers: int = 0, verbose: bool = True,
+                   **options) -> list[dict]:
     """Analyse the cohort's scans (this shard's), each into ``out_dir/<scan id>``, and write the table.
 
     A scan whose folder holds a ``report.json`` made with the same models (sha256) is not analysed
@@ -256,6 +261,9 @@ def analyze_cohort(cohort: Cohort, models: Models, *, out_dir: str | os.PathLike
         out_dir: the cohort's output folder.
         shard: (I, N) to analyse only the scans of shard I of N (:func:`shard_of`); the table is then
             ``cohort-shard-I-of-N.csv``, else ``cohort.csv``.
+        workers: processes that read the next scans (:func:`models.analysis.read_scan`: the file,
+            the HU and NaN checks, slice pictures stacked) while the models run on the current one;
+            0 reads each scan in this process when its turn comes.
         verbose: print each scan and each step.
         **options: keyword arguments of :func:`models.analysis.analyze`.
 
@@ -266,21 +274,23 @@ def analyze_cohort(cohort: Cohort, models: Models, *, out_dir: str | os.PathLike
     out.mkdir(parents=True, exist_ok=True)
     paths = [p for p in cohort.paths if shard is None or shard_of(p, shard[1]) == shard[0]]
     table = out / (shard_csv_name(*shard) if shard else COHORT_CSV)
-    cards, rows = models.cards(), []
-    for i, path in enumerate(paths, 1):
-        sid = cohort.ids[path]
-        if verbose:
-            print(f"scan {i}/{len(paths)}: {sid} ({path})", flush=True)
-        done = _previous_report(out / sid, cards)
-        if done is not None:
-            if verbose:
-                print("      done before with the same models; skipped", flush=True)
-            rows.append(report_row(done, path=path, scan_id=sid))
+    cards, rows, todo = models.cards(), {}, []
+    for path in paths:
+        done = _previous_report(out / cohort.ids[path], cards)
+        if done is None:
+            todo.append(path)
         else:
-            rows.append(_analyze_one(path, sid, models, out=out, verbose=verbose, **options))
-        write_table(rows, table)
-    write_table(rows, table)
-    return rows
+            rows[path] = report_row(done, path=path, scan_id=cohort.ids[path])
+    if verbose:
+        print(f"{len(paths)} scans: {len(rows)} done before with the same models, {len(todo)} to analyse", flush=True)
+    reader = ScanReader([(p, out / f"{TMP_PREFIX}{cohort.ids[p]}") for p in todo], **_read_options(options))
+    for i, (path, item) in enumerate(zip(todo, stream(reader, workers=workers)), 1):
+        if verbose:
+            print(f"scan {i}/{len(todo)}: {cohort.ids[path]} ({path})", flush=True)
+        rows[path] = _analyze_one(item, path, cohort.ids[path], models, out=out, verbose=verbose, **options)
+        write_table(list(rows.values()), table)
+    write_table(list(rows.values()), table)
+    return [rows[p] for p in paths]
 
 
 def _previous_report(folder: Path, cards: list[dict]) -> dict | None:
@@ -294,16 +304,19 @@ def _previous_report(folder: Path, cards: list[dict]) -> dict | None:
     return report if same else None
 
 
-def _analyze_one(path: Path, sid: str, models: Models, *, out: Path, verbose: bool, **options) -> dict:
-    """One scan into ``out/.tmp-<id>``, renamed to ``out/<id>`` when complete; its row, ``error`` on failure."""
+def _analyze_one(item: dict, path: Path, sid: str, models: Models, *, out: Path, verbose: bool,
+                 **options) -> dict:
+    """One scan (read by :class:`ScanReader` into ``out/.tmp-<id>``) analysed there, renamed to ``out/<id>``
+    when complete; its row, ``error`` on failure."""
     tmp, final = out / f"{TMP_PREFIX}{sid}", out / sid
-    shutil.rmtree(tmp, ignore_errors=True)  # left by a killed run
     models.load_all()  # a model that cannot be loaded stops the cohort: raised here, not caught below
     try:
-        report = analyze(path, models, out_dir=tmp, verbose=verbose, **options)
+        if item["error"] is not None:
+            raise item["error"]
+        report = analyze(item["scan"], models, out_dir=tmp, verbose=verbose, **options)
     except Exception as err:  # noqa: BLE001 - a bad scan must not stop the cohort
         if verbose and not isinstance(err, USER_ERRORS):
-            traceback.print_exc()
+            traceback.print_exception(err)
         message = error_message(err)
         print(f"error: {sid}: {message}", file=sys.stderr, flush=True)
         shutil.rmtree(tmp, ignore_errors=True)
@@ -315,6 +328,64 @@ def _analyze_one(path: Path, sid: str, models: Models, *, out: Path, verbose: bo
     if verbose:
         print(f"      complete: {final}", flush=True)
     return report_row(summary, path=path, scan_id=sid)
+
+
+READ_OPTIONS = ("png_window", "png_spacing", "allow_non_hu", "fill_nan")
+
+
+def _read_options(options: dict) -> dict:
+    """The options of :func:`models.analysis.analyze` that :func:`read_scan` takes."""
+    return {k: (tuple(v) if isinstance(v, list) else v) for k, v in options.items() if k in READ_OPTIONS}
+
+
+class ScanReader(torch.utils.data.Dataset):
+    """The scans of a cohort, each read by :func:`read_scan` into its (emptied) temporary output folder.
+
+    Item ``i``: ``{"scan": Scan, "error": None}``, or ``{"scan": None, "error": the exception}`` when the
+    scan cannot be read (raised again where it is analysed, so that it becomes that scan's error row).
+    The warnings of the reading travel with the :class:`Scan` (``read_warnings``).
+    """
+
+    def __init__(self, items: list[tuple[Path, Path]], **read):
+        self.items, self.read = items, read
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> dict:
+        path, tmp = self.items[index]
+        shutil.rmtree(tmp, ignore_errors=True)  # left by a killed run
+        tmp.mkdir(parents=True)
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                scan = read_scan(path, out_dir=tmp, **self.read)
+        except Exception as err:  # noqa: BLE001 - handed to the analysis, which lists it as the scan's error
+            return {"scan": None, "error": _picklable(err)}
+        scan.read_warnings = tuple((w.category, str(w.message)) for w in caught)
+        return {"scan": scan, "error": None}
+
+
+def _picklable(err: Exception) -> Exception:
+    """``err``, or a RuntimeError with its message when it cannot travel between processes."""
+    try:
+        pickle.loads(pickle.dumps(err))
+        return err
+    except Exception:  # noqa: BLE001
+        return RuntimeError(error_message(err))
+
+
+def stream(reader: ScanReader, *, workers: int):
+    """The reader's items in order, read ``workers`` scans ahead by as many processes (0: read here, in turn)."""
+    if workers == 0:
+        return (reader[i] for i in range(len(reader)))
+    loader = torch.utils.data.DataLoader(reader, batch_size=None, num_workers=workers, prefetch_factor=1,
+                                         collate_fn=_as_is)
+    return iter(loader)
+
+
+def _as_is(item):
+    return item
 
 
 def error_message(err: BaseException) -> str:

@@ -56,7 +56,8 @@ class Report:
     page: Path | None
 
 
-def analyze(scan: str | os.PathLike | np.ndarray | Volume, models: Models, *, out_dir: str | os.PathLike | None = None,
+def analyze(scan: str | os.PathLike | np.ndarray | Volume | Scan, models: Models, *,
+            out_dir: str | os.PathLike | None = None,
             consolidation_hu: float = q.CONSOLIDATION_MIN_HU, slice_window: tuple[float, float] = LUNG_WINDOW,
             png_window: tuple[float, float] = LUNG_WINDOW, png_spacing: tuple[float, float, float] = PNG_SPACING,
             affine: np.ndarray | None = None, batch_size: int = 8, allow_non_hu: bool = False,
@@ -64,8 +65,9 @@ def analyze(scan: str | os.PathLike | np.ndarray | Volume, models: Models, *, ou
     """One chest CT in, a report out: lungs, lesions, percent of lung involved, COVID-19 probability.
 
     Args:
-        scan: NIfTI file, DICOM folder (one series), folder of PNG/JPG slices, a :class:`Volume`, or
-            Float[X, Y, Z] HU with ``affine``.
+        scan: NIfTI file, DICOM folder (one series), folder of PNG/JPG slices, a :class:`Volume`,
+            Float[X, Y, Z] HU with ``affine``, or a :class:`Scan` already read by :func:`read_scan` (into
+            ``out_dir``; the read options are then not used).
         models: from :func:`models.analysis.load_models`; the classifiers it holds are run.
         out_dir: folder for the masks, saliency map, ``report.json`` and ``report.html``; None keeps
             nothing on disk (the report's ``files`` is then empty).
@@ -98,7 +100,7 @@ def analyze(scan: str | os.PathLike | np.ndarray | Volume, models: Models, *, ou
 def _analyze(scan, models: Models, *, out: Path, keep: bool, consolidation_hu: float, slice_window, batch_size: int,
              read: dict, verbose: bool) -> Report:
     """:func:`analyze` with its output folder (a temporary one when ``keep`` is False)."""
-    inputs = [scan] if isinstance(scan, (str, os.PathLike)) else []
+    inputs = [scan] if isinstance(scan, (str, os.PathLike)) else [scan.source] if isinstance(scan, Scan) else []
     refuse_overwriting_inputs([*inputs, *models.paths.values()], [out / name for name in OUTPUT_FILES])
     out.mkdir(parents=True, exist_ok=True)
     classifiers = [name for name in CLASSIFIERS if name in models]
@@ -126,7 +128,10 @@ def _run(scan, models: Models, *, out: Path, progress: _Progress, consolidation_
         ``covid`` (per classifier) and ``files`` (written masks).
     """
     with progress("reading the scan"):
-        scan: Scan = read_scan(scan, out_dir=out, **read)
+        if isinstance(scan, Scan):
+            scan.warn_again()
+        else:
+            scan = read_scan(scan, out_dir=out, **read)
     with progress("lung segmentation"):
         lung, affine = steps.segment("lung_seg", scan.image_path, models=models)
     with progress("lesion segmentation"):

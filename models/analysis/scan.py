@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,12 +25,21 @@ class Scan:
         image_path: a file the 3D models read: the input itself, or ``scan.nii.gz`` in the output folder.
         assumed: what the analysis assumed (slice pictures' window and spacing, ``fill_nan``), or None.
         source: the input, as the report names it.
+        read_warnings: (category, message) of the warnings raised while it was read, when it was read
+            apart from its analysis (a cohort's reader process); :func:`models.analysis.analyze` raises
+            them again so that its report lists them.
     """
 
     volume: Volume
     image_path: Path
     assumed: dict | None
     source: str
+    read_warnings: tuple[tuple[type[Warning], str], ...] = ()
+
+    def warn_again(self) -> None:
+        """Raise the warnings of its reading again (in the process that analyses it)."""
+        for category, message in self.read_warnings:
+            warnings.warn(message, category, stacklevel=2)
 
 
 def read_scan(scan: str | os.PathLike | np.ndarray | Volume, *, out_dir: str | os.PathLike,
