@@ -15,8 +15,8 @@ classifier (covid_cls) with its GradCAM map, and of the 2D COVID-CT-Mask-Net ove
 
 Modules: :mod:`.loading` (where each checkpoint comes from, :class:`Models`), :mod:`.scan` (the
 input as a HU volume), :mod:`.steps` (segmentations and classifiers) and :mod:`.pipeline`
-(:func:`analyze`, :class:`Report`); :mod:`.cohort` runs many scans (a folder, a list, a datalist),
-shards them and merges the shards' tables.
+(:func:`analyze`, :class:`Report`); :mod:`.inputs` (one scan, or the scans of a folder, a list or a
+datalist) and :mod:`.cohort` (many scans with the models loaded once, shards, their merged table).
 """
 from .loading import CLASSIFIERS, MODELS, LoadedModel, Models, ModelSpec, load_models, resolve_model_paths
 from .pipeline import OUTPUT_FILES, Report, analyze
