@@ -105,6 +105,13 @@ def test_a_folder_loads_the_models_once_and_each_scan_gets_a_one_scan_run(one_pr
     for name in loading.CLASSIFIERS:
         assert float(row[f"{name}.probability"]) == pytest.approx(report["covid"][name]["probability"])
     assert [row[f"{m['name']}.sha256"] for m in report["models"]] == [m["sha256"] for m in summary["models"]]
+    page = (one_process / "cohort.html").read_text()
+    by_involvement = sorted(rows, key=lambda r: -float(r["total.involvement_percent"]))
+    assert [page.index(f"href='{r['scan_id']}/report.html'") for r in by_involvement] == \
+           sorted(page.index(f"href='{r['scan_id']}/report.html'") for r in rows)
+    assert "src='chest_b/montage_lesions.png'" in page and (folder / "montage_lesions.png").is_file()
+    for picture in ("cohort_involvement.png", "cohort_covid.png"):
+        assert f"src='{picture}'" in page and (one_process / picture).stat().st_size > 1000
 
 
 def test_a_bad_scan_is_an_error_row_and_the_others_go_on(scans, checkpoints, tmp_path, monkeypatch, capsys):
@@ -125,6 +132,7 @@ def test_a_bad_scan_is_an_error_row_and_the_others_go_on(scans, checkpoints, tmp
     assert "\n" not in rows["broken"]["error"] and rows["broken"]["left.lung_ml"] == ""
     assert all(rows[name]["status"] == "ok" for name in NAMES)
     assert not (out / "broken").exists() and not (out / ".tmp-broken").exists()
+    assert "Failed (1)" in (out / "cohort.html").read_text()
 
 
 def test_a_rerun_skips_the_scans_done_and_redoes_a_leftover_temporary_folder(one_process, scans, checkpoints,

@@ -30,6 +30,7 @@ from typing import Callable
 import torch
 
 from utils.cli import USER_ERRORS, resolve_device
+from utils.cohort_report import write_cohort_page
 from utils.distributed import DistContext, barrier, cleanup_distributed, setup_distributed
 
 from .inputs import DEFAULT_SECTION, Cohort, find_scans, scan_id, unique_ids
@@ -134,6 +135,7 @@ def analyze_cohort(cohort: Cohort, models: Models, *, out_dir: str | os.PathLike
 
     Returns:
         One row per scan (see :func:`report_row`), in path order; the table is rewritten after each scan.
+        The whole cohort (no ``shard``) also gets ``cohort.html`` (:func:`utils.cohort_report.write_cohort_page`).
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -155,6 +157,8 @@ def analyze_cohort(cohort: Cohort, models: Models, *, out_dir: str | os.PathLike
         rows[path] = _analyze_one(item, path, cohort.ids[path], models, out=out, verbose=verbose, **options)
         write_table(list(rows.values()), table)
     write_table(list(rows.values()), table)
+    if shard is None:
+        write_cohort_page(list(rows.values()), out)
     return [rows[p] for p in paths]
 
 
@@ -335,7 +339,7 @@ def read_table(path: str | os.PathLike) -> list[dict]:
 
 
 def merge_shards(out_dir: str | os.PathLike) -> tuple[Path, list[dict]]:
-    """Join ``cohort-shard-I-of-N.csv`` of every shard into ``cohort.csv``, sorted by scan id.
+    """Join ``cohort-shard-I-of-N.csv`` of every shard into ``cohort.csv``, sorted by scan id, and ``cohort.html``.
 
     Raises:
         FileNotFoundError: when ``out_dir`` holds no shard table.
@@ -357,6 +361,7 @@ def merge_shards(out_dir: str | os.PathLike) -> tuple[Path, list[dict]]:
         raise ValueError(f"{out}: shards {missing} of {counts[0]} have no table yet "
                          f"({', '.join(shard_csv_name(i, counts[0]) for i in missing)})")
     rows = [row for key in sorted(found) for row in read_table(found[key])]
+    write_cohort_page(rows, out)
     return write_table(rows, out / COHORT_CSV), rows
 
 
