@@ -33,7 +33,8 @@ A cohort: INPUT may also be a folder of scans (NIfTI files and/or sub-folders of
 slice pictures each), a ``.txt``/``.csv`` list of scan paths, or a MONAI ``dataset.json``
 (``--section``, default testing). The models are loaded once; ``--out`` gets one folder per scan id
 (what a one-scan run writes), written under ``.tmp-<id>`` and renamed when complete, and
-``cohort.csv`` with a row per scan. A bad scan is listed as an error and the others go on (the exit
+``cohort.csv`` with a row per scan (``cohort.html`` shows them). ``--workers K`` reads the next scans
+in K processes meanwhile. A bad scan is listed as an error and the others go on (the exit
 status is 1 when any failed); a scan already analysed with the same models is skipped, so a killed
 run is continued by running it again::
 

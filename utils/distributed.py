@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Callable
 
 import torch
@@ -36,11 +37,16 @@ class DistContext:
         return self.world_size > 1
 
 
-def setup_distributed(device: torch.device) -> DistContext:
+def setup_distributed(device: torch.device, *, backend: str | None = None,
+                      timeout: timedelta | None = None) -> DistContext:
     """Join the process group that ``torchrun`` describes (gloo on CPU, nccl on CUDA), if any.
 
     Args:
         device: the requested device; under torchrun ``cuda`` becomes ``cuda:LOCAL_RANK``.
+        backend: ``gloo`` or ``nccl`` instead of the device's (e.g. gloo for processes that only meet
+            at barriers).
+        timeout: how long a collective (a barrier) may wait for the other processes (None: torch's
+            default, 10 to 30 minutes depending on the backend).
     """
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size <= 1:
@@ -49,7 +55,8 @@ def setup_distributed(device: torch.device) -> DistContext:
     if device.type == "cuda":
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
-    dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    backend = backend or ("nccl" if device.type == "cuda" else "gloo")
+    dist.init_process_group(backend=backend, **({"timeout": timeout} if timeout is not None else {}))
     return DistContext(dist.get_rank(), dist.get_world_size(), device)
 
 

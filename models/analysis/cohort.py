@@ -24,6 +24,7 @@ import shutil
 import sys
 import traceback
 import warnings
+from datetime import timedelta
 from pathlib import Path
 from typing import Callable
 
@@ -41,6 +42,7 @@ from .scan import read_scan
 COHORT_CSV = "cohort.csv"
 TMP_PREFIX = ".tmp-"
 BASE_COLUMNS = ("scan_id", "input", "status", "error")
+BARRIER_TIMEOUT = timedelta(days=7)  # under torchrun: how long a process that is done waits for the others
 __all__ = ["DEFAULT_SECTION", "Cohort", "CohortFailed", "analyze_cohort", "find_scans", "merge_shards", "parse_shard",
            "report_row", "run_cohort", "scan_id", "shard_of", "unique_ids", "write_table"]
 
@@ -67,7 +69,8 @@ def run_cohort(cohort: Cohort, load: Callable[[torch.device], Models], *, out_di
     """The cohort in this process, or under ``torchrun`` in every process, and its summary line.
 
     Under ``torchrun`` (``WORLD_SIZE`` > 1) the rank and world size choose the shard; after a barrier
-    rank 0 merges every shard's table into ``cohort.csv``.
+    (gloo, waiting up to :data:`BARRIER_TIMEOUT` for the slowest shard) rank 0 merges every shard's
+    table into ``cohort.csv``.
 
     Args:
         cohort: from :func:`find_scans`.
@@ -84,7 +87,8 @@ def run_cohort(cohort: Cohort, load: Callable[[torch.device], Models], *, out_di
     Raises:
         CohortFailed: after every scan was tried, when one failed (rank 0 under torchrun: any rank's).
     """
-    ctx = setup_distributed(resolve_device(str(device)))
+    # The processes meet only at the end, where the first done may wait for the slowest shard.
+    ctx = setup_distributed(resolve_device(str(device)), backend="gloo", timeout=BARRIER_TIMEOUT)
     try:
         rows, table = _run_shard(cohort, load, ctx, out_dir=Path(out_dir), shard=shard, **options)
     except BaseException:
