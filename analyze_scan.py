@@ -114,7 +114,7 @@ def main(args: argparse.Namespace) -> dict | list[dict]:
                            checkpoints={name: getattr(args, spec.flag) for name, spec in MODELS.items()})
 
     if scans.kind == "scan":
-        return analyze(scans.paths[0], models(args.device), out_dir=args.out, **options).summary
+        return analyze(args.input, models(args.device), out_dir=args.out, **options).summary
     return cohort.run_cohort(scans, models, out_dir=args.out, device=args.device, shard=args.shard,
                              workers=args.workers, **options)
 
