@@ -90,12 +90,12 @@ def test_sampling_flags_reach_the_checkpoint_and_the_rebuilt_model(seg_root, tmp
     assert fast.roi_heads.mask_overlap_thresh == 1.0  # an inference flag replaces the stored value
 
 
-def test_default_lesion_preset_takes_roi_foreground_from_iou_half(trained):
+def test_default_lesion_preset_takes_roi_foreground_from_iou_half_and_anchors_up_to_64(trained):
     kwargs = load_checkpoint(trained / "checkpoint_last.pth")["builder_kwargs"]
     assert (kwargs["box_fg_iou_thresh"], kwargs["box_bg_iou_thresh"]) == (0.5, 0.5)
     assert (kwargs["box_batch_size_per_image"], kwargs["fpn_channels"]) == (128, 128)
-    assert kwargs["mask_overlap_thresh"] == 0.5
-    assert not {"rpn_fg_iou_thresh", "rpn_bg_iou_thresh", "anchor_sizes"} & set(kwargs)
+    assert kwargs["mask_overlap_thresh"] == 0.5 and kwargs["anchor_sizes"] == [4, 8, 16, 32, 64]
+    assert not {"rpn_fg_iou_thresh", "rpn_bg_iou_thresh"} & set(kwargs)
 
 
 def test_paper_preset_keeps_the_originals_matching_and_a_flag_overrides_a_preset(seg_root, tmp_path):

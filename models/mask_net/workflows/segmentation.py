@@ -59,9 +59,11 @@ SAMPLING_SETTINGS = {"rpn_fg_iou_th": "rpn_fg_iou_thresh", "rpn_bg_iou_th": "rpn
 # FPN to 128 channels: on the phantom it reaches the same test mask AP in about 2/3 of the time
 # (README, "Why the detector learned slowly"). It also drops a detection whose mask lies more than half
 # inside a better one's (``models.mask_net.mask_overlap``): box NMS keeps parts of a lesion nested in
-# its whole, and these stacked detections cost precision (README, "Stacked detections").
+# its whole, and these stacked detections cost precision (README, "Stacked detections"). Its anchors
+# are 4-64 px: a 2-px anchor matched no lesion better than a 4-px one, and the boxes of 32 px and more
+# (29 % of them at 256 px, a third of the consolidations) need the 64-px one (README, anchor table).
 PRESETS = {"lesion": {"box_fg_iou_thresh": 0.5, "box_bg_iou_thresh": 0.5, "box_batch_size_per_image": 128,
-                      "fpn_channels": 128, "mask_overlap_thresh": 0.5},
+                      "fpn_channels": 128, "mask_overlap_thresh": 0.5, "anchor_sizes": (4, 8, 16, 32, 64)},
            "paper": {}}
 # The metric (in metrics.jsonl) that chooses checkpoint_best.pth; higher is better.
 SELECTION_METRIC = "val_segm_mAP"
