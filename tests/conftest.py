@@ -20,13 +20,15 @@ def free_module_folders(request, tmp_path_factory):
 
     With ``tmp_path_retention_policy = "failed"`` pytest removes a passing test's ``tmp_path``; this does the same
     for ``tmp_path_factory`` folders, so the suite needs the disk of one module, not of all (several GB). A module
-    with a failed test keeps its folders for inspection.
+    with a failed test keeps its folders for inspection, and every module does under
+    ``-o tmp_path_retention_policy=all``.
     """
+    keep_all = request.config.getini("tmp_path_retention_policy") == "all"
     base = tmp_path_factory.getbasetemp()
     before = set(base.iterdir())
     failed = request.session.testsfailed
     yield
-    if request.session.testsfailed == failed:
+    if not keep_all and request.session.testsfailed == failed:
         for path in set(base.iterdir()) - before:
             if path.is_dir() and not path.is_symlink():
                 shutil.rmtree(path, ignore_errors=True)
