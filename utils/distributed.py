@@ -101,15 +101,6 @@ def on_main(ctx: DistContext, action: Callable[[], object]) -> object:
     return result
 
 
-def mean_over_ranks(value: float, ctx: DistContext) -> float:
-    """The mean of ``value`` over the processes (``value`` itself for a single process)."""
-    if not ctx.distributed:
-        return value
-    tensor = torch.tensor([value], dtype=torch.float64, device=ctx.device)
-    dist.all_reduce(tensor)
-    return float(tensor.item()) / ctx.world_size
-
-
 def means_over_ranks(values: dict[str, float], ctx: DistContext) -> dict[str, float]:
     """Each value's mean over the processes, in one all-reduce (``values`` itself for a single process).
 

@@ -12,8 +12,6 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
-import torch.distributed as dist
-from torch.nn.parallel import DistributedDataParallel
 
 from models.volumetric import get_task
 from models.volumetric.common import TRAINING, VALIDATION, load_cases
@@ -23,7 +21,15 @@ from utils.amp import checkpoint_entries as amp_entries
 from utils.amp import grad_scaler, precision
 from utils.checkpoint import make_checkpoint
 from utils.cli import resolve_device
-from utils.distributed import DistContext, cleanup_distributed, mean_over_ranks, setup_distributed
+from utils.distributed import (
+    DistContext,
+    barrier,
+    cleanup_distributed,
+    distribute,
+    means_over_ranks,
+    set_sampler_epoch,
+    setup_distributed,
+)
 from utils.reproducibility import rng_state, seed_epoch, seed_everything
 from utils.run_dir import Best, RunDir, check_run_dir
 from utils.training import current_lr, lr_factor, resume_training
@@ -172,25 +178,23 @@ def _train(s: TrainSettings, ctx: DistContext) -> dict:
         start = resume(s.resume, model=model, optimizer=optimizer, run_dir=run_dir, task=task, lr=constant_lr,
                        scaler=scaler)
     model.to(ctx.device)
-    net = DistributedDataParallel(model) if ctx.distributed else model
+    net = distribute(model, ctx)
     run = _Run(s, task, config, model, kwargs, optimizer, val_set, run_dir, ctx, scaler)
     record: dict = {}
     for epoch in range(start, s.epochs):
         seed_epoch(s.seed, epoch, rank=ctx.rank, generator=loader.generator, dataset=train_set)
-        if ctx.distributed:
-            loader.sampler.set_epoch(epoch)
+        set_sampler_epoch(loader, epoch)
         for group in optimizer.param_groups:  # a function of the epoch alone, so a resumed run keeps its curve
             group["lr"] = lr * lr_factor(s.lr_schedule, epoch, s.epochs)
         loss = task.train_one_epoch(net, loader, optimizer=optimizer, loss_fn=task.loss(), device=ctx.device,
                                     scaler=scaler, amp=s.amp, progress=ctx.is_main and s.progress,
                                     desc=f"epoch {epoch}")
         losses = loss if isinstance(loss, dict) else {"loss": loss}  # ssl_pretrain logs its terms too
-        record = {"epoch": epoch, **{f"train_{k}": mean_over_ranks(v, ctx) for k, v in losses.items()},
+        record = {"epoch": epoch, **{f"train_{k}": v for k, v in means_over_ranks(losses, ctx).items()},
                   "lr": current_lr(optimizer), "world_size": ctx.world_size}
         if run_dir is not None:
             record = _end_epoch(run, record)
-        if ctx.distributed:
-            dist.barrier()
+        barrier(ctx)
     return record
 
 
