@@ -160,7 +160,8 @@ def analyze_cohort(cohort: Cohort, models: Models, *, out_dir: str | os.PathLike
             print(f"scan {i}/{len(todo)}: {cohort.ids[path]} ({path})", flush=True)
         rows[path] = _analyze_one(item, path, cohort.ids[path], models, out=out, verbose=verbose, **options)
         write_table(list(rows.values()), table)
-    write_table(list(rows.values()), table)
+    if not todo:  # every scan was done before: the table is written from their reports
+        write_table(list(rows.values()), table)
     if shard is None:
         write_cohort_page(list(rows.values()), out)
     return [rows[p] for p in paths]
