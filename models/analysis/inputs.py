@@ -8,6 +8,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from .scan import is_dicom
+
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 SLICE_SUFFIXES = (".dcm", ".png", ".jpg", ".jpeg")  # files that make their folder one scan
 LIST_SUFFIXES = (".txt", ".csv")
@@ -76,16 +78,11 @@ def find_scans(source: str | os.PathLike, *, section: str = DEFAULT_SECTION,
 def _folder_scans(folder: Path, *, exclude) -> list[Path]:
     """The NIfTI files and sub-folders of ``folder``; none when it holds slice files itself (one scan)."""
     entries = [p for p in folder.iterdir() if not p.name.startswith(".")]
-    if any(p.is_file() and (p.name.lower().endswith(SLICE_SUFFIXES) or _is_dicom(p)) for p in entries):
+    if any(p.is_file() and (p.name.lower().endswith(SLICE_SUFFIXES) or is_dicom(p)) for p in entries):
         return []
     skip = Path(exclude).resolve() if exclude is not None else None
     return [p for p in entries if (p.is_dir() and p.resolve() != skip)
             or (p.is_file() and p.name.lower().endswith(NIFTI_SUFFIXES))]
-
-
-def _is_dicom(path: Path) -> bool:
-    with path.open("rb") as handle:
-        return handle.read(132)[128:] == b"DICM"
 
 
 def _listed_scans(path: Path) -> list[Path]:

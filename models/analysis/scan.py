@@ -67,7 +67,7 @@ def read_scan(scan: str | os.PathLike | np.ndarray | Volume, *, out_dir: str | o
     path = Path(scan)
     if not path.exists():
         raise FileNotFoundError(f"input not found: {path}")
-    if path.is_dir() and not any(f.suffix.lower() == ".dcm" or _is_dicom(f) for f in path.iterdir() if f.is_file()):
+    if path.is_dir() and not any(f.suffix.lower() == ".dcm" or is_dicom(f) for f in path.iterdir() if f.is_file()):
         volume = read_png_stack(path, window=png_window, spacing=png_spacing)
         assumed = {"png_window_hu": list(png_window), "png_spacing_mm": list(png_spacing)}
         return Scan(volume, write_nifti(volume, out_dir / SCAN_FILE), assumed, str(scan))
@@ -102,6 +102,7 @@ def _from_memory(scan: np.ndarray | Volume, *, out_dir: Path, affine: np.ndarray
     return Scan(volume, write_nifti(volume, out_dir / SCAN_FILE), assumed, scan.source)
 
 
-def _is_dicom(path: Path) -> bool:
+def is_dicom(path: Path) -> bool:
+    """Whether ``path`` is a DICOM file (its preamble is followed by ``DICM``)."""
     with path.open("rb") as handle:
         return handle.read(132)[128:] == b"DICM"
