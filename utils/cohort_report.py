@@ -8,6 +8,7 @@ come last with their error.
 from __future__ import annotations
 
 import html
+import math
 from pathlib import Path
 
 import matplotlib
@@ -38,7 +39,7 @@ def write_cohort_page(rows: list[dict], out: str | Path) -> Path:
         Path of ``cohort.html``.
     """
     out = Path(out)
-    ok = sorted((r for r in rows if r["status"] == "ok"), key=lambda r: -_number(r.get(INVOLVEMENT)))
+    ok = sorted((r for r in rows if r["status"] == "ok"), key=_by_involvement)
     failed = [r for r in rows if r["status"] != "ok"]
     pictures = [histogram([_number(r.get(INVOLVEMENT)) for r in ok], out / "cohort_involvement.png",
                           title="Lung involvement", xlabel="lesions, % of lung volume", bins=20, limits=(0, 100)),
@@ -51,6 +52,12 @@ def write_cohort_page(rows: list[dict], out: str | Path) -> Path:
     page.write_text(f"<!doctype html><html><head><meta charset='utf-8'><title>Cohort</title><style>{STYLE}</style>"
                     f"</head><body>{''.join(body)}</body></html>\n")
     return page
+
+
+def _by_involvement(row: dict) -> tuple[bool, float]:
+    """Sort key: most involved first, scans without an involvement figure last."""
+    value = _number(row.get(INVOLVEMENT))
+    return math.isnan(value), -value
 
 
 def _number(value) -> float:

@@ -14,10 +14,9 @@ from typing import Callable
 
 import torch
 import torch.distributed as dist
+from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DistributedSampler
-
-_BATCH_NORMS = (torch.nn.modules.batchnorm._BatchNorm,)
 
 
 @dataclass(frozen=True)
@@ -150,7 +149,7 @@ def sync_batchnorm(model: torch.nn.Module) -> int:
     """
     was_training = model.training
     model.train()
-    names = [name for name, m in model.named_modules() if isinstance(m, _BATCH_NORMS) and m.training
+    names = [name for name, m in model.named_modules() if isinstance(m, _BatchNorm) and m.training
              and not isinstance(m, torch.nn.SyncBatchNorm)]
     model.train(was_training)
     for name in names:

@@ -19,7 +19,7 @@ from models.volumetric.config import SegConfig
 from models.volumetric.sliding_window import segment
 from utils.amp import autocast
 from utils.dice import dice_per_class, mean_ignoring_nan
-from utils.distributed import DistContext
+from utils.distributed import DistContext, train_shuffling
 from utils.training import backward_step
 
 
@@ -57,10 +57,10 @@ def make_train_loader(dataset: Dataset, *, batch_size: int, ctx: DistContext, se
     the sampler's ``set_epoch``. A last batch of a single case is dropped: BatchNorm cannot train on
     one case whose features have shrunk to one voxel (covid_cls at a small ``roi_size``).
     """
-    sampler = (torch.utils.data.DistributedSampler(dataset, num_replicas=ctx.world_size, rank=ctx.rank,
-                                                   shuffle=True, seed=seed) if ctx.distributed else None)
+    shuffling = train_shuffling(dataset, ctx, seed)
+    sampler = shuffling.get("sampler")
     per_process = len(sampler) if sampler is not None else len(dataset)
-    return DataLoader(dataset, batch_size=batch_size, shuffle=sampler is None, sampler=sampler,
+    return DataLoader(dataset, batch_size=batch_size, **shuffling,
                       num_workers=num_workers, pin_memory=ctx.device.type == "cuda",
                       generator=torch.Generator().manual_seed(seed),
                       drop_last=batch_size > 1 and per_process % batch_size == 1 and per_process > 1)

@@ -21,6 +21,7 @@ import math
 from typing import Callable, Iterable, Iterator
 
 import torch
+from torch.nn.modules.batchnorm import _BatchNorm
 from torchvision.ops import box_iou
 from tqdm import tqdm
 
@@ -30,8 +31,6 @@ from utils.amp import autocast
 from utils.distributed import DistContext, distribute, unwrap
 from utils.mean_ap import mean_average_precision
 from utils.training import RunConfig, backward_step, lr_setter, make_optimizer, steps_per_epoch
-
-_BATCH_NORMS = (torch.nn.modules.batchnorm._BatchNorm,)
 
 
 def prepare_training(model: torch.nn.Module, config: RunConfig, ctx: DistContext, loader: Iterable
@@ -69,7 +68,7 @@ def frozen_batchnorm_stats(model: torch.nn.Module) -> Iterator[None]:
 
     The rest of the model keeps its mode, so a detection model in ``train()`` still returns losses.
     """
-    norms = [m for m in model.modules() if isinstance(m, _BATCH_NORMS)]
+    norms = [m for m in model.modules() if isinstance(m, _BatchNorm)]
     modes = [m.training for m in norms]
     for m in norms:
         m.eval()
