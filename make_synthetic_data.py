@@ -23,10 +23,10 @@ def get_args_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="data/phantom", help="output folder (default: data/phantom)")
     p.add_argument("--seed", type=int, default=0, help="data-set seed (default: 0)")
-    p.add_argument("--n_patients", type=non_negative_int, default=30,
-                   help="patients of the classification set (default: 30)")
-    p.add_argument("--n_seg_patients", type=non_negative_int, default=40,
-                   help="patients of the segmentation set, split 60/20/20 into train/val/test (default: 40)")
+    p.add_argument("--n_patients", type=non_negative_int, default=60,
+                   help="patients of the classification set (default: 60)")
+    p.add_argument("--n_seg_patients", type=non_negative_int, default=80,
+                   help="patients of the segmentation set, split 60/20/20 into train/val/test (default: 80)")
     p.add_argument("--slices_per_patient", type=positive_int, default=8, help="slices per 2D patient (default: 8)")
     p.add_argument("--image_size", type=positive_int, default=512,
                    help="side of the 2D slices in pixels (default: 512)")

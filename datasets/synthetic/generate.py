@@ -24,7 +24,7 @@ def _check(outputs, image_size: int, volume_shape, counts: dict, fractions) -> N
         raise ValueError(f"volume_fractions must be three shares >= 0 summing to 1, got {tuple(fractions)}")
 
 
-def generate_dataset(out_dir: str | Path, *, seed: int = 0, n_patients: int = 30, n_seg_patients: int = 40,
+def generate_dataset(out_dir: str | Path, *, seed: int = 0, n_patients: int = 60, n_seg_patients: int = 80,
                      slices_per_patient: int = 8, image_size: int = 512, volume_shape=(128, 128, 40),
                      n_volumes: int = 12, volume_fractions=(0.6, 0.2, 0.2), n_abdomen: int = 4,
                      abdomen_shape=(96, 96, 48),
