@@ -59,7 +59,7 @@ import numpy as np
 from benchmarks.bench_quality import machine
 from datasets.synthetic import make_chest_volume
 from datasets.synthetic.volume_writers import save_nifti
-from datasets.synthetic.writers import _patients, patient_seed
+from datasets.synthetic.writers import patient_classes, patient_seed
 from models.analysis.cohort import COHORT_CSV, report_row
 
 REPO = Path(__file__).resolve().parents[1]
@@ -103,7 +103,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 def scan_plan(n: int, seed: int) -> list[dict]:
     """The phantom patients of the cohort: name, class and patient seed (the phantom set's numbering)."""
     return [{"name": f"chest_{pid}", "cls": cls, "pseed": patient_seed(seed, pid), "orientation": ("RAS", "LPS")[i % 2]}
-            for i, (pid, cls) in enumerate(_patients("volumes", n, seed).items())]
+            for i, (pid, cls) in enumerate(patient_classes("volumes", n, seed).items())]
 
 
 def make_scans(folder: Path, plan: list[dict], *, shape, spacing) -> list[Path]:

@@ -12,7 +12,7 @@ from datasets.io import Volume, write_nifti
 
 from .abdomen import ORGAN_NAMES, make_abdomen_volume
 from .volumes import make_chest_volume
-from .writers import ID_BASE, VOLUME_SPLITS, _patients, _run, patient_seed, split_patients
+from .writers import ID_BASE, VOLUME_SPLITS, _run, patient_classes, patient_seed, split_patients
 
 SLICE_SPACINGS = (1.0, 1.25, 1.5, 2.0, 2.5, 3.0, 5.0)
 LUNG_LABELS = {"0": "background", "1": "left lung", "2": "right lung"}
@@ -68,7 +68,7 @@ def write_volumes(out: Path, *, seed: int, n_volumes: int, volume_shape, workers
     root = out / "volumes"
     for sub in ("imagesTr", "labelsTr", "lesionsTr"):
         (root / sub).mkdir(parents=True, exist_ok=True)
-    classes = _patients("volumes", n_volumes, seed)
+    classes = patient_classes("volumes", n_volumes, seed)
     splits = split_patients(classes, VOLUME_SPLITS, tuple(fractions), seed)
     tasks = [dict(pid=pid, cls=cls, pseed=patient_seed(seed, pid), root=str(root), name=f"chest_{pid}.nii.gz",
                   volume_shape=tuple(volume_shape), orientation=("RAS", "LPS")[i % 2])

@@ -119,14 +119,14 @@ def _run(fn, tasks: list[dict], workers: int) -> list:
         return list(pool.map(fn, tasks))
 
 
-def _patients(kind: str, n: int, seed: int) -> dict[int, int]:
+def patient_classes(kind: str, n: int, seed: int) -> dict[int, int]:
     """``pid -> class`` for ``n`` patients, classes in turn (Control, CP, COVID-19)."""
     return {ID_BASE[kind] + i: i % 3 for i in range(n)}
 
 
 def write_seg(out: Path, *, seed: int, n_patients: int, n_slices: int, size, workers: int) -> dict:
     """CNCB layout: ``seg/{train,val,test}/{imgs,masks}/<name>.png`` (a validation split added to CNCB's two)."""
-    classes = _patients("seg", n_patients, seed)
+    classes = patient_classes("seg", n_patients, seed)
     splits = split_patients(classes, SEG_SPLITS, (0.6, 0.2, 0.2), seed)
     tasks = []
     for i, (pid, cls) in enumerate(classes.items()):
@@ -143,7 +143,7 @@ def write_seg(out: Path, *, seed: int, n_patients: int, n_slices: int, size, wor
 
 def write_cls(out: Path, *, seed: int, n_patients: int, n_slices: int, size, workers: int) -> dict:
     """COVIDx-CT layout: ``cls/{train,val,test}/<name>.png`` and ``cls/{split}_COVIDx_CT.txt``."""
-    classes = _patients("cls", n_patients, seed)
+    classes = patient_classes("cls", n_patients, seed)
     splits = split_patients(classes, CLS_SPLITS, (0.6, 0.2, 0.2), seed)
     tasks = []
     for pid, cls in classes.items():
