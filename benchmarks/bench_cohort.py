@@ -46,7 +46,6 @@ import csv
 import json
 import math
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -244,22 +243,10 @@ def run_mode(mode: str, scans: list[Path], *, models_dir: Path, out: Path) -> di
 # ---------------------------------------------------------------------------------------- stages
 
 
-def logged_step_seconds(log_text: str, step: str) -> list[float]:
-    """The times a log prints for ``step`` (``[i/n] step ...`` then ``done in X s``), in order."""
-    pattern = rf"^\[\d+/\d+\] {re.escape(step)} \.\.\.\n(?:(?!\[\d+/\d+\]).*\n)*?\s+done in ([0-9.]+) s"
-    return [float(x) for x in re.findall(pattern, log_text, flags=re.M)]
-
-
-def stage_seconds(report: dict, log_text: str | None = None) -> dict[str, float]:
-    """Seconds of each stage of one scan from its report (a step missing there, from its one-scan log)."""
+def stage_seconds(report: dict) -> dict[str, float]:
+    """Seconds of each stage of one scan, from its report's ``seconds``."""
     seconds = report.get("seconds", {})
-    out = {}
-    for stage, step in STAGES.items():
-        if step in seconds:
-            out[stage] = float(seconds[step])
-        elif log_text is not None and len(logged_step_seconds(log_text, step)) == 1:
-            out[stage] = logged_step_seconds(log_text, step)[0]
-    return out
+    return {stage: float(seconds[step]) for stage, step in STAGES.items() if step in seconds}
 
 
 def mode_stages(result: dict) -> dict[str, float]:
@@ -267,8 +254,7 @@ def mode_stages(result: dict) -> dict[str, float]:
     per_scan = []
     for sid, path in result["reports"].items():
         report = json.loads(Path(path).read_text())
-        log = Path(result["logs"][sid]).read_text() if result["mode"] == "a" else None
-        per_scan.append(stage_seconds(report, log))
+        per_scan.append(stage_seconds(report))
     means = {stage: float(np.mean([s[stage] for s in per_scan])) for stage in STAGES
              if all(stage in s for s in per_scan)}
     means["other"] = result["wall_s"] / len(per_scan) - sum(means.values())
@@ -403,7 +389,7 @@ def single_scan(args: argparse.Namespace, out: Path, models_dir: Path) -> dict:
     log = out / "logs" / f"single-{path.name.removesuffix('.nii.gz')}.log"
     run = run_process(analyze_command(path, folder, models_dir), log)
     report = json.loads((folder / "report.json").read_text())
-    stages = stage_seconds(report, log.read_text())
+    stages = stage_seconds(report)
     stages["other"] = run["wall_s"] - sum(stages.values())
     return {"scan": str(path), "shape": list(shape), "spacing": list(args.spacing), "wall_s": run["wall_s"],
             "stages": stages, "peak_rss_mb": run["maxrss_mb"], "peak_tree_pss_mb": run["tree_mb"]}

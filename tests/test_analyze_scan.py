@@ -56,7 +56,10 @@ def test_outputs_are_on_the_input_grid_and_the_report_matches_the_masks(tmp_path
     assert all(0.0 <= c["probability"] <= 1.0 for c in report["covid"].values())
     assert [m["name"] for m in report["models"]] == ["lung_seg", "lesion_seg", "covid_cls", "mask_net_classifier"]
     assert all(len(m["sha256"]) == 64 for m in report["models"])
-    assert json.loads((out / "report.json").read_text())["warnings"] == []  # a clean run says so
+    written = json.loads((out / "report.json").read_text())
+    assert written["warnings"] == []  # a clean run says so
+    assert set(written["seconds"]) == {"reading the scan", "lung segmentation", "lesion segmentation",
+                                       "3D COVID-19 classifier", "2D COVID-CT-Mask-Net classifier", "report"}
     page = (out / "report.html").read_text()
     for picture in ("montage_lungs.png", "montage_lesions.png", "slice_profile.png", "scan_saliency.png"):
         assert (out / picture).stat().st_size > 1000 and picture in page

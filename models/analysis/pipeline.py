@@ -180,14 +180,20 @@ def _summary(result: dict, models: Models, *, seconds: dict, messages: list[str]
 
 
 def _write(report: Report, out: Path, *, progress: _Progress, verbose: bool) -> Report:
-    """Write ``report.json``, then the pictures and ``report.html``."""
-    (out / "report.json").write_text(json.dumps(to_jsonable(report.summary), indent=2) + "\n")
+    """Write ``report.json``, then the pictures and ``report.html``, then ``report.json`` again with the
+    report's own time in ``seconds`` (the first copy stays when drawing fails)."""
+    _write_json(report.summary, out)
     with progress("report"):
         report.page = write_report(report.summary, report.volume.array, report.lungs, report.lesions, report.affine,
                                    out)
+    _write_json(report.summary, out)
     if verbose:
         print(f"report: {report.page}")
     return report
+
+
+def _write_json(summary: dict, out: Path) -> None:
+    (out / "report.json").write_text(json.dumps(to_jsonable(summary), indent=2) + "\n")
 
 
 def _forget_files(report: Report) -> Report:
