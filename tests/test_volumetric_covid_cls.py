@@ -167,6 +167,11 @@ def test_metrics_against_hand_counts_and_pairwise_auc():
     neg = [p for p, y in zip(probs, labels) if not y]
     pairs = [1.0 if a > b else 0.5 if a == b else 0.0 for a in pos for b in neg]
     assert m["auc"] == pytest.approx(sum(pairs) / len(pairs))
+    # log loss: torch's binary cross-entropy of the same probabilities
+    expected = torch.nn.functional.binary_cross_entropy(torch.tensor(probs, dtype=torch.float64),
+                                                        torch.tensor(labels, dtype=torch.float64))
+    assert m["log_loss"] == pytest.approx(float(expected))
+    assert classification_metrics([1, 0], [1.0, 0.0])["log_loss"] == pytest.approx(1e-7, rel=1e-3)  # clipped
     with pytest.warns(UserWarning, match="one class"):
         assert np.isnan(classification_metrics([1, 1], [0.2, 0.9])["auc"])
 

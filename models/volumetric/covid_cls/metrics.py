@@ -1,4 +1,4 @@
-"""Binary classification metrics of the COVID-19 classifier: accuracy, sensitivity, specificity, ROC AUC."""
+"""Binary classification metrics of the COVID-19 classifier: accuracy, sensitivity, specificity, ROC AUC, log loss."""
 from __future__ import annotations
 
 import warnings
@@ -11,7 +11,7 @@ from utils.classification_metrics import confusion_matrix, per_class_rates, roc_
 
 def classification_metrics(labels: Sequence[int], probabilities: Sequence[float], *,
                            threshold: float = 0.5) -> dict[str, float]:
-    """Accuracy, sensitivity, specificity at ``threshold`` and ROC AUC of binary predictions.
+    """Accuracy, sensitivity, specificity at ``threshold``, ROC AUC and log loss of binary predictions.
 
     Args:
         labels: ground truth per case, 1 COVID-19, 0 otherwise.
@@ -21,7 +21,9 @@ def classification_metrics(labels: Sequence[int], probabilities: Sequence[float]
     Returns:
         ``accuracy``, ``sensitivity`` (true-positive rate), ``specificity`` (true-negative rate),
         ``auc`` (NaN when only one class is present; so are the rates without cases of their
-        class), and the counts ``tp``, ``fp``, ``tn``, ``fn``, ``n``.
+        class), ``log_loss`` (the mean binary cross-entropy in nats, probabilities clipped to
+        [1e-7, 1 - 1e-7]: low only when the probabilities are right, not just well ranked), and the
+        counts ``tp``, ``fp``, ``tn``, ``fn``, ``n``.
     """
     y = np.asarray(labels, dtype=np.int64).ravel()
     p = np.asarray(probabilities, dtype=np.float64).ravel()
@@ -31,8 +33,13 @@ def classification_metrics(labels: Sequence[int], probabilities: Sequence[float]
     rates = per_class_rates(matrix)
     (tn, fp), (fn, tp) = matrix.tolist()
     return {"accuracy": float(np.trace(matrix) / y.size), "sensitivity": float(rates["sensitivity"][1]),
-            "specificity": float(rates["specificity"][1]), "auc": _auc(y, p),
+            "specificity": float(rates["specificity"][1]), "auc": _auc(y, p), "log_loss": _log_loss(y, p),
             "tp": tp, "fp": fp, "tn": tn, "fn": fn, "n": int(y.size)}
+
+
+def _log_loss(y: np.ndarray, p: np.ndarray) -> float:
+    q = np.clip(p, 1e-7, 1.0 - 1e-7)
+    return float(-np.mean(y * np.log(q) + (1 - y) * np.log1p(-q)))
 
 
 def _auc(y: np.ndarray, p: np.ndarray) -> float:
