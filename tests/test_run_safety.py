@@ -150,6 +150,23 @@ def test_a_tie_goes_to_the_later_epoch_and_a_worse_value_never_wins():
     assert not best.update(-0.1, 2) and not best.update(float("nan"), 3) and best.epoch == 1
 
 
+def test_a_tie_metric_decides_between_equal_values_and_survives_resume(tmp_path):
+    best = Best("val_auc", True, tie_metric="val_log_loss", tie_higher_is_better=False)
+    assert best.update(1.0, 0, 0.40) and best.update(1.0, 1, 0.35) and best.epoch == 1
+    assert not best.update(1.0, 2, 0.76) and best.epoch == 1  # same AUC, worse probabilities
+    assert not best.update(0.9, 3, 0.10) and best.update(1.0, 4, float("nan")) and best.epoch == 4
+    assert best.update(1.0, 5, 0.9)  # after an epoch without a tie value, a tie goes to the later one
+
+    ckpt = make_checkpoint(model={"w": torch.zeros(1)}, builder=SEG_BUILDER, builder_kwargs={}, epoch=0)
+    run = RunDir(tmp_path, args={}, best=Best("val_auc", True, tie_metric="val_log_loss"))
+    assert run.end_epoch(dict(ckpt), {"epoch": 0, "val_auc": 1.0, "val_log_loss": 0.3})
+    resumed = RunDir(tmp_path, args={}, resume=True, best=Best("val_auc", True, tie_metric="val_log_loss"))
+    resumed.restore_best(load_checkpoint(tmp_path / "checkpoint_last.pth"))
+    assert resumed.best.tie_value == 0.3
+    assert not resumed.end_epoch(dict(ckpt, epoch=1), {"epoch": 1, "val_auc": 1.0, "val_log_loss": 0.7})
+    assert load_checkpoint(resumed.best_path)["epoch"] == 0
+
+
 def _resume_after_a_better_past(script, argv, run, metric: str, past_value: float):
     """Train one epoch, pretend an earlier epoch was far better, resume: checkpoint_best must stay."""
     train(script, argv)
@@ -300,3 +317,5 @@ def test_a_single_case_last_batch_is_dropped_so_batchnorm_can_train(tmp_path, mo
     train(train_volumetric, ["--task", "covid_cls", "--datalist", str(datalist), "--epochs", "1", "--batch_size", "2",
                              "--roi_size", "32", "32", "32", "--save_dir", str(tmp_path / "run"), "--no_progress"])
     assert epochs_logged(tmp_path / "run") == [0]
+    best = load_checkpoint(tmp_path / "run" / "checkpoint_last.pth")["best"]  # AUC ties broken by log loss
+    assert best["metric"] == "val_auc" and best["tie_metric"] == "val_log_loss"

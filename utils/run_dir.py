@@ -39,34 +39,58 @@ class Best:
         higher_is_better: direction of the metric.
         value: best value so far, None before the first evaluation.
         epoch: epoch of ``value``, None before the first evaluation.
+        tie_metric: a second metric that decides between epochs with equal ``metric`` values (e.g. a
+            classifier's validation log loss when its AUC is 1.0 at several epochs); None: a tie
+            goes to the later epoch.
+        tie_higher_is_better: direction of ``tie_metric``.
+        tie_value: ``tie_metric`` at ``epoch``.
     """
 
     metric: str
     higher_is_better: bool
     value: float | None = None
     epoch: int | None = None
+    tie_metric: str | None = None
+    tie_higher_is_better: bool = False
+    tie_value: float | None = None
 
-    def improves(self, value: float) -> bool:
+    def improves(self, value: float, tie: float | None = None) -> bool:
         """True when ``value`` is at least as good as the best so far (a NaN never is).
 
-        A tie goes to the later, longer-trained epoch: while a briefly trained detector's mask mAP is
-        still 0 every epoch, the best checkpoint follows training instead of staying at epoch 0.
+        A tie goes to the better ``tie`` value when there is a ``tie_metric`` and both epochs have a
+        value of it; otherwise to the later, longer-trained epoch: while a briefly trained detector's
+        mask mAP is still 0 every epoch, the best checkpoint follows training instead of staying at
+        epoch 0.
         """
         if value is None or math.isnan(value):
             return False
         if self.value is None:
             return True
-        return value >= self.value if self.higher_is_better else value <= self.value
+        if value != self.value:
+            return value > self.value if self.higher_is_better else value < self.value
+        if self.tie_metric is None or not _finite(tie) or not _finite(self.tie_value):
+            return True
+        return tie >= self.tie_value if self.tie_higher_is_better else tie <= self.tie_value
 
-    def update(self, value: float, epoch: int) -> bool:
-        """Take ``value`` of ``epoch`` when it improves; returns whether it did."""
-        if not self.improves(value):
+    def update(self, value: float, epoch: int, tie: float | None = None) -> bool:
+        """Take ``value`` (and ``tie``) of ``epoch`` when it improves; returns whether it did."""
+        if not self.improves(value, tie):
             return False
         self.value, self.epoch = float(value), int(epoch)
+        self.tie_value = float(tie) if _finite(tie) else None
         return True
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """The checkpoint's ``best`` entry; the tie fields only when there is a tie metric."""
+        stored = asdict(self)
+        if self.tie_metric is None:
+            for key in ("tie_metric", "tie_higher_is_better", "tie_value"):
+                stored.pop(key)
+        return stored
+
+
+def _finite(value: float | None) -> bool:
+    return value is not None and math.isfinite(value)
 
 
 def check_run_dir(save_dir: str | Path, *, resume: bool, overwrite: bool = False) -> None:
@@ -144,8 +168,10 @@ class RunDir:
         stored = checkpoint.get("best")
         if not stored:
             return
-        if stored["metric"] == self.best.metric:
-            self.best = Best(**stored)
+        if stored["metric"] == self.best.metric:  # this run's tie-break; the stored tie value only when it is of it
+            tie = stored.get("tie_value") if stored.get("tie_metric") == self.best.tie_metric else None
+            self.best = Best(**{**stored, "tie_metric": self.best.tie_metric,
+                                "tie_higher_is_better": self.best.tie_higher_is_better, "tie_value": tie})
             return
         kept = self.path / f"checkpoint_best_by_{stored['metric']}.pth"
         if self.best_path.exists():
@@ -174,7 +200,8 @@ class RunDir:
             True when this checkpoint became the best one.
         """
         value = record.get(self.best.metric)
-        improved = value is not None and self.best.update(value, record["epoch"])
+        tie = record.get(self.best.tie_metric) if self.best.tie_metric else None
+        improved = value is not None and self.best.update(value, record["epoch"], tie)
         checkpoint["best"] = self.best.to_dict()
         save_checkpoint(checkpoint, self.last)
         if extra_name:

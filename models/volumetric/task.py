@@ -50,6 +50,8 @@ class Task:
             :func:`models.volumetric.training.evaluate_dice`.
         selection_metric: ``(name, higher_is_better)`` of the ``evaluate`` result that selects
             ``checkpoint_best.pth``.
+        tie_break: ``(name, higher_is_better)`` of the ``evaluate`` result that decides between epochs
+            with equal selection values; None: the later epoch.
         validate_cases: metrics of labelled cases on their own grid, signature of
             :func:`models.volumetric.segmentation.validate_cases`.
         validation_report: ``f(rows, summary) -> lines`` printed after validation.
@@ -78,6 +80,7 @@ class Task:
     train_one_epoch: Callable[..., float | dict] = training.train_one_epoch
     evaluate: Callable[..., dict] = training.evaluate_dice
     selection_metric: tuple[str, bool] = ("dice", True)
+    tie_break: tuple[str, bool] | None = None
     validate_cases: Callable[..., tuple[list[dict], dict]] = segmentation.validate_cases
     validation_report: Callable[[list[dict], dict], list[str]] = segmentation.validation_report
     infer_cases: Callable[..., list[dict]] | None = segmentation.infer_cases

@@ -167,9 +167,8 @@ def _train(s: TrainSettings, ctx: DistContext) -> dict:
     model, kwargs = build_model(task, config, network=s.network, pretrained=s.pretrained)
     lr = s.lr or task.default_lr
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
-    metric, higher = task.selection_metric
     run_dir = RunDir(s.save_dir, args=s.args(), seed=s.seed, resume=bool(s.resume), overwrite=s.overwrite,
-                     best=Best(f"val_{metric}", higher)) if ctx.is_main else None
+                     best=_best(task)) if ctx.is_main else None
     # a scheduled lr is set every epoch, so only a constant one is compared with the checkpoint's
     constant_lr = lr if s.lr_schedule == "constant" else None
     scaler = grad_scaler(ctx.device, s.amp)
@@ -196,6 +195,13 @@ def _train(s: TrainSettings, ctx: DistContext) -> dict:
             record = _end_epoch(run, record)
         barrier(ctx)
     return record
+
+
+def _best(task: Task) -> Best:
+    """The selection of ``checkpoint_best.pth``: the task's metric, ties broken by its ``tie_break``."""
+    metric, higher = task.selection_metric
+    tie, tie_higher = task.tie_break or (None, False)
+    return Best(f"val_{metric}", higher, tie_metric=tie and f"val_{tie}", tie_higher_is_better=tie_higher)
 
 
 def _datasets(s: TrainSettings, task: Task, config: Any):
