@@ -108,6 +108,17 @@ def test_train_validate_infer_end_to_end(tmp_path):
     _check_infer(run, tmp_path)
 
 
+def test_warmup_epochs_ramp_the_learning_rate(tmp_path):
+    datalist = write_datalist(tmp_path / "data", label="lesion", n_train=2, n_val=1)
+    run = tmp_path / "run"
+    train_volumetric.main(train_volumetric.get_args_parser().parse_args(
+        ["--task", "lesion_seg", "--datalist", str(datalist), "--epochs", "3", "--warmup_epochs", "2",
+         "--save_dir", str(run), "--val_every", "3", "--lr", "1e-3", *LESION_FLAGS]))
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["lr"] for r in records] == pytest.approx([1e-6, 1e-3 * (0.001 + 0.999 / 2), 1e-3])
+    assert load_checkpoint(run / "checkpoint_last.pth")["args"]["warmup_epochs"] == 2
+
+
 def _check_validate(run, datalist, out):
     summary = validate_volumetric.main(validate_volumetric.get_args_parser().parse_args(
         ["--task", "lesion_seg", "--ckpt", str(run / "checkpoint_best.pth"), "--datalist", str(datalist),

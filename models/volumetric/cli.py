@@ -80,12 +80,15 @@ def add_epochs_arg(parser: argparse.ArgumentParser) -> None:
 
 
 def add_optimisation_args(parser: argparse.ArgumentParser) -> None:
-    """``--lr`` (alias ``--lrate``), ``--batch_size``, ``--cache_rate``, ``--workers`` (alias ``--num_workers``)."""
+    """``--lr`` (alias ``--lrate``), ``--lr_schedule``, ``--warmup_epochs``, ``--batch_size``, ``--cache_rate``,
+    ``--workers`` (alias ``--num_workers``)."""
     parser.add_argument("--lr", "--lrate", dest="lr", type=float, default=None,
                         help=f"Adam learning rate (default: the task's, {per_task(lambda t: t.default_lr)})")
     parser.add_argument("--lr_schedule", choices=LR_SCHEDULES, default="constant",
                         help="learning rate per epoch: constant, cosine (to zero after the last epoch) or step (x0.1 "
                              "from 75%% and again from 90%% of the epochs) (default: constant)")
+    parser.add_argument("--warmup_epochs", type=non_negative_int, default=0,
+                        help="multiply the lr of the first N epochs by a linear ramp from 0.001 to 1 (default: 0)")
     parser.add_argument("--batch_size", type=positive_int, default=2, help="crops per step and process (default: 2)")
     parser.add_argument("--cache_rate", type=float, default=1.0,
                         help="fraction of pre-processed cases kept in memory (default: 1.0)")
@@ -169,7 +172,8 @@ def train_settings(args: argparse.Namespace) -> TrainSettings:
     """The :class:`TrainSettings` of train_volumetric.py's parsed arguments."""
     return TrainSettings(
         task=args.task, datalist=args.datalist, save_dir=args.save_dir, data_root=args.data_root, epochs=args.epochs,
-        lr=args.lr, lr_schedule=args.lr_schedule, batch_size=args.batch_size, cache_rate=args.cache_rate,
+        lr=args.lr, lr_schedule=args.lr_schedule, warmup_epochs=args.warmup_epochs, batch_size=args.batch_size,
+        cache_rate=args.cache_rate,
         workers=args.workers,
         val_every=args.val_every, progress=not args.no_progress, amp=args.amp, device=args.device, seed=args.seed,
         resume=args.resume, overwrite=args.overwrite, config=config_overrides(args),

@@ -47,6 +47,7 @@ class TrainSettings:
         epochs: the run ends after this many epochs in total; a resumed run continues to it.
         lr: Adam learning rate (None: the task's).
         lr_schedule: the lr of each epoch, ``utils.training.lr_factor`` over the epochs (constant, cosine, step).
+        warmup_epochs: the schedule's lr of the first N epochs times a linear ramp from 0.001 to 1.
         batch_size: crops per step and process.
         cache_rate: fraction of pre-processed cases kept in memory.
         workers: DataLoader worker processes.
@@ -70,6 +71,7 @@ class TrainSettings:
     epochs: int = 100
     lr: float | None = None
     lr_schedule: str = "constant"
+    warmup_epochs: int = 0
     batch_size: int = 2
     cache_rate: float = 1.0
     workers: int = 0
@@ -170,7 +172,7 @@ def _train(s: TrainSettings, ctx: DistContext) -> dict:
     run_dir = RunDir(s.save_dir, args=s.args(), seed=s.seed, resume=bool(s.resume), overwrite=s.overwrite,
                      best=_best(task)) if ctx.is_main else None
     # a scheduled lr is set every epoch, so only a constant one is compared with the checkpoint's
-    constant_lr = lr if s.lr_schedule == "constant" else None
+    constant_lr = lr if s.lr_schedule == "constant" and not s.warmup_epochs else None
     scaler = grad_scaler(ctx.device, s.amp)
     start = 0
     if s.resume:
@@ -184,7 +186,7 @@ def _train(s: TrainSettings, ctx: DistContext) -> dict:
         seed_epoch(s.seed, epoch, rank=ctx.rank, generator=loader.generator, dataset=train_set)
         set_sampler_epoch(loader, epoch)
         for group in optimizer.param_groups:  # a function of the epoch alone, so a resumed run keeps its curve
-            group["lr"] = lr * lr_factor(s.lr_schedule, epoch, s.epochs)
+            group["lr"] = lr * lr_factor(s.lr_schedule, epoch, s.epochs, warmup=s.warmup_epochs)
         loss = task.train_one_epoch(net, loader, optimizer=optimizer, loss_fn=task.loss(), device=ctx.device,
                                     scaler=scaler, amp=s.amp, progress=ctx.is_main and s.progress,
                                     desc=f"epoch {epoch}")
