@@ -71,8 +71,10 @@ RECIPES = {
                 "--image_size", "256"],
         "lung_seg": ["--epochs", "6", "--lr", "2e-3", "--lr_schedule", "cosine", "--spacing", "1.5", "1.5", "3",
                      "--roi_size", "64", "64", "32", "--batch_size", "2"],
+        # 5 warm-up epochs: from scratch at full lr, some runs never called a voxel lesion (README)
         "lesion_seg": ["--epochs", "50", "--val_every", "10", "--lr", "2e-3", "--lr_schedule", "cosine",
-                       "--spacing", "1.5", "1.5", "3", "--roi_size", "64", "64", "16", "--batch_size", "2"],
+                       "--warmup_epochs", "5", "--spacing", "1.5", "1.5", "3", "--roi_size", "64", "64", "16",
+                       "--batch_size", "2"],
         "covid_cls": ["--epochs", "15", "--lr", "1e-3", "--lr_schedule", "cosine", "--roi_size", "64", "64", "32",
                       "--batch_size", "4"],
     },
