@@ -215,8 +215,7 @@ def run_mode(mode: str, scans: list[Path], *, models_dir: Path, out: Path) -> di
     """Analyse ``scans`` (all in one folder) the way of ``mode`` into ``out/<mode>``, emptied first.
 
     Returns:
-        ``mode``, ``wall_s``, ``maxrss_mb``, ``tree_mb``, ``reports`` (scan id -> report.json path) and
-        ``logs`` (scan id -> the log that holds its steps).
+        ``mode``, ``wall_s``, ``maxrss_mb``, ``tree_mb`` and ``reports`` (scan id -> report.json path).
     """
     folder, logs = out / mode, out / "logs"
     shutil.rmtree(folder, ignore_errors=True)
@@ -227,13 +226,10 @@ def run_mode(mode: str, scans: list[Path], *, models_dir: Path, out: Path) -> di
     if mode == "a":
         runs = [run_process(analyze_command(path, folder / sid, models_dir), logs / f"a-{sid}.log")
                 for path, sid in zip(scans, ids)]
-        result = {"maxrss_mb": max(r["maxrss_mb"] for r in runs), "tree_mb": max(r["tree_mb"] for r in runs),
-                  "logs": {sid: str(logs / f"a-{sid}.log") for sid in ids}}
+        result = {"maxrss_mb": max(r["maxrss_mb"] for r in runs), "tree_mb": max(r["tree_mb"] for r in runs)}
     else:
-        log = logs / f"{mode}.log"
         result = run_process(analyze_command(scans[0].parent, folder, models_dir, "--workers", str(WORKERS[mode])),
-                             log)
-        result["logs"] = {sid: str(log) for sid in ids}
+                             logs / f"{mode}.log")
     result.update(mode=mode, wall_s=time.perf_counter() - start, load_average=os.getloadavg(),
                   reports={sid: str(folder / sid / "report.json") for sid in ids})
     print(f"mode {mode}: {result['wall_s']:.1f} s", flush=True)
