@@ -2,8 +2,9 @@
 
 A case is pre-processed with its task's transforms (orientation, spacing, window), its class
 probabilities come from the sliding-window inferer (:mod:`models.volumetric.sliding_window`) and
-are mapped back to the input's own grid with MONAI's ``Invertd``, where the argmax and the task's
-post-processing run: the mask has exactly the input's shape and affine.
+are mapped back to the input's own grid (one axis at a time, :mod:`models.volumetric.resample_back`,
+or MONAI's ``Invertd`` for an oblique scan), where the argmax and the task's post-processing run:
+the mask has exactly the input's shape and affine.
 :func:`bundle_preprocessing` is the MONAI-bundle form of :func:`seg_preprocessing`.
 """
 from __future__ import annotations
@@ -21,6 +22,7 @@ from tqdm import tqdm
 from datasets.io import Volume, write_nifti
 from models.volumetric.common import IMAGE_KEY, LABEL_KEY, LoadVolumed, apply_transform, case_name
 from models.volumetric.config import SegConfig
+from models.volumetric.resample_back import resample_back, separable_axes
 from models.volumetric.sliding_window import segment_probabilities
 from utils.dice import dice_per_class, mean_ignoring_nan
 from utils.plots_volume import axial_montage
@@ -93,7 +95,7 @@ def segment_case(case: dict, *, model: torch.nn.Module, task, config: SegConfig,
     rest = Compose(transforms[1:])
     data = apply_transform(rest, dict(loaded))
     probs = segment_probabilities(model, data[IMAGE_KEY], config=config, device=device, amp=amp)
-    labels = inverted_argmax(probs, data, rest)
+    labels = inverted_argmax(probs, data, rest, original=loaded[IMAGE_KEY])
     mask = _check_geometry(task.postprocessing(config)(labels), loaded[IMAGE_KEY], case_name(case))
     out = {"case": case_name(case), "mask": mask, "affine": _affine(loaded[IMAGE_KEY]),
            "image": np.asarray(loaded[IMAGE_KEY][0], dtype=np.float32)}
@@ -102,7 +104,8 @@ def segment_case(case: dict, *, model: torch.nn.Module, task, config: SegConfig,
     return out
 
 
-def inverted_argmax(probs: torch.Tensor, data: dict, transform: Compose) -> torch.Tensor:
+def inverted_argmax(probs: torch.Tensor, data: dict, transform: Compose, original: torch.Tensor | None = None
+                    ) -> torch.Tensor:
     """The argmax, on the input's grid, of class probabilities mapped back there one class at a time.
 
     Each class's probability map is inverted with the image's own interpolation (trilinear), so the
@@ -110,19 +113,28 @@ def inverted_argmax(probs: torch.Tensor, data: dict, transform: Compose) -> torc
     nearest-neighbour inversion of the label map does (on the phantom's lungs, a label map taken
     to 1.5 x 1.5 x 3 mm and back that way keeps a Dice of only 0.95-0.96 with itself; README).
     One class at a time bounds the memory at three input-sized maps for any number of classes.
+    When the working grid is not oblique to the input's, the inversion runs one axis at a time
+    (:mod:`models.volumetric.resample_back`, the same values to float rounding); otherwise through
+    MONAI's ``Invertd``.
 
     Args:
         probs: Float[C, x, y, z] class probabilities on the working grid.
         data: the pre-processed case (its ``image`` carries the transforms to invert).
         transform: the pre-processing that was applied after loading.
+        original: the loaded image MetaTensor[1, X, Y, Z], before ``transform``; None inverts with
+            ``Invertd`` alone.
 
     Returns:
         UInt8[1, X, Y, Z] MetaTensor on the input's grid.
     """
+    axes = separable_axes(data[IMAGE_KEY], original) if original is not None else None
     best = labels = None
     for c in range(probs.shape[0]):
-        data[PRED_KEY] = MetaTensor(probs[c:c + 1])
-        p = Invertd(PRED_KEY, transform=transform, orig_keys=IMAGE_KEY, nearest_interp=False)(data)[PRED_KEY]
+        if axes is None:
+            data[PRED_KEY] = MetaTensor(probs[c:c + 1])
+            p = Invertd(PRED_KEY, transform=transform, orig_keys=IMAGE_KEY, nearest_interp=False)(data)[PRED_KEY]
+        else:
+            p = MetaTensor(resample_back(probs[c], axes, original.shape[1:])[None], meta=original.meta)
         if best is None:
             best, labels = p, torch.zeros(p.shape, dtype=torch.uint8)
             continue
