@@ -82,6 +82,23 @@ def test_mask_erosion_takes_the_same_millimetres_off_every_axis_and_never_emptie
     np.testing.assert_array_equal(kept[0].numpy(), small)
 
 
+@pytest.mark.parametrize("touch_edge", [False, True])
+def test_erosion_on_the_masks_box_equals_the_whole_volumes_distance_transform(touch_edge):
+    from scipy import ndimage
+
+    from models.volumetric.covid_cls.transforms import far_from_outside
+
+    rng = np.random.default_rng(3)
+    inside = ndimage.binary_dilation(rng.random((40, 36, 12)) > 0.985, iterations=3)
+    inside[:, :, :2] = inside[:, :, -2:] = False
+    inside[:3] = touch_edge  # a mask that runs into the volume's edge, where nothing lies beyond
+    spacing = (0.7, 0.8, 2.5)
+    for distance in (0.5, 1.5, 3.0):
+        expected = ndimage.distance_transform_edt(inside, sampling=spacing) > distance
+        np.testing.assert_array_equal(far_from_outside(inside, spacing=spacing, distance_mm=distance), expected)
+    assert not far_from_outside(np.zeros((5, 5, 5), bool), spacing=spacing, distance_mm=1.0).any()
+
+
 def test_checkpoint_configs_from_before_the_erosion_keep_the_mask_whole():
     stored = ClsConfig().to_dict()
     del stored["mask_erosion_mm"]

@@ -34,9 +34,10 @@ def voxel_volume_ml(affine: np.ndarray) -> float:
 
 def world_x(shape: tuple[int, int, int], affine: np.ndarray) -> np.ndarray:
     """RAS x coordinate (mm, + towards the patient's right) of every voxel: Float64[X, Y, Z]."""
-    i, j, k = np.meshgrid(*(np.arange(n, dtype=np.float64) for n in shape), indexing="ij")
+    i, j, k = (np.arange(n, dtype=np.float64) for n in shape)
     a = np.asarray(affine, dtype=np.float64)
-    return a[0, 0] * i + a[0, 1] * j + a[0, 2] * k + a[0, 3]
+    # one full-size array, not three index grids (a 512 x 512 x 300 scan: 0.6 GB instead of 2.5 GB)
+    return a[0, 0] * i[:, None, None] + a[0, 1] * j[None, :, None] + a[0, 2] * k[None, None, :] + a[0, 3]
 
 
 def split_lungs(lungs: np.ndarray, affine: np.ndarray) -> np.ndarray:

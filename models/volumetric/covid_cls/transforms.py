@@ -29,6 +29,7 @@ from scipy import ndimage
 
 from models.volumetric.common import IMAGE_KEY, LABEL_KEY, LoadVolumed, case_name
 from models.volumetric.covid_cls.config import ClsConfig
+from models.volumetric.sliding_window import bounding_box
 
 MASK_KEY = "label_image"  # the lung mask of a classification case (dataset.json convention)
 ROTATION_DEGREES = 10.0
@@ -74,12 +75,33 @@ class ErodeMaskd(MapTransform):
     def __call__(self, data: dict) -> dict:
         data = dict(data)
         mask = data[self.key]
-        inside = np.asarray(mask[0]) > 0
         spacing = [float(s) for s in mask.pixdim[:3]]
-        keep = ndimage.distance_transform_edt(inside, sampling=spacing) > self.distance_mm
+        keep = far_from_outside(np.asarray(mask[0]) > 0, spacing=spacing, distance_mm=self.distance_mm)
         if keep.any():
             data[self.key] = mask * torch.as_tensor(keep, dtype=mask.dtype)[None]
         return data
+
+
+def far_from_outside(inside: np.ndarray, *, spacing, distance_mm: float) -> np.ndarray:
+    """Voxels of Bool[X, Y, Z] ``inside`` more than ``distance_mm`` from every voxel outside it.
+
+    The Euclidean distance transform runs on the bounding box of ``inside`` grown by one voxel
+    (clipped to the volume), not on the whole volume: every voxel beyond that box is outside, and
+    the box's one-voxel rim is nearer to any voxel within than anything beyond, so the result equals
+    ``distance_transform_edt(inside, sampling=spacing) > distance_mm`` (a lung mask fills a few
+    percent of a chest scan, so this is several times faster).
+
+    Args:
+        inside: Bool[X, Y, Z]; spacing: voxel size (x, y, z) in mm; distance_mm: how far in a kept voxel lies.
+
+    Returns:
+        Bool[X, Y, Z].
+    """
+    keep = np.zeros(inside.shape, bool)
+    box = bounding_box(inside, margin=1)
+    if box is not None:
+        keep[box] = ndimage.distance_transform_edt(inside[box], sampling=spacing) > distance_mm
+    return keep
 
 
 class CheckLungMaskd(MapTransform):
