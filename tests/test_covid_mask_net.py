@@ -209,3 +209,25 @@ def test_resnet50_published_trainable_is_s_alone():
 def test_builder_ids_name_the_builders():
     assert resolve_builder(SEGMENTATION_BUILDER) is maskrcnn_resnet_fpn
     assert resolve_builder(CLASSIFIER_BUILDER) is covid_mask_net
+
+
+def test_classifier_loaded_for_cpu_inference_pools_by_gathers_with_the_same_logits(tmp_path):
+    from torchvision.ops import MultiScaleRoIAlign
+
+    from models.mask_net.fast.poolers import GatherMultiScaleRoIAlign
+    from models.mask_net.workflows.classifier_evaluation import load_classifier
+    from utils.checkpoint import make_checkpoint, save_checkpoint
+
+    kwargs = dict(**TINY, roi_batch_size=16, s_features=32)
+    model = tiny_model().eval()
+    path = save_checkpoint(make_checkpoint(model=model, builder=CLASSIFIER_BUILDER, builder_kwargs=kwargs, epoch=0,
+                                           mask_type="both"), tmp_path / "cls.pth")
+    loaded, _ = load_classifier(str(path), flags={}, device=torch.device("cpu"))
+    assert type(model.roi_heads.box_roi_pool) is MultiScaleRoIAlign
+    assert isinstance(loaded.roi_heads.box_roi_pool, GatherMultiScaleRoIAlign)
+    with torch.inference_mode():
+        expected, got = model(images(3)), loaded(images(3))
+    assert expected.abs().max() > 0
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+    with_amp, _ = load_classifier(str(path), flags={}, device=torch.device("cpu"), amp=True)
+    assert type(with_amp.roi_heads.box_roi_pool) is MultiScaleRoIAlign  # mixed precision keeps torchvision's

@@ -7,8 +7,6 @@ from pathlib import Path
 
 import torch
 
-from models.mask_net.covid_mask_net import CLASSIFIER_BUILDER
-from utils.amp import for_inference
 from utils.checkpoint import load_checkpoint
 from utils.cli import resolve_device
 from utils.manifest import MissingModelError, resolve_model, sha256_file
@@ -181,11 +179,10 @@ def _load(name: str, path: Path, *, device: torch.device, amp: bool = False) -> 
     """Rebuild model ``name`` from its checkpoint, in eval mode on ``device`` (the 2D classifier under
     :func:`utils.amp.for_inference` with ``amp``; the volumetric models take ``amp`` where they run)."""
     if name == "mask_net_classifier":
-        from models.mask_net.workflows.model_io import load_model_for_inference
+        from models.mask_net.workflows.classifier_evaluation import load_classifier
 
-        model, ckpt = load_model_for_inference(str(path), device=device, flags={}, builder=CLASSIFIER_BUILDER,
-                                               kind="classification", architecture_flags=())
-        return LoadedModel(for_inference(model, device, amp), card=model_card(name, path, ckpt))
+        model, ckpt = load_classifier(str(path), flags={}, device=device, amp=amp)
+        return LoadedModel(model, card=model_card(name, path, ckpt))
     from models.volumetric.inference import load_task_model
 
     model, task, config, ckpt = load_task_model(path, device=device, task_name=name)
