@@ -112,8 +112,8 @@ def test_classifier_with_s2new_round_trip_and_evaluate_loader(tmp_path, capsys, 
     assert f"B (roi_batch_size) = {b}, s_features = {s_features}" in capsys.readouterr().out
     model, _ = load_classifier(str(new), flags={}, device=torch.device("cpu"))
     images = [torch.rand(3, 64, 64, generator=torch.Generator().manual_seed(2))]
-    with torch.inference_mode():
-        assert torch.equal(model(images), source(images))
+    with torch.inference_mode():  # the loaded model pools by gathers on CPU: equal to float rounding
+        torch.testing.assert_close(model(images), source(images), rtol=1e-5, atol=1e-6)
 
 
 def test_resnet50_segmentation(tmp_path):
