@@ -233,3 +233,28 @@ def test_amp_runs_the_segmentation_networks_and_the_2d_classifier_in_bfloat16(tm
     assert all(0.0 <= c["probability"] <= 1.0 for c in report["covid"].values())
     models = analyze_scan.load_models(device="cpu", checkpoints={k: str(v) for k, v in checkpoints.items()}, amp=True)
     assert isinstance(models.get("mask_net_classifier").model, amp.AutocastInference)
+
+
+def test_lung_mask_outside_the_body_is_not_counted_as_lung():
+    from utils.quantify import LUNG_LEFT, LUNG_RIGHT
+
+    x, y = np.mgrid[:60, :50]
+    body = ((x - 30) / 22.0) ** 2 + ((y - 25) / 16.0) ** 2 <= 1
+    left_lung = ((x - 20) / 6.0) ** 2 + ((y - 25) / 9.0) ** 2 <= 1  # RAS: -x is the patient's left
+    right_lung = ((x - 40) / 6.0) ** 2 + ((y - 25) / 9.0) ** 2 <= 1
+    image = np.where(body, 40.0, -1000.0)[..., None].repeat(6, axis=2)
+    image[(right_lung | left_lung)] = -850.0
+    outside = np.zeros((60, 50), bool)
+    outside[2:6, 2:10] = True  # air beside the chest, called lung by the network
+    lung = np.repeat((right_lung | left_lung | outside)[..., None], 6, axis=2).astype(np.uint8)
+    affine = np.diag([1.0, 1.0, 2.0, 1.0])
+    lungs, lesions = analysis_steps.lungs_and_lesions(lung, np.zeros_like(lung), image, affine,
+                                                      consolidation_hu=-300.0, body_threshold_hu=-500.0)
+    assert not lungs[2:6, 2:10].any() and not lesions.any()
+    assert (lungs[right_lung] == LUNG_RIGHT).all() and (lungs[left_lung] == LUNG_LEFT).all()
+    assert ((lungs > 0) == np.repeat((right_lung | left_lung)[..., None], 6, axis=2)).all()
+    # a body outline the field of view cuts open encloses nothing: the mask is kept as the network gave it
+    open_outline = np.full_like(image, -1000.0)
+    kept, _ = analysis_steps.lungs_and_lesions(lung, np.zeros_like(lung), open_outline, affine,
+                                               consolidation_hu=-300.0, body_threshold_hu=-500.0)
+    assert ((kept > 0) == (lung > 0)).all()

@@ -30,7 +30,9 @@ OUTPUT_FILES = (SCAN_FILE, "lungs.nii.gz", "lesions.nii.gz", "report.json", "rep
                 f"{steps.SCAN_CASE}_saliency.png")
 CONVENTIONS = {"severity_score": "per lung, 0 none, 1 <5%, 2 5-25%, 3 25-50%, 4 50-75%, 5 >=75% of the lung "
                                  "involved; total 0-10",
-               "lungs": "1 left, 2 right", "lesions": "1 GGO, 2 consolidation"}
+               "lungs": "1 left, 2 right; only inside the body (the voxels above the lung model's body threshold "
+                        "and what they enclose in their axial slice)",
+               "lesions": "1 GGO, 2 consolidation"}
 
 
 @dataclass
@@ -136,7 +138,8 @@ def _run(scan, models: Models, *, out: Path, progress: _Progress, consolidation_
         lung, affine = steps.segment("lung_seg", scan.image_path, models=models)
     with progress("lesion segmentation"):
         lesion, _ = steps.segment("lesion_seg", scan.image_path, models=models)
-    lungs, lesions = steps.lungs_and_lesions(lung, lesion, scan.volume.array, affine, consolidation_hu=consolidation_hu)
+    lungs, lesions = steps.lungs_and_lesions(lung, lesion, scan.volume.array, affine, consolidation_hu=consolidation_hu,
+                                             body_threshold_hu=models.get("lung_seg").config.body_threshold_hu)
     files = {"lungs": str(save_mask(lungs, affine, out / "lungs.nii.gz")),
              "lesions": str(save_mask(lesions, affine, out / "lesions.nii.gz"))}
     covid = {}

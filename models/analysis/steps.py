@@ -18,6 +18,7 @@ from .loading import Models
 LUNG_SLICE_FRACTION = 0.25  # 2D step: slices with at least this fraction of the largest lung area
 LESION_MARGIN_VOXELS = 2  # lesions this close to the lung (in-plane) count as lung
 SCAN_CASE = "scan"  # case name of the 3D classifier, which names its saliency files
+IN_PLANE = np.pad(ndimage.generate_binary_structure(2, 1)[:, :, None], ((0, 0), (0, 0), (1, 1)))  # axial neighbours
 
 
 def segment(name: str, image_path: Path, *, models: Models) -> tuple[np.ndarray, np.ndarray]:
@@ -38,27 +39,38 @@ def segment(name: str, image_path: Path, *, models: Models) -> tuple[np.ndarray,
 
 
 def lungs_and_lesions(lung: np.ndarray, lesion: np.ndarray, image_hu: np.ndarray, affine: np.ndarray, *,
-                      consolidation_hu: float) -> tuple[np.ndarray, np.ndarray]:
+                      consolidation_hu: float, body_threshold_hu: float) -> tuple[np.ndarray, np.ndarray]:
     """Left/right lung labels and GGO/consolidation labels from the two binary masks.
 
+    Lung voxels count only inside the body: the voxels above ``body_threshold_hu`` with what they
+    enclose in their axial slice (:func:`inside_body`). A segmentation network can call the air
+    outside the body lung (the demo's lung_seg, trained on small phantom volumes, does so beside the
+    chest of a 512 x 512 scan), and such a region would be counted as a lung. When nothing of the
+    mask lies inside the body (an outline the scan's field of view cuts open), the mask is kept whole.
     Lesion voxels count when they lie within :data:`LESION_MARGIN_VOXELS` of the lungs' in-plane
     outline (holes filled); the lung mask then takes them in.
 
     Args:
         lung, lesion: Int[X, Y, Z] binary masks; image_hu: Float[X, Y, Z]; affine: Float64[4, 4] of all three.
         consolidation_hu: lesion voxels at or above this HU are consolidation, below GGO.
+        body_threshold_hu: HU above which a voxel is body (the lung model's setting).
 
     Returns:
         UInt8[X, Y, Z] lungs (:data:`utils.quantify.LUNG_LEFT`/``LUNG_RIGHT``) and UInt8[X, Y, Z]
         lesions (:data:`utils.quantify.LESION_GGO`/``LESION_CONSOLIDATION``).
     """
-    in_plane = np.zeros((3, 3, 3), bool)
-    in_plane[:, :, 1] = ndimage.generate_binary_structure(2, 1)
-    hull = ndimage.binary_fill_holes(lung > 0, structure=in_plane)
-    hull = ndimage.binary_dilation(hull, structure=in_plane, iterations=LESION_MARGIN_VOXELS)
+    inside = (lung > 0) & inside_body(image_hu, body_threshold_hu)
+    lung = inside if inside.any() else lung > 0
+    hull = ndimage.binary_fill_holes(lung, structure=IN_PLANE)
+    hull = ndimage.binary_dilation(hull, structure=IN_PLANE, iterations=LESION_MARGIN_VOXELS)
     lesion = (lesion > 0) & hull
-    lungs = q.split_lungs((lung > 0) | lesion, affine)
+    lungs = q.split_lungs(lung | lesion, affine)
     return lungs, q.lesion_types(lesion, image_hu, consolidation_min_hu=consolidation_hu)
+
+
+def inside_body(image_hu: np.ndarray, threshold_hu: float) -> np.ndarray:
+    """Bool[X, Y, Z]: voxels of Float[X, Y, Z] HU above ``threshold_hu`` and what they enclose in their axial slice."""
+    return ndimage.binary_fill_holes(image_hu > threshold_hu, structure=IN_PLANE)
 
 
 def covid_probability_3d(image_path: Path, lungs_path: Path, *, models: Models, out: Path) -> dict:
