@@ -104,8 +104,7 @@ def segment_case(case: dict, *, model: torch.nn.Module, task, config: SegConfig,
     return out
 
 
-def inverted_argmax(probs: torch.Tensor, data: dict, transform: Compose, original: torch.Tensor | None = None
-                    ) -> torch.Tensor:
+def inverted_argmax(probs: torch.Tensor, data: dict, transform: Compose, original: torch.Tensor) -> torch.Tensor:
     """The argmax, on the input's grid, of class probabilities mapped back there one class at a time.
 
     Each class's probability map is inverted with the image's own interpolation (trilinear), so the
@@ -121,13 +120,12 @@ def inverted_argmax(probs: torch.Tensor, data: dict, transform: Compose, origina
         probs: Float[C, x, y, z] class probabilities on the working grid.
         data: the pre-processed case (its ``image`` carries the transforms to invert).
         transform: the pre-processing that was applied after loading.
-        original: the loaded image MetaTensor[1, X, Y, Z], before ``transform``; None inverts with
-            ``Invertd`` alone.
+        original: the loaded image MetaTensor[1, X, Y, Z], before ``transform``.
 
     Returns:
         UInt8[1, X, Y, Z] MetaTensor on the input's grid.
     """
-    axes = separable_axes(data[IMAGE_KEY], original) if original is not None else None
+    axes = separable_axes(data[IMAGE_KEY], original)
     best = labels = None
     for c in range(probs.shape[0]):
         if axes is None:
