@@ -11,6 +11,7 @@ from datasets.conventions import CLASS_COVID, hu_to_png
 from models.volumetric.covid_cls import MASK_KEY
 from models.volumetric.saliency import save_saliency_outputs
 from models.volumetric.segmentation import segment_case
+from models.volumetric.sliding_window import IN_PLANE, fill_in_plane
 from utils import quantify as q
 
 from .loading import Models
@@ -18,7 +19,6 @@ from .loading import Models
 LUNG_SLICE_FRACTION = 0.25  # 2D step: slices with at least this fraction of the largest lung area
 LESION_MARGIN_VOXELS = 2  # lesions this close to the lung (in-plane) count as lung
 SCAN_CASE = "scan"  # case name of the 3D classifier, which names its saliency files
-IN_PLANE = np.pad(ndimage.generate_binary_structure(2, 1)[:, :, None], ((0, 0), (0, 0), (1, 1)))  # axial neighbours
 
 
 def segment(name: str, image_path: Path, *, models: Models) -> tuple[np.ndarray, np.ndarray]:
@@ -61,7 +61,7 @@ def lungs_and_lesions(lung: np.ndarray, lesion: np.ndarray, image_hu: np.ndarray
     """
     inside = (lung > 0) & inside_body(image_hu, body_threshold_hu)
     lung = inside if inside.any() else lung > 0
-    hull = ndimage.binary_fill_holes(lung, structure=IN_PLANE)
+    hull = fill_in_plane(lung)
     hull = ndimage.binary_dilation(hull, structure=IN_PLANE, iterations=LESION_MARGIN_VOXELS)
     lesion = (lesion > 0) & hull
     lungs = q.split_lungs(lung | lesion, affine)
@@ -70,7 +70,7 @@ def lungs_and_lesions(lung: np.ndarray, lesion: np.ndarray, image_hu: np.ndarray
 
 def inside_body(image_hu: np.ndarray, threshold_hu: float) -> np.ndarray:
     """Bool[X, Y, Z]: voxels of Float[X, Y, Z] HU above ``threshold_hu`` and what they enclose in their axial slice."""
-    return ndimage.binary_fill_holes(image_hu > threshold_hu, structure=IN_PLANE)
+    return fill_in_plane(image_hu > threshold_hu)
 
 
 def covid_probability_3d(image_path: Path, lungs_path: Path, *, models: Models, out: Path) -> dict:

@@ -18,6 +18,8 @@ from utils.amp import autocast
 # Windows [B, 1, x, y, z] are handed to the network channels-last: about 2x faster 3D convolutions
 # on CPU when the weights are channels-last too (see prepare_for_inference).
 CHANNELS_LAST = torch.channels_last_3d
+# Neighbours within one axial slice (4-connected), for hole filling and dilation slice by slice.
+IN_PLANE = np.pad(ndimage.generate_binary_structure(2, 1)[:, :, None], ((0, 0), (0, 0), (1, 1)))
 
 
 def sliding_window_inferer(config: SegConfig) -> SlidingWindowInferer:
@@ -90,11 +92,14 @@ def window_region(box: tuple[slice, slice, slice] | None, shape, roi_size) -> tu
     return tuple(region)
 
 
+def fill_in_plane(mask: np.ndarray) -> np.ndarray:
+    """Bool[X, Y, Z] ``mask`` with what it encloses in each axial slice (holes filled slice by slice)."""
+    return ndimage.binary_fill_holes(mask, structure=IN_PLANE)
+
+
 def _enclosed_dark(body: np.ndarray) -> np.ndarray:
     """Voxels below the body threshold that the body outline encloses in their axial slice."""
-    in_plane = np.zeros((3, 3, 3), bool)
-    in_plane[:, :, 1] = ndimage.generate_binary_structure(2, 1)
-    return ndimage.binary_fill_holes(body, structure=in_plane) & ~body
+    return fill_in_plane(body) & ~body
 
 
 def window_logits(model: torch.nn.Module, image: torch.Tensor, *, config: SegConfig, device: torch.device,
